@@ -26,8 +26,8 @@ TIMESTEP_SCALE = 1000.0  # diffusers' SD3/FLUX transformers take timestep = 1000
 # input checks: every public function raises ValueError naming the argument and what it expected
 
 
-def _check(batch, per_sample=None, unit_interval=None):
-    """batch: name -> (B, ...) tensors of one shape; per_sample: name -> (B,) tensors; unit_interval: names in [0, 1]."""
+def _check(batch, per_sample=None):
+    """Types and shapes only (no device sync). batch: name -> (B, ...) tensors of one shape; per_sample: name -> (B,)."""
     per_sample = per_sample or {}
     (ref_name, ref), *rest = batch.items()
     for name, x in {**batch, **per_sample}.items():
@@ -41,18 +41,29 @@ def _check(batch, per_sample=None, unit_interval=None):
     for name, x in per_sample.items():
         if x.shape != (ref.shape[0],):
             raise ValueError(f"{name}: expected shape (B,) = ({ref.shape[0]},), got {tuple(x.shape)}")
-    named = {**batch, **per_sample}
-    checks = [torch.isfinite(x).all() for x in named.values()]
-    checks += [((per_sample[n] >= 0) & (per_sample[n] <= 1)).all() for n in unit_interval or ()]
-    flags = torch.stack([c.to(ref.device) for c in checks])
-    if not bool(flags.all()):  # the one host sync of the check; the slow path below only runs on failure
-        flags = flags.tolist()
-        for name, ok in zip(named, flags):
-            if not ok:
-                raise ValueError(f"{name}: expected finite values, got NaN or Inf")
-        name = next(n for n in unit_interval if not bool(((per_sample[n] >= 0) & (per_sample[n] <= 1)).all()))
-        raise ValueError(f"{name}: expected values in [0, 1] (t = 1 is noise), got min {per_sample[name].min().item():.4g}, "
-                         f"max {per_sample[name].max().item():.4g}")
+
+
+def _check_values(inputs, derived=None, unit_interval=()):
+    """Raise ValueError naming the input that holds NaN/Inf, or a t outside [0, 1]; costs one host sync.
+
+    derived: small per-sample results the caller computes anyway (norms, errors). Sums propagate NaN and Inf, so
+    they are finite exactly when the inputs are (barring float32 overflow), and checking them replaces a pass over
+    every input; only on failure are the inputs scanned to name the culprit.
+    """
+    tensors = derived if derived is not None else list(inputs.values())
+    flags = [torch.isfinite(x).all() for x in tensors]
+    flags += [((inputs[n] >= 0) & (inputs[n] <= 1)).all() for n in unit_interval]
+    if bool(torch.stack(flags).all()):
+        return
+    for name, x in inputs.items():
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name}: expected finite values, got NaN or Inf")
+    for name in unit_interval:
+        x = inputs[name]
+        if not bool(((x >= 0) & (x <= 1)).all()):
+            raise ValueError(f"{name}: expected values in [0, 1] (t = 1 is noise), got min {x.min().item():.4g}, "
+                             f"max {x.max().item():.4g}")
+    raise ValueError(f"{', '.join(inputs)}: finite, but a float32 reduction over them overflowed; rescale them")
 
 
 def _positive(name, value, allow_zero=False):
@@ -88,7 +99,8 @@ def forward_process(x0, noise, t):
 
     x0, noise: (B, ...); t: (B,) in [0, 1]. Returns (x_t, u), both (B, ...) in x0's dtype.
     """
-    _check({"x0": x0, "noise": noise}, {"t": t}, unit_interval=("t",))
+    _check({"x0": x0, "noise": noise}, {"t": t})
+    _check_values({"x0": x0, "noise": noise, "t": t}, unit_interval=("t",))
     tb = _bcast(t.to(x0.dtype), x0)
     return (1 - tb) * x0 + tb * noise, noise - x0
 
@@ -114,6 +126,7 @@ def euler_sample(velocity_fn, noise, timesteps, return_trajectory=False):
     velocities, each (K, B, ...), for drift monitoring along the policy's own trajectories.
     """
     _check({"noise": noise})
+    _check_values({"noise": noise})
     if timesteps.ndim != 1 or timesteps.numel() < 2 or not bool((timesteps[1:] < timesteps[:-1]).all()):
         raise ValueError(f"timesteps: expected a decreasing (K + 1,) tensor with K >= 1, got {timesteps.tolist()}")
     x, states, velocities = noise, [], []
@@ -153,7 +166,12 @@ def norm_ratio(v, v_ref, granularity="sample", channel_dim=None, eps=1e-6):
     """
     _check({"v": v, "v_ref": v_ref})
     n, n_ref = velocity_norm(v.detach(), granularity, channel_dim), velocity_norm(v_ref.detach(), granularity, channel_dim)
+    _check_values({"v": v, "v_ref": v_ref}, derived=[n, n_ref])
     return n / n_ref.clamp_min(eps)
+
+
+def _mean_norm_ratio(v, v_ref, eps=1e-6):
+    return (velocity_norm(v.detach()) / velocity_norm(v_ref.detach()).clamp_min(eps)).mean()
 
 
 def norm_ratio_profile(ratio, t, num_bins=10):
@@ -163,7 +181,8 @@ def norm_ratio_profile(ratio, t, num_bins=10):
     Returns (means, counts), both (num_bins,); a bin with no sample has mean NaN (no data, not an error).
     """
     ratio = ratio.detach().reshape(ratio.shape[0], -1).mean(1) if ratio.ndim > 1 else ratio.detach()
-    _check({"ratio": ratio[:, None]}, {"t": t}, unit_interval=("t",))
+    _check({"ratio": ratio[:, None]}, {"t": t})
+    _check_values({"ratio": ratio, "t": t}, unit_interval=("t",))
     bins = (t.detach() * num_bins).long().clamp(0, num_bins - 1)
     counts = torch.bincount(bins, minlength=num_bins)
     sums = torch.zeros(num_bins, dtype=ratio.dtype, device=ratio.device).index_add_(0, bins, ratio)
@@ -176,7 +195,9 @@ def rescale_to_reference(v, v_ref, eps=1e-12):
     v, v_ref: (B, ...). Needs a reference forward at every sampling step. Returns (B, ...) in v's dtype.
     """
     _check({"v": v, "v_ref": v_ref})
-    scale = velocity_norm(v_ref) / velocity_norm(v).clamp_min(eps)
+    norm, norm_ref = velocity_norm(v), velocity_norm(v_ref)
+    _check_values({"v": v, "v_ref": v_ref}, derived=[norm, norm_ref])
+    scale = norm_ref / norm.clamp_min(eps)
     return v * _bcast(scale, v).to(v.dtype)
 
 
@@ -207,6 +228,7 @@ def normguard_penalty(v, v_ref, *, lam=1.0, granularity="sample", margin="relati
     _choice("power", power, (1, 2))
     norm = velocity_norm(v, granularity, channel_dim)
     norm_ref = velocity_norm(v_ref.detach(), granularity, channel_dim)
+    _check_values({"v": v, "v_ref": v_ref}, derived=[norm.detach(), norm_ref])
     ratio = norm / norm_ref.clamp_min(eps)
     excess = ratio - 1 if margin == "relative" else norm - norm_ref
     hinge = F.relu(excess - tolerance) ** power
@@ -232,7 +254,7 @@ def group_advantages(rewards, group_size, std_scope="global", eps=1e-4):
     if not (isinstance(group_size, int) and group_size >= 1 and rewards.numel() % group_size == 0):
         raise ValueError(f"group_size: expected an int >= 1 dividing N = {rewards.numel()}, got {group_size!r}")
     _choice("std_scope", std_scope, ("global", "group"))
-    _check({"rewards": rewards[:, None]})
+    _check_values({"rewards": rewards})
     r = rewards.to(_acc(rewards)).reshape(-1, group_size)
     std = r.std(unbiased=False) if std_scope == "global" else r.std(dim=1, unbiased=False, keepdim=True)
     return ((r - r.mean(dim=1, keepdim=True)) / (std + eps)).reshape(-1)
@@ -250,8 +272,8 @@ def nft_loss(v, v_old, v_ref, x_t, x0, t, advantages, *, beta=1.0, adv_clip=5.0,
     model) are detached here. beta > 0; adv_clip > 0; kl_weight >= 0.
     Returns (loss, stats) with detached "policy", "kl" and "norm_ratio" (mean ‖v_θ‖/‖v_ref‖).
     """
-    _check({"v": v, "v_old": v_old, "v_ref": v_ref, "x_t": x_t, "x0": x0}, {"t": t, "advantages": advantages},
-           unit_interval=("t",))
+    batch, per_sample = {"v": v, "v_old": v_old, "v_ref": v_ref, "x_t": x_t, "x0": x0}, {"t": t, "advantages": advantages}
+    _check(batch, per_sample)
     _positive("beta", beta)
     _positive("adv_clip", adv_clip)
     _positive("kl_weight", kl_weight, allow_zero=True)
@@ -266,9 +288,12 @@ def nft_loss(v, v_old, v_ref, x_t, x0, t, advantages, *, beta=1.0, adv_clip=5.0,
         return _per_sample_mean(err**2) / weight
 
     positive, negative = adaptive_x0_loss(beta * v + (1 - beta) * v_old), adaptive_x0_loss((1 + beta) * v_old - beta * v)
+    kl_per_sample = _per_sample_mean((v - v_ref) ** 2)
+    _check_values({**batch, **per_sample}, derived=[positive.detach(), negative.detach(), kl_per_sample.detach(), p],
+                  unit_interval=("t",))
     policy = (adv_clip * (p * positive + (1 - p) * negative) / beta).mean()
-    kl = _per_sample_mean((v - v_ref) ** 2).mean()
-    stats = {"policy": policy.detach(), "kl": kl.detach(), "norm_ratio": norm_ratio(v, v_ref).mean()}
+    kl = kl_per_sample.mean()
+    stats = {"policy": policy.detach(), "kl": kl.detach(), "norm_ratio": _mean_norm_ratio(v, v_ref)}
     return policy + kl_weight * kl, stats
 
 
@@ -311,23 +336,27 @@ def awm_loss(v, v_old, v_ref, target, t, advantages, *, weighting="ghuber", powe
         batch["v_ema"] = v_ema
     elif ema_weight > 0:
         raise ValueError(f"v_ema: required when ema_weight > 0 (got ema_weight={ema_weight})")
-    _check(batch, {"t": t, "advantages": advantages}, unit_interval=("t",))
+    per_sample = {"t": t, "advantages": advantages}
+    _check(batch, per_sample)
     _positive("clip_range", clip_range)
     _positive("adv_clip", adv_clip)
     _positive("ref_weight", ref_weight, allow_zero=True)
     _positive("ema_weight", ema_weight, allow_zero=True)
     dt = _acc(v)
-    v, target, t = v.to(dt), target.to(dt), t.to(dt)
-    log_p = -awm_time_weight(_per_sample_mean((v - target) ** 2), t, weighting, power)
-    log_p_old = -awm_time_weight(_per_sample_mean((v_old.detach().to(dt) - target) ** 2), t, weighting, power)
-    ratio = torch.exp(log_p - log_p_old)
+    v, target = v.to(dt), target.to(dt)
+    log_p = -awm_time_weight(_per_sample_mean((v - target) ** 2), t.to(dt), weighting, power)
+    log_p_old = -awm_time_weight(_per_sample_mean((v_old.detach().to(dt) - target) ** 2), t.to(dt), weighting, power)
+    kl_ref = _per_sample_mean((v - v_ref.detach().to(dt)) ** 2)
+    kl_ema = _per_sample_mean((v - v_ema.detach().to(dt)) ** 2) if v_ema is not None else torch.zeros_like(kl_ref)
     adv = advantages.to(dt).clamp(-adv_clip, adv_clip) / adv_clip
+    _check_values({**batch, **per_sample}, derived=[log_p.detach(), log_p_old, kl_ref.detach(), kl_ema.detach(), adv],
+                  unit_interval=("t",))
+    ratio = torch.exp(log_p - log_p_old)
     policy = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
-    kl_ref = _per_sample_mean((v - v_ref.detach().to(dt)) ** 2).mean()
-    kl_ema = _per_sample_mean((v - v_ema.detach().to(dt)) ** 2).mean() if v_ema is not None else torch.zeros((), dtype=dt, device=v.device)
+    kl_ref, kl_ema = kl_ref.mean(), kl_ema.mean()
     stats = {"policy": policy.detach(), "kl_ref": kl_ref.detach(), "kl_ema": kl_ema.detach(),
              "ratio": ratio.detach().mean(), "clip_frac": ((ratio.detach() - 1).abs() > clip_range).to(dt).mean(),
-             "norm_ratio": norm_ratio(v, v_ref).mean()}
+             "norm_ratio": _mean_norm_ratio(v, v_ref)}
     return policy + ref_weight * kl_ref + ema_weight * kl_ema, stats
 
 
@@ -342,7 +371,8 @@ def dpo_loss(v_w, v_l, v_ref_w, v_ref_l, target_w, target_l, *, beta=2000.0):
     Returns (loss, stats) with detached "accuracy" (fraction of pairs with z > 0), "margin" (mean z) and
     "norm_ratio" over winners and losers.
     """
-    _check({"v_w": v_w, "v_l": v_l, "v_ref_w": v_ref_w, "v_ref_l": v_ref_l, "target_w": target_w, "target_l": target_l})
+    batch = {"v_w": v_w, "v_l": v_l, "v_ref_w": v_ref_w, "v_ref_l": v_ref_l, "target_w": target_w, "target_l": target_l}
+    _check(batch)
     if not (math.isfinite(beta) and beta != 0):
         raise ValueError(f"beta: expected a finite nonzero number, got {beta}")
     dt = _acc(v_w)
@@ -352,8 +382,9 @@ def dpo_loss(v_w, v_l, v_ref_w, v_ref_l, target_w, target_l, *, beta=2000.0):
 
     z = -beta / 2 * ((err(v_w, target_w) - err(v_ref_w.detach(), target_w))
                      - (err(v_l, target_l) - err(v_ref_l.detach(), target_l)))
+    _check_values(batch, derived=[z.detach()])
     stats = {"accuracy": (z.detach() > 0).to(dt).mean(), "margin": z.detach().mean(),
-             "norm_ratio": norm_ratio(torch.cat([v_w, v_l]), torch.cat([v_ref_w, v_ref_l])).mean()}
+             "norm_ratio": (_mean_norm_ratio(v_w, v_ref_w) + _mean_norm_ratio(v_l, v_ref_l)) / 2}
     return -F.logsigmoid(z).mean(), stats
 
 
