@@ -407,7 +407,7 @@ def velocity_scale_sensitivity(velocity_fn, reward_fn, noise, timesteps):
     """
     alpha = torch.zeros(noise.shape[0], timesteps.numel() - 1, dtype=noise.dtype, device=noise.device,
                         requires_grad=True)
-    steps = iter(range(alpha.shape[1]))
+    steps = iter(range(alpha.shape[1]))  # euler_sample calls velocity_fn once per step, in order
 
     def scaled_velocity(x, t):
         return (1 + _bcast(alpha[:, next(steps)], x)) * velocity_fn(x, t)
