@@ -165,9 +165,7 @@ def test_default_unguarded_nft_and_awm_inflate_in_the_papers_regime_and_the_guar
         assert all(n > g for n, g in zip(none, guard)), (m, none, guard)  # every seed, paired
         assert 1.04 < mean(none) < 1.2, (m, none)
         assert mean(guard) < 1.01, (m, guard)
-    # DPO shrinks the norm in the toy instead of inflating it (README: claim 1 not reproduced for DPO)
-    assert mean(table["dpo"]["none"]["full_ratio"]) < 0.9
-    assert default_run["verdict_flags"]["1"] == [True, True, False]
+    assert default_run["verdict_flags"]["1"] == {"nft": True, "awm": True}
 
 
 def test_default_reward_is_gained_and_the_guard_keeps_part_of_it(default_run):
@@ -176,8 +174,6 @@ def test_default_reward_is_gained_and_the_guard_keeps_part_of_it(default_run):
         none, guard = mean(table[m]["none"]["full_reward"]), mean(table[m]["guard"]["full_reward"])
         assert none > r0 + 0.05 and guard > r0 + 0.015, (m, r0, none, guard)
         assert 0.15 < (guard - r0) / (none - r0) < 0.8, (m, r0, none, guard)
-    # DPO barely moves the reward
-    assert abs(mean(table["dpo"]["none"]["full_reward"]) - r0) < 0.02
 
 
 def test_default_quality_does_not_yet_suffer_at_ten_percent_inflation(default_run):
@@ -189,17 +185,22 @@ def test_default_quality_does_not_yet_suffer_at_ten_percent_inflation(default_ru
         assert abs(mean(table[m]["guard"]["full_logp"]) - mean(table[m]["none"]["full_logp"])) < 0.15
         assert mean(table[m]["none"]["rescale_reward"]) > mean(table[m]["guard"]["full_reward"])
     flags = default_run["verdict_flags"]
-    assert not any(flags["2"][:2]) and not any(flags["4"])
+    assert not any(flags["2"].values()) and not any(flags["4"].values())
 
 
-def test_default_dpo_guard_repairs_quality(default_run):
-    dpo = default_run["table"]["dpo"]
-    diffs = [g - n for g, n in zip(dpo["guard"]["full_logp"], dpo["none"]["full_logp"])]
-    assert mean(diffs) > 1.0 and sum(d > 0 for d in diffs) >= 4, diffs
+def test_default_dpo_does_not_learn_and_is_set_apart(default_run):
+    """README: at the shared lr and length, Diffusion-DPO moves neither the reward nor the norm, so the verdicts
+    leave it out instead of counting its flat line for or against the paper."""
+    dpo, ref = default_run["table"]["dpo"], default_run["reference"]["full"]
+    for v in toy.VARIANTS:
+        assert abs(mean(dpo[v]["full_reward"]) - ref["reward"]) < 0.01
+        assert abs(mean(dpo[v]["full_ratio"]) - 1) < 0.01
+    assert default_run["verdict_flags"]["not_tested"] == ["dpo"]
+    assert all("dpo not tested" in line for line in default_run["verdicts"])
 
 
 def test_default_adjoint_signal_changes_sign_across_samples(default_run):
-    for m in toy.METHODS:
+    for m in ("nft", "awm"):
         a = default_run["table"][m]["adjoint"]
         for mu, sd, pos in zip(a["total_mean"], a["total_std"], a["frac_positive"]):
             assert abs(mu) < 0.7 * sd and 0.25 < pos < 0.8, (m, mu, sd, pos)
