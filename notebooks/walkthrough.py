@@ -300,10 +300,11 @@ for m in methods:
         ax_train.plot(metrics["history"]["step"], ratio_history[:, idx].mean(1), style, c=colors[m], label=label)
 for ax in (ax_t, ax_train):
     ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_yscale("log")
+    low, high = ax.get_ylim()
+    ax.set_yscale("log" if low > 0 and high / low > 10 else "linear")  # log only for a runaway ratio
     ax.legend(fontsize=7)
-ax_t.set(xlabel="t (1 = noise)", ylabel="‖v_θ‖ / ‖v_ref‖ (log scale)", title="norm ratio per timestep, end of RL")
-ax_train.set(xlabel="RL step", ylabel="‖v_θ‖ / ‖v_ref‖ (log scale)", title="mean norm ratio during RL")
+ax_t.set(xlabel="t (1 = noise)", ylabel="‖v_θ‖ / ‖v_ref‖", title="norm ratio per timestep, end of RL")
+ax_train.set(xlabel="RL step", ylabel="‖v_θ‖ / ‖v_ref‖", title="mean norm ratio during RL")
 fig.tight_layout()
 fig.savefig(OUT / "toy_norm_ratio.png", dpi=110)
 plt.show()
@@ -337,10 +338,13 @@ for ax, phase, steps in ((axes[0], "full", cfg.sample_steps), (axes[1], "few", c
             ax.scatter(reward_values, logp_values, c=colors[m], marker=marker, s=25, label=f"{m} {name}")
         print(f"  {m}: " + " | ".join(f"{name} reward {mean(r):.3f}, log p {mean(q):.2f}"
                                       for name, (r, q, _) in rows.items()))
+    low, high = ax.get_ylim()
+    # a log-like axis only when some run is off by orders of magnitude; otherwise it would hide the ticks
     ax.set(xlabel="reward (proxy)", ylabel="mean log p under the true density", title=f"{steps} Euler steps",
-           yscale="symlog")
-axes[0].legend(fontsize=6, ncol=3)
-fig.tight_layout()
+           yscale="symlog" if high - low > 50 else "linear")
+handles, labels = axes[0].get_legend_handles_labels()
+fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=7)
+fig.tight_layout(rect=(0, 0.12, 1, 1))
 fig.savefig(OUT / "toy_rescale_vs_guard.png", dpi=110)
 plt.show()
 
