@@ -67,12 +67,14 @@ class Config:
     rl_steps: int = 400
     groups: int = 8  # "prompts" per step (the toy is unconditional: a group is G samples from one noise batch)
     group_size: int = 8
-    rl_lr: float = 5e-5  # with rl_steps=400 the un-guarded NFT/AWM land near the paper's 5-15 % inflation
+    rl_lr: float = 5e-5  # NFT and AWM: with rl_steps=400 their un-guarded runs land near the paper's 5-15 % drift
+    dpo_lr: float = 2e-3  # DPO does not move at rl_lr (a noisy pairwise signal); 2e-3 lands it at ~10 % too
     sample_steps: int = 10  # Euler steps of the rollout sampler and of the full-step evaluation
     nft_beta: float = 1.0
     dpo_beta: float = 2000.0
     kl_weight: float = 1e-4  # NFT's and AWM's KL-to-reference weight (the official 1e-4)
     # NormGuard: ng.normguard_penalty with its defaults (per sample, relative margin, squared hinge)
+    dpo_guard: str = "both"  # which DPO branch the hinge sees: both (the core's README default), winner or loser
     lam: float = 0.1  # DPO's guard uses lam * dpo_beta / 2: its loss gradient carries that factor while z is small
     # evaluation
     eval_samples: int = 1000
@@ -130,11 +132,16 @@ def check_config(cfg):
     if not targets or any(not 0 <= k < cfg.n_modes for k in targets) or len(set(targets)) == cfg.n_modes:
         raise ValueError(f"target_modes: expected distinct indices in [0, {cfg.n_modes}) leaving a non-target mode, "
                          f"got {cfg.target_modes!r}")
+    if cfg.dpo_guard not in ("both", "winner", "loser"):
+        raise ValueError(f"dpo_guard: expected both, winner or loser, got {cfg.dpo_guard!r}")
     if cfg.group_size < 2 or cfg.group_size % 2:
         raise ValueError(f"group_size: expected an even int >= 2 (DPO pairs best and worst), got {cfg.group_size}")
     for name in ("seeds", "rl_steps", "groups", "sample_steps", "few_steps", "eval_every", "pretrain_steps"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {getattr(cfg, name)}")
+    for name in ("rl_lr", "dpo_lr", "pretrain_lr", "lam", "reward_width", "tilt_temp", "mode_std"):
+        if not (getattr(cfg, name) >= 0 if name == "lam" else getattr(cfg, name) > 0):
+            raise ValueError(f"{name}: expected a number {'>= 0' if name == 'lam' else '> 0'}, got {getattr(cfg, name)}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -316,9 +323,11 @@ def method_loss(cfg, method, policy, old, ref, x0, rewards, gen):
         with torch.no_grad():
             v_ref_w, v_ref_l = ref(xt_w[None], t.reshape(1, -1))[0], ref(xt_l[None], t.reshape(1, -1))[0]
         base, stats = ng.dpo_loss(v_w, v_l, v_ref_w, v_ref_l, u_w, u_l, beta=cfg.dpo_beta)
-        half = cfg.seeds * n  # rows of the guarded half; winner and loser alike are guarded
-        guard = (ng.normguard_penalty(v_w[half:], v_ref_w[half:], lam=cfg.lam * cfg.dpo_beta / 2)[0]
-                 + ng.normguard_penalty(v_l[half:], v_ref_l[half:], lam=cfg.lam * cfg.dpo_beta / 2)[0]) / 2
+        half = cfg.seeds * n  # rows of the guarded half
+        lam = cfg.lam * cfg.dpo_beta / 2
+        guard_w = ng.normguard_penalty(v_w[half:], v_ref_w[half:], lam=lam)[0]
+        guard_l = ng.normguard_penalty(v_l[half:], v_ref_l[half:], lam=lam)[0]
+        guard = {"both": (guard_w + guard_l) / 2, "winner": guard_w, "loser": guard_l}[cfg.dpo_guard]
         return M * base + cfg.seeds * guard, stats
     adv = torch.stack([ng.group_advantages(r, G) for r in rewards])  # std over each model's own batch
     grid = ng.flow_timesteps(cfg.sample_steps)[:-1]  # train on the sampler's own timesteps, as DiffusionNFT does
@@ -355,6 +364,19 @@ def trajectory_ratio(cfg, ref, states, vels):
     return ng.norm_ratio(vels.reshape(-1, 2), v_ref.reshape(-1, 2)).reshape(states.shape[:3])
 
 
+def adam_step_per_model_lr(opt, model, lr_scale):
+    """opt.step() with model s's update multiplied by lr_scale[s]: a per-model learning rate in one optimiser.
+
+    Exact for Adam without weight decay: its moments do not depend on lr and its update is lr·m̂/(sqrt(v̂) + eps).
+    lr_scale: (S,) for an ensemble whose parameters all carry the model dim first.
+    """
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    with torch.no_grad():
+        for p, p0 in zip(model.parameters(), before):
+            p.copy_(p0 + (p - p0) * lr_scale.view(-1, *[1] * (p.ndim - 1)))
+
+
 def train(cfg, ref, progress=True):
     """RL fine-tune the whole ensemble from the reference. Returns (policy, history of checkpoint curves)."""
     runs = layout(cfg)
@@ -366,6 +388,7 @@ def train(cfg, ref, progress=True):
     for p in old.parameters():
         p.requires_grad_(False)
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.rl_lr)
+    lr_scale = torch.tensor([cfg.dpo_lr / cfg.rl_lr if m == "dpo" else 1.0 for m, _, _ in runs])
     ckpt_noise = torch.randn(cfg.ckpt_samples, 2, generator=torch.Generator().manual_seed(cfg.eval_seed + 1))
     ckpt_noise = ckpt_noise.expand(S, -1, -1)
     history = {"step": [], "reward": [], "logp": [], "ratio": []}
@@ -392,7 +415,7 @@ def train(cfg, ref, progress=True):
             logs.append(f"{method} nr {stats['norm_ratio'].item():.3f}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        adam_step_per_model_lr(opt, policy, lr_scale)
         # NFT's old policy: an EMA of theta, decay min(0.001·step, 0.5), updated once per rollout batch
         decay = min(0.001 * step, 0.5)
         with torch.no_grad():
@@ -717,7 +740,7 @@ def plot(cfg, metrics, ev, history, path):
             ax_tr.plot(rew[:, idx].mean(1), logp[:, idx].mean(1), ls, c=colors[m], marker=".",
                        label=f"{m}{'+guard' if v == 'guard' else ''}")
     ax_tr.set(xlabel="reward", ylabel="mean log p",
-              title=f"training path (checkpoints every {cfg.eval_every} of {steps[-1]} steps)")
+              title=f"training path (every {cfg.eval_every} of {steps[-1]} steps)")
     ax_tr.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -801,7 +824,8 @@ def main(argv=None):
     torch.set_num_threads(cfg.threads)
     n_models = len(layout(cfg))
     print(f"device cpu | float32 | {n_models} models trained at once ({cfg.methods} x {VARIANTS} x {cfg.seeds} seeds) | "
-          f"{cfg.groups}x{cfg.group_size} rollouts/step | {cfg.rl_steps} RL steps | lam {cfg.lam} | "
+          f"{cfg.groups}x{cfg.group_size} rollouts/step | {cfg.rl_steps} RL steps | lr {cfg.rl_lr:g} (dpo {cfg.dpo_lr:g}) | "
+          f"lam {cfg.lam} | "
           f"{cfg.sample_steps} and {cfg.few_steps} Euler steps")
     if do_sweep:
         sweep(cfg)

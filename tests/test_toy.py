@@ -103,6 +103,31 @@ def test_ensemble_copies_the_reference_and_keeps_models_independent():
     torch.testing.assert_close(sub, ens(x, t)[1:])
 
 
+def test_per_model_learning_rate_equals_separate_adam_runs():
+    cfg = toy.Config(hidden=8, depth=1)
+    torch.manual_seed(0)
+    ens = toy.EnsembleMLP(1, cfg).replicate(2)
+    singles = [toy.EnsembleMLP(1, cfg).replicate(1) for _ in range(2)]
+    for i, single in enumerate(singles):
+        for p, q in zip(single.parameters(), ens.parameters()):
+            p.data.copy_(q.data[i:i + 1])
+    opt = torch.optim.Adam(ens.parameters(), lr=1e-2)
+    opts = [torch.optim.Adam(singles[0].parameters(), lr=1e-2), torch.optim.Adam(singles[1].parameters(), lr=4e-2)]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x, t = torch.randn(2, 5, 2, generator=gen), torch.rand(2, 5, generator=gen)
+        opt.zero_grad()
+        (ens(x, t) ** 2).sum().backward()
+        toy.adam_step_per_model_lr(opt, ens, torch.tensor([1.0, 4.0]))
+        for i, (single, o) in enumerate(zip(singles, opts)):
+            o.zero_grad()
+            (single(x[i:i + 1], t[i:i + 1]) ** 2).sum().backward()
+            o.step()
+    for i, single in enumerate(singles):
+        for p, q in zip(single.parameters(), ens.parameters()):
+            torch.testing.assert_close(p.data[0], q.data[i])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the script's interface
 
@@ -165,15 +190,18 @@ def test_default_unguarded_nft_and_awm_inflate_in_the_papers_regime_and_the_guar
         assert all(n > g for n, g in zip(none, guard)), (m, none, guard)  # every seed, paired
         assert 1.04 < mean(none) < 1.2, (m, none)
         assert mean(guard) < 1.01, (m, guard)
-    assert default_run["verdict_flags"]["1"] == {"nft": True, "awm": True}
+    dpo = table["dpo"]["none"]["full_ratio"]
+    assert 1.03 < mean(dpo) < 1.2, dpo  # at its own lr (dpo_lr), DPO drifts like the others
+    assert default_run["verdict_flags"]["1"] == {"nft": True, "awm": True, "dpo": True}
+    assert default_run["verdict_flags"]["not_tested"] == []
 
 
 def test_default_reward_is_gained_and_the_guard_keeps_part_of_it(default_run):
     table, r0 = default_run["table"], default_run["reference"]["full"]["reward"]
-    for m in ("nft", "awm"):
+    for m in toy.METHODS:
         none, guard = mean(table[m]["none"]["full_reward"]), mean(table[m]["guard"]["full_reward"])
         assert none > r0 + 0.05 and guard > r0 + 0.015, (m, r0, none, guard)
-        assert 0.15 < (guard - r0) / (none - r0) < 0.8, (m, r0, none, guard)
+        assert 0.15 < (guard - r0) / (none - r0) < 0.9, (m, r0, none, guard)
 
 
 def test_default_quality_does_not_yet_suffer_at_ten_percent_inflation(default_run):
@@ -188,22 +216,23 @@ def test_default_quality_does_not_yet_suffer_at_ten_percent_inflation(default_ru
     assert not any(flags["2"].values()) and not any(flags["4"].values())
 
 
-def test_default_dpo_does_not_learn_and_is_set_apart(default_run):
-    """README: at the shared lr and length, Diffusion-DPO moves neither the reward nor the norm, so the verdicts
-    leave it out instead of counting its flat line for or against the paper."""
-    dpo, ref = default_run["table"]["dpo"], default_run["reference"]["full"]
-    for v in toy.VARIANTS:
-        assert abs(mean(dpo[v]["full_reward"]) - ref["reward"]) < 0.01
-        assert abs(mean(dpo[v]["full_ratio"]) - 1) < 0.01
-    assert default_run["verdict_flags"]["not_tested"] == ["dpo"]
-    assert all("dpo not tested" in line for line in default_run["verdicts"])
+def test_default_dpo_guard_at_lam_times_beta_over_two_costs_quality(default_run):
+    """README: weighted lam·β/2 against DPO's loss, the hinge pulls DPO's norm below the reference's and its
+    quality below the un-guarded run's (claim 4 not reproduced for DPO)."""
+    dpo = default_run["table"]["dpo"]
+    assert mean(dpo["guard"]["full_ratio"]) < 0.97
+    assert mean(dpo["guard"]["full_logp"]) < mean(dpo["none"]["full_logp"]) - 0.3
 
 
-def test_default_adjoint_signal_changes_sign_across_samples(default_run):
-    for m in ("nft", "awm"):
+def test_default_adjoint_signal_is_weak_but_leans_toward_larger_norms_after_rl(default_run):
+    """README, claim 3: at the reference dR/dα has no sign (|mean|/std ~0.1); after RL most samples gain reward
+    when every step's velocity is scaled up (65-75 % positive), |mean|/std 0.4-0.65: weak, but not sign-free."""
+    ref = default_run["adjoint_reference"]
+    assert abs(ref["total_mean"]) < 0.25 * ref["total_std"]
+    for m in toy.METHODS:
         a = default_run["table"][m]["adjoint"]
         for mu, sd, pos in zip(a["total_mean"], a["total_std"], a["frac_positive"]):
-            assert abs(mu) < 0.7 * sd and 0.25 < pos < 0.8, (m, mu, sd, pos)
+            assert mu > 0 and 0.25 < mu / sd < 0.8 and 0.55 < pos < 0.85, (m, mu, sd, pos)
 
 
 # ---------------------------------------------------------------------------------------------------------------
