@@ -707,40 +707,44 @@ def plot(cfg, metrics, ev, history, path):
         ax.set(title=title, xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xticks=[], yticks=[])
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    ax_t, ax_rq, ax_few, ax_tr = axes[-1]
-    ax_t.axis("on"), ax_rq.axis("on"), ax_few.axis("on"), ax_tr.axis("on")
+    ax_t, ax_steps, ax_rq, ax_tr = axes[-1]
+    for ax in axes[-1]:
+        ax.axis("on")
+    label = lambda m, v: f"{m}{'+guard' if v == 'guard' else ''}"
     centers = (torch.arange(cfg.profile_bins) + 0.5) / cfg.profile_bins
     table = metrics["table"]
+    steps = history["step"]
+    rew, logp, ratio = (torch.tensor(history[k]) for k in ("reward", "logp", "ratio"))
     for m in methods:
         for v, ls in zip(VARIANTS, ("-", "--")):
             prof = torch.tensor(table[m][v]["profile"])
             keep = ~prof.isnan()
-            ax_t.plot(centers[keep], prof[keep], ls, c=colors[m], label=f"{m}{'+guard' if v == 'guard' else ''}")
-    ax_t.axhline(1, c="k", lw=0.8)
-    ax_t.set(xlabel="t (1 = noise)", ylabel="‖v_θ‖/‖v_ref‖ on own trajectory", title="norm ratio vs t")
+            ax_t.plot(centers[keep], prof[keep], ls, c=colors[m], label=label(m, v))
+            idx = [runs.index((m, v, s)) for s in range(cfg.seeds)]
+            ax_steps.plot(steps, ratio[:, idx].mean(1), ls, c=colors[m], marker=".", label=label(m, v))
+            ax_tr.plot(rew[:, idx].mean(1), logp[:, idx].mean(1), ls, c=colors[m], marker=".", label=label(m, v))
+    for ax in (ax_t, ax_steps):
+        ax.axhline(1, c="k", lw=0.8)
+    ax_t.set(xlabel="t (1 = noise)", ylabel="‖v_θ‖/‖v_ref‖ on own trajectory", title="norm ratio vs t (end of RL)")
     ax_t.legend(fontsize=7)
-    for ax, phase, title in ((ax_rq, "full", f"{cfg.sample_steps} steps"), (ax_few, "few", f"{cfg.few_steps} steps")):
+    ax_steps.set(xlabel="RL step", ylabel="‖v_θ‖/‖v_ref‖ (mean over t)", title="norm ratio during RL")
+    # filled markers: the full step count; hollow: few steps (Euler's few-step error moves every point down)
+    for phase, fill in (("full", True), ("few", False)):
         ref = metrics["reference"][phase]
-        ax.scatter([ref["reward"]], [ref["logp"]], c="k", marker="s", label="reference")
+        ax_rq.scatter([ref["reward"]], [ref["logp"]], marker="s", s=30, c="k" if fill else "none", edgecolors="k",
+                      label="reference" if fill else None)
         for m in methods:
             for v, mk in zip(VARIANTS, ("o", "^")):
                 r = table[m][v]
-                ax.scatter(r[f"{phase}_reward"], r[f"{phase}_logp"], c=colors[m], marker=mk, s=18,
-                           label=f"{m}{'+guard' if v == 'guard' else ''}")
+                ax_rq.scatter(r[f"{phase}_reward"], r[f"{phase}_logp"], marker=mk, s=18, c=colors[m] if fill else "none",
+                              edgecolors=colors[m], label=label(m, v) if fill else None)
             resc = "rescale" if phase == "full" else "rescale_few"
-            ax.scatter(table[m]["none"][f"{resc}_reward"], table[m]["none"][f"{resc}_logp"], c=colors[m],
-                       marker="x", s=18, label=f"{m} rescaled")
-        ax.set(xlabel="reward (proxy)", ylabel="mean log p (true density)", title=f"reward vs quality, {title}")
+            ax_rq.scatter(table[m]["none"][f"{resc}_reward"], table[m]["none"][f"{resc}_logp"], c=colors[m],
+                          marker="x" if fill else "+", s=18, label=f"{m} rescaled" if fill else None)
+    ax_rq.set(xlabel="reward (proxy)", ylabel="mean log p (true density)",
+              title=f"reward vs quality: {cfg.sample_steps} steps (filled), {cfg.few_steps} (hollow)")
     ax_rq.legend(fontsize=6, ncol=2)
-    steps = history["step"]
-    rew, logp = torch.tensor(history["reward"]), torch.tensor(history["logp"])
-    for m in methods:
-        for v, ls in zip(VARIANTS, ("-", "--")):
-            idx = [runs.index((m, v, s)) for s in range(cfg.seeds)]
-            ax_tr.plot(rew[:, idx].mean(1), logp[:, idx].mean(1), ls, c=colors[m], marker=".",
-                       label=f"{m}{'+guard' if v == 'guard' else ''}")
-    ax_tr.set(xlabel="reward", ylabel="mean log p",
-              title=f"training path (every {cfg.eval_every} of {steps[-1]} steps)")
+    ax_tr.set(xlabel="reward", ylabel="mean log p", title=f"training path (every {cfg.eval_every} steps)")
     ax_tr.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
