@@ -73,7 +73,12 @@ class Config:
     nft_beta: float = 1.0
     dpo_beta: float = 2000.0
     kl_weight: float = 1e-4  # NFT's and AWM's KL-to-reference weight (the official 1e-4)
-    # NormGuard: ng.normguard_penalty with its defaults (per sample, relative margin, squared hinge)
+    # NormGuard: ng.normguard_penalty per sample, squared. The margin departs from the core's default (relative):
+    # in 2D the reference velocity nearly vanishes where the ring's modes pull x_t equally (|v_ref| < 0.07 for 10 %
+    # of training points at t = 0.7), and the relative hinge's gradient, 2·lam·(|v| - |v_ref|) / |v_ref|^2, explodes
+    # there. Image latents, with 10^4-10^5 dims, have no such points. --margin=relative runs the core's default.
+    margin: str = "absolute"  # absolute: |v| - |v_ref|; relative: |v|/|v_ref| - 1
+    power: int = 2  # 2: squared hinge, 1: plain hinge
     dpo_guard: str = "both"  # which DPO branch the hinge sees: both (the core's README default), winner or loser
     lam: float = 0.1  # DPO's guard uses lam * dpo_beta / 2: its loss gradient carries that factor while z is small
     # evaluation
@@ -132,6 +137,8 @@ def check_config(cfg):
     if not targets or any(not 0 <= k < cfg.n_modes for k in targets) or len(set(targets)) == cfg.n_modes:
         raise ValueError(f"target_modes: expected distinct indices in [0, {cfg.n_modes}) leaving a non-target mode, "
                          f"got {cfg.target_modes!r}")
+    if cfg.margin not in ("relative", "absolute") or cfg.power not in (1, 2):
+        raise ValueError(f"margin, power: expected relative or absolute and 1 or 2, got {cfg.margin!r}, {cfg.power!r}")
     if cfg.dpo_guard not in ("both", "winner", "loser"):
         raise ValueError(f"dpo_guard: expected both, winner or loser, got {cfg.dpo_guard!r}")
     if cfg.group_size < 2 or cfg.group_size % 2:
@@ -325,8 +332,8 @@ def method_loss(cfg, method, policy, old, ref, x0, rewards, gen):
         base, stats = ng.dpo_loss(v_w, v_l, v_ref_w, v_ref_l, u_w, u_l, beta=cfg.dpo_beta)
         half = cfg.seeds * n  # rows of the guarded half
         lam = cfg.lam * cfg.dpo_beta / 2
-        guard_w = ng.normguard_penalty(v_w[half:], v_ref_w[half:], lam=lam)[0]
-        guard_l = ng.normguard_penalty(v_l[half:], v_ref_l[half:], lam=lam)[0]
+        guard_w = ng.normguard_penalty(v_w[half:], v_ref_w[half:], lam=lam, margin=cfg.margin, power=cfg.power)[0]
+        guard_l = ng.normguard_penalty(v_l[half:], v_ref_l[half:], lam=lam, margin=cfg.margin, power=cfg.power)[0]
         guard = {"both": (guard_w + guard_l) / 2, "winner": guard_w, "loser": guard_l}[cfg.dpo_guard]
         return M * base + cfg.seeds * guard, stats
     adv = torch.stack([ng.group_advantages(r, G) for r in rewards])  # std over each model's own batch
@@ -344,7 +351,7 @@ def method_loss(cfg, method, policy, old, ref, x0, rewards, gen):
     else:  # AWM: one update per rollout batch, so the pre-update policy is v itself (rho = 1)
         base, stats = ng.awm_loss(v, v_old, v_ref, u, t.reshape(-1), adv.reshape(-1), ref_weight=cfg.kl_weight)
     half = cfg.seeds * N
-    guard = ng.normguard_penalty(v[half:], v_ref[half:], lam=cfg.lam)[0]
+    guard = ng.normguard_penalty(v[half:], v_ref[half:], lam=cfg.lam, margin=cfg.margin, power=cfg.power)[0]
     return M * base + cfg.seeds * guard, stats
 
 
@@ -620,20 +627,21 @@ def verdicts(cfg, table, ref_metrics, control, adj_ref):
     flags["3"] = dict(zip(methods, ok))
     lines.append(f"(3) no coherent first-order magnitude signal: {verdict_word(ok)} — " + "; ".join(parts)
                  + f"; reference |mean|/std {abs(adj_ref['total_mean']) / adj_ref['total_std']:.2f} (rule: < 0.5)" + note)
-    # (4) the guard keeps most of the reward gain (>= 70 %) and improves quality, more so at few steps
-    parts, ok = [], []
+    # (4) the guard keeps most of the reward gain (>= 70 %) and improves quality; (4b) more so at few steps
+    parts, ok, ok_few = [], [], []
     for m in methods:
         g, n = table[m]["guard"], table[m]["none"]
         gain_n = mean_std(n["full_reward"])[0] - ref_metrics["full"]["reward"]
         gain_g = mean_std(g["full_reward"])[0] - ref_metrics["full"]["reward"]
         kept = gain_g / gain_n if gain_n > 0 else float("nan")
         dq_full, dq_few = diff(g["full_logp"], n["full_logp"]), diff(g["few_logp"], n["few_logp"])
-        more_few = sig_pos(diff(dq_few, dq_full))
-        ok.append(gain_n > 0 and kept >= 0.7 and sig_pos(dq_full) and more_few)
-        parts.append(f"{m} reward gain kept {kept:.0%}, Δlog p full {mean_std(dq_full)[0]:+.2f} "
-                     f"few {mean_std(dq_few)[0]:+.2f}")
-    flags["4"] = dict(zip(methods, ok))
-    lines.append(f"(4) guard keeps reward, improves quality, more at few steps: {verdict_word(ok)} — " + "; ".join(parts) + note)
+        ok.append(gain_n > 0 and kept >= 0.7 and sig_pos(dq_full))
+        ok_few.append(ok[-1] and sig_pos(diff(dq_few, dq_full)))
+        parts.append(f"{m} reward gain kept {kept:.0%}, Δlog p {mean_std(dq_full)[0]:+.2f} "
+                     f"(at {cfg.few_steps} steps {mean_std(dq_few)[0]:+.2f})")
+    flags["4"], flags["4_few"] = dict(zip(methods, ok)), dict(zip(methods, ok_few))
+    lines.append(f"(4) guard keeps reward and improves quality: {verdict_word(ok)}; more so at few steps: "
+                 f"{verdict_word(ok_few)} — " + "; ".join(parts) + note)
     # (5) not early stopping: the guarded run beats the un-guarded run's checkpoints at matched reward
     parts, ok = [], []
     for m in methods:

@@ -183,45 +183,42 @@ def mean(x):
     return sum(x) / len(x)
 
 
-def test_default_unguarded_nft_and_awm_inflate_in_the_papers_regime_and_the_guard_holds_the_norm(default_run):
+def test_default_every_unguarded_method_inflates_in_the_papers_regime(default_run):
     table = default_run["table"]
-    for m in ("nft", "awm"):
-        none, guard = table[m]["none"]["full_ratio"], table[m]["guard"]["full_ratio"]
-        assert all(n > g for n, g in zip(none, guard)), (m, none, guard)  # every seed, paired
+    for m in toy.METHODS:
+        none = table[m]["none"]["full_ratio"]
         assert 1.04 < mean(none) < 1.2, (m, none)
-        assert mean(guard) < 1.01, (m, guard)
-    dpo = table["dpo"]["none"]["full_ratio"]
-    assert 1.03 < mean(dpo) < 1.2, dpo  # at its own lr (dpo_lr), DPO drifts like the others
+    for m in ("nft", "awm"):  # the hinge holds them on every seed (paired: same rollout noise)
+        none, guard = table[m]["none"]["full_ratio"], table[m]["guard"]["full_ratio"]
+        assert all(n > g for n, g in zip(none, guard)) and mean(guard) < 1.04, (m, none, guard)
     assert default_run["verdict_flags"]["1"] == {"nft": True, "awm": True, "dpo": True}
     assert default_run["verdict_flags"]["not_tested"] == []
 
 
-def test_default_reward_is_gained_and_the_guard_keeps_part_of_it(default_run):
+def test_default_guard_keeps_most_of_the_reward_gain_and_beats_rescaling_on_reward(default_run):
     table, r0 = default_run["table"], default_run["reference"]["full"]["reward"]
     for m in toy.METHODS:
         none, guard = mean(table[m]["none"]["full_reward"]), mean(table[m]["guard"]["full_reward"])
-        assert none > r0 + 0.05 and guard > r0 + 0.015, (m, r0, none, guard)
-        assert 0.15 < (guard - r0) / (none - r0) < 0.9, (m, r0, none, guard)
+        assert none > r0 + 0.05 and (guard - r0) / (none - r0) > 0.7, (m, r0, none, guard)
+    for m in ("nft", "awm"):  # rescaling at inference gives up more of the gain than the guard, on every seed
+        assert all(g > r for g, r in zip(table[m]["guard"]["full_reward"], table[m]["none"]["rescale_reward"]))
+    assert default_run["verdict_flags"]["2"] == {"nft": True, "awm": True, "dpo": False}
 
 
-def test_default_quality_does_not_yet_suffer_at_ten_percent_inflation(default_run):
-    """README: at ~10 % inflation the toy's un-guarded NFT/AWM keep the reference's quality, so the guard has
-    nothing to repair and rescaling at inference keeps more reward than the guard (claims 2, 4 not reproduced)."""
+def test_default_quality_does_not_yet_suffer_so_guard_and_early_stopping_tie(default_run):
+    """README: at ~10 % inflation the toy's quality has not moved, so the guard has nothing to repair: same
+    log-density as the un-guarded run and as its checkpoint of equal reward (claims 4 and 5 not reproduced),
+    and a worse one at 3 Euler steps, where the inflated velocities offset Euler's undershoot."""
     table, ref = default_run["table"], default_run["reference"]["full"]
+    for m in toy.METHODS:
+        none, guard = table[m]["none"], table[m]["guard"]
+        assert abs(mean(none["full_logp"]) - ref["logp"]) < 0.2, m
+        assert abs(mean(guard["full_logp"]) - mean(none["full_logp"])) < 0.1, m
+        assert abs(mean([d for d in default_run["control"][m]["delta_logp"] if not math.isnan(d)])) < 0.15, m
     for m in ("nft", "awm"):
-        assert abs(mean(table[m]["none"]["full_logp"]) - ref["logp"]) < 0.15
-        assert abs(mean(table[m]["guard"]["full_logp"]) - mean(table[m]["none"]["full_logp"])) < 0.15
-        assert mean(table[m]["none"]["rescale_reward"]) > mean(table[m]["guard"]["full_reward"])
+        assert mean(table[m]["guard"]["few_logp"]) < mean(table[m]["none"]["few_logp"]) - 0.1, m
     flags = default_run["verdict_flags"]
-    assert not any(flags["2"].values()) and not any(flags["4"].values())
-
-
-def test_default_dpo_guard_at_lam_times_beta_over_two_costs_quality(default_run):
-    """README: weighted lam·β/2 against DPO's loss, the hinge pulls DPO's norm below the reference's and its
-    quality below the un-guarded run's (claim 4 not reproduced for DPO)."""
-    dpo = default_run["table"]["dpo"]
-    assert mean(dpo["guard"]["full_ratio"]) < 0.97
-    assert mean(dpo["guard"]["full_logp"]) < mean(dpo["none"]["full_logp"]) - 0.3
+    assert not any(flags["4"].values()) and not any(flags["5"].values())
 
 
 def test_default_adjoint_signal_is_weak_but_leans_toward_larger_norms_after_rl(default_run):
@@ -236,17 +233,33 @@ def test_default_adjoint_signal_is_weak_but_leans_toward_larger_norms_after_rl(d
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# regression: the longer run of the README's sweep, where the inflation grows and the guard pays off
+# regression: the README's other runs
 
 
-def test_longer_training_inflates_further_hurts_quality_and_the_guard_repairs_it():
+def test_longer_training_hurts_quality_and_the_guard_repairs_it_beyond_early_stopping():
+    """README, 800 RL steps: the drift reaches ~2x and costs ~2 nats of log-density; the guarded runs keep most of
+    the reward gain at the reference's quality, beat rescaling on both, and beat the un-guarded checkpoint of
+    equal reward."""
     torch.set_num_threads(1)
-    cfg = toy.Config(methods="nft,awm", seeds=3, rl_steps=800, plot=False)
-    metrics = toy.run(cfg, progress=False)
+    metrics = toy.run(toy.Config(methods="nft,awm", seeds=3, rl_steps=800, plot=False), progress=False)
     table, ref = metrics["table"], metrics["reference"]["full"]
     for m in ("nft", "awm"):
         none, guard = table[m]["none"], table[m]["guard"]
-        assert mean(none["full_ratio"]) > 1.3 and mean(guard["full_ratio"]) < 1.01
-        assert mean(none["full_logp"]) < ref["logp"] - 0.3
-        assert all(g > n + 0.2 for g, n in zip(guard["full_logp"], none["full_logp"]))
-        assert mean(guard["full_reward"]) > ref["reward"]
+        assert mean(none["full_ratio"]) > 1.4 and mean(guard["full_ratio"]) < mean(none["full_ratio"]) - 0.3
+        assert mean(none["full_logp"]) < ref["logp"] - 0.5 and mean(guard["full_logp"]) > ref["logp"] - 0.15
+        diffs = [g - n for g, n in zip(guard["full_logp"], none["full_logp"])]
+        assert min(diffs) > 0.2 and mean(diffs) > 0.8, (m, diffs)  # every seed, paired
+        kept = (mean(guard["full_reward"]) - ref["reward"]) / (mean(none["full_reward"]) - ref["reward"])
+        assert kept > 0.6, (m, kept)
+        assert mean(guard["full_reward"]) > mean(none["rescale_reward"])
+        assert mean(guard["full_logp"]) > mean(none["rescale_logp"])
+        assert mean(metrics["control"][m]["delta_logp"]) > 0.2, metrics["control"][m]
+
+
+def test_relative_margin_destabilises_guarded_dpo_in_2d():
+    """README: with the core's default relative margin, the hinge's 1/|v_ref|^2 gradient where the 2D reference
+    velocity nearly vanishes leaves guarded DPO (at its large lr) with a much lower log-density."""
+    torch.set_num_threads(1)
+    metrics = toy.run(toy.Config(methods="dpo", seeds=3, margin="relative", plot=False), progress=False)
+    dpo = metrics["table"]["dpo"]
+    assert mean(dpo["guard"]["full_logp"]) < mean(dpo["none"]["full_logp"]) - 0.3
