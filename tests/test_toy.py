@@ -143,8 +143,9 @@ def test_overrides_are_typed_and_unknown_keys_rejected():
         toy.parse_args(["--rl_steps=many"])
     with pytest.raises(ValueError, match="methods"):
         toy.parse_args(["--methods=nft,ppo"])
-    with pytest.raises(ValueError, match="target_modes"):
-        toy.parse_args(["--target_modes=0,9"])
+    for bad in ("0,9", "0,0", "a", "0,1,2,3,4,5,6,7"):
+        with pytest.raises(ValueError, match="target_modes"):
+            toy.parse_args([f"--target_modes={bad}"])
     with pytest.raises(ValueError, match="group_size"):
         toy.parse_args(["--group_size=3"])
 
@@ -153,7 +154,7 @@ def test_smoke_run_writes_config_metrics_and_figure(tmp_path, capsys):
     toy.main(["--smoke", f"--out_dir={tmp_path}"])
     printed = capsys.readouterr().out
     assert "nft+guard" in printed and printed.count("\n(") == 5  # five verdict lines
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     config = json.loads((tmp_path / "config.json").read_text())
     assert (tmp_path / "toy_2d.png").stat().st_size > 10_000
     assert config["config"]["rl_steps"] == toy.SMOKE["rl_steps"] and "git_revision" in config
