@@ -215,7 +215,8 @@ def normguard_penalty(v, v_ref, *, lam=1.0, granularity="sample", margin="relati
     Defaults are our reading (the paper's exact form is not public): per sample, because the drift the paper
     reports is a per-step norm; relative, so that lam carries over between resolutions, latent channels and
     timesteps (‖v‖ grows with sqrt(dims)); squared, so the force fades to zero at the boundary and a model that
-    barely exceeds the reference is barely touched. power=1 gives the plain hinge.
+    barely exceeds the reference is barely touched. power=1 gives the plain hinge. In a few dims ‖v_ref‖ can come
+    close to 0, where the relative hinge's gradient (∝ 1/‖v_ref‖) blows up: use margin="absolute" there.
 
     v, v_ref: (B, ...); lam >= 0; power in {1, 2}; tolerance >= 0 (in units of the margin).
     Returns (penalty, stats): penalty a 0-dim float32 tensor (float64 for float64 input); stats holds detached
