@@ -467,6 +467,29 @@ def trainable_params(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def register_trainable_only_hooks(accelerator):
+    """Checkpoints hold the trainable tensors only (the LoRA), not the frozen multi-GB transformer."""
+    from safetensors.torch import load_file, save_file
+
+    def save_hook(models, weights, output_dir):
+        for model in models:
+            named = {n: p.detach().cpu().contiguous() for n, p in accelerator.unwrap_model(model).named_parameters()
+                     if p.requires_grad}
+            if accelerator.is_main_process:
+                save_file(named, os.path.join(output_dir, "trainable.safetensors"))
+        weights.clear()  # accelerate would save the whole state dict otherwise
+
+    def load_hook(models, input_dir):
+        while models:
+            params = dict(accelerator.unwrap_model(models.pop()).named_parameters())
+            with torch.no_grad():
+                for n, v in load_file(os.path.join(input_dir, "trainable.safetensors")).items():
+                    params[n].copy_(v)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # sampling and the training step
 
@@ -694,6 +717,7 @@ def train(cfg):
     params = trainable_params(transformer)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    register_trainable_only_hooks(accelerator)
     model, opt, sched = accelerator.prepare(transformer, opt, sched)
     base = Base(accelerator.unwrap_model(model), frozen_copy)  # no-grad forwards skip the DDP wrapper
     old = None
@@ -865,7 +889,8 @@ def export_lora(cfg, adapter, transformer, out_dir):
         from diffusers import StableDiffusion3Pipeline as cls  # digits: the SD3 format, loadable into its transformer
     else:
         cls = type(adapter.pipe)
-    cls.save_lora_weights(str(out_dir / "lora"), transformer_lora_layers=layers)
+    cls.save_lora_weights(str(out_dir / "lora"), transformer_lora_layers=layers,  # rank and alpha travel along
+                          transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
 
 
 def main(argv=None):

@@ -150,3 +150,120 @@ def test_rollout_matches_the_pipeline(sd3_path, flux_path, preset):
                              height=16, width=16, max_sequence_length=16, output_type="latent").images
             theirs = ad.pipe._unpack_latents(theirs, 16, 16, ad.pipe.vae_scale_factor)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def lora_tensors(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(out) / "lora" / "pytorch_lora_weights.safetensors"))
+
+
+@pytest.mark.parametrize("method", ["nft", "dpo"])
+def test_resume_reproduces_the_uninterrupted_run(sd3_path, tmp_path, method):
+    """4 steps in one go == 2 steps, stop, --resume=latest to 4: the same LoRA weights, bit for bit (CPU)."""
+    common = (f"--method={method}", "--checkpoint_every=2", "--eval_every=100")
+    run(sd3_path, tmp_path / "full", *common, "--steps=4")
+    run(sd3_path, tmp_path / "split", *common, "--steps=2")
+    assert sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir()) == ["checkpoint-0000002"]
+    run(sd3_path, tmp_path / "split", *common, "--steps=4", "--resume=latest")
+    full, split = lora_tensors(tmp_path / "full"), lora_tensors(tmp_path / "split")
+    assert full.keys() == split.keys() and len(full) > 0
+    for k in full:
+        assert torch.equal(full[k], split[k]), k
+    ckpt = tmp_path / "split" / "checkpoints" / "checkpoint-0000004"
+    assert {"trainable.safetensors", "optimizer.bin", "scheduler.bin", "COMPLETE"} <= {p.name for p in ckpt.iterdir()}
+    assert not (ckpt / "model.safetensors").exists()  # the frozen transformer is not copied into checkpoints
+
+
+def test_killed_save_never_leaves_a_checkpoint_that_loads_wrong(sd3_path, tmp_path, monkeypatch):
+    """A crash after accelerate wrote the state but before the rename leaves a temp folder only; --resume=latest
+    skips it (and a folder without COMPLETE) and lands exactly on the uninterrupted run's weights."""
+    common = ("--method=awm", "--eval_every=100", "--checkpoint_every=1", "--checkpoints_keep=5")
+    run(sd3_path, tmp_path / "full", *common, "--steps=4")
+    real_fsync, calls = tf._fsync_tree, []
+
+    def crash_at_step_3(path):
+        calls.append(path)
+        if Path(path).name == ".tmp-checkpoint-0000003":
+            raise KeyboardInterrupt("killed mid-save")
+        return real_fsync(path)
+
+    monkeypatch.setattr(tf, "_fsync_tree", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(sd3_path, tmp_path / "split", *common, "--steps=4")
+    monkeypatch.setattr(tf, "_fsync_tree", real_fsync)
+    root = tmp_path / "split" / "checkpoints"
+    assert (root / ".tmp-checkpoint-0000003").is_dir() and not (root / "checkpoint-0000003").exists()
+    (root / "checkpoint-0000009").mkdir()  # a half-written folder under a final name: no COMPLETE, never loaded
+    assert [p.name for p in sorted(tf.complete_checkpoints(root))] == ["checkpoint-0000001", "checkpoint-0000002"]
+    run(sd3_path, tmp_path / "split", *common, "--steps=4", "--resume=latest")
+    full, split = lora_tensors(tmp_path / "full"), lora_tensors(tmp_path / "split")
+    assert all(torch.equal(full[k], split[k]) for k in full)
+    assert not (root / ".tmp-checkpoint-0000003").exists()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sd3_path, tmp_path, monkeypatch, capsys):
+    real, calls = ng.nft_loss, []
+
+    def nan_on_step_2(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) > 2 else loss), stats  # smoke: 2 train timesteps per step
+
+    monkeypatch.setattr(ng, "nft_loss", nan_on_step_2)
+    with pytest.raises(SystemExit) as e:
+        run(sd3_path, tmp_path, "--method=nft", "--steps=3", "--eval_every=100")
+    assert "step 1" in str(e.value) and "checkpoint-0000001" in str(e.value)
+    root = tmp_path / "checkpoints"
+    assert [p.name for p in tf.complete_checkpoints(root)] == ["checkpoint-0000001"]
+    monkeypatch.setattr(ng, "nft_loss", real)
+    m = run(sd3_path, tmp_path, "--method=nft", "--steps=2", "--eval_every=100", "--resume=latest")
+    assert m["steps"] == 2
+
+
+def test_bad_arguments_fail_fast_with_clear_messages(tmp_path):
+    import time
+
+    with pytest.raises(ValueError, match="--lora_rnak=4.*expected --smoke or --key=value"):
+        tf.parse_args(["--preset=sd3", "--lora_rnak=4"])
+    with pytest.raises(ValueError, match="pretrained_model_name_or_path: required"):
+        tf.parse_args(["--preset=sd3"])
+    with pytest.raises(ValueError, match="group_size"):
+        tf.parse_args(["--preset=digits", "--group_size=1"])
+    for path, match in ((tmp_path / "nothing_here", "no folder"), (tmp_path, "has no model_index.json"),
+                        ("nobody-xyz/no-such-model", "cannot reach")):
+        t0 = time.time()
+        with pytest.raises(ValueError, match=f"pretrained_model_name_or_path: .*{match}.*pass"):
+            tf.main(["--preset=flux", f"--pretrained_model_name_or_path={path}", f"--out_dir={tmp_path / 'o'}"])
+        assert time.time() - t0 < 15
+    with pytest.raises(ValueError, match="prompt file"):
+        tf.read_prompts(str(tmp_path / "missing.txt"), "sd3")
+
+
+def test_exported_lora_loads_with_load_lora_weights(sd3_path, tmp_path):
+    """pipe.load_lora_weights(out/lora) gives the trained policy's velocity (rank and alpha included)."""
+    from diffusers import StableDiffusion3Pipeline
+    from safetensors.torch import load_file
+
+    run(sd3_path, tmp_path, "--method=dpo", "--eval_every=100", "--lr=0.05")
+    cfg = tf.parse_args(["--preset=sd3", "--smoke", f"--pretrained_model_name_or_path={sd3_path}"])
+    ad = tf.Adapter(cfg, sd3_path, torch.device("cpu"), torch.float32)
+    from peft import LoraConfig
+
+    ad.transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                                          target_modules=cfg.lora_targets.split(",")))
+    params = dict(ad.transformer.named_parameters())
+    trained = load_file(str(tmp_path / "checkpoints" / "checkpoint-0000002" / "trainable.safetensors"))
+    with torch.no_grad():
+        for n, v in trained.items():
+            params[n].copy_(v)
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_path)
+    x = torch.randn(2, *ad.latent_shape, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        cond = ad.encode(["a red cat", "a dog"])
+        v_base = ad.velocity(pipe.transformer, x, t, cond)
+        pipe.load_lora_weights(str(tmp_path / "lora"))
+        v_loaded, v_trained = ad.velocity(pipe.transformer, x, t, cond), ad.velocity(ad.transformer, x, t, cond)
+    torch.testing.assert_close(v_loaded, v_trained, rtol=1e-5, atol=1e-6)
+    assert (v_loaded - v_base).abs().max() > 1e-4  # the LoRA did something
