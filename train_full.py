@@ -359,8 +359,10 @@ class PickScore:
                                             antialias=True).clamp(0, 1)
         x = (x - torch.tensor(self.MEAN, device=x.device)[:, None, None]) / torch.tensor(self.STD, device=x.device)[:, None, None]
         tok = self.tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt").to(self.device)
-        img = torch.nn.functional.normalize(self.model.get_image_features(pixel_values=x.to(self.device)), dim=-1)
-        txt = torch.nn.functional.normalize(self.model.get_text_features(**tok), dim=-1)
+        img = self.model.get_image_features(pixel_values=x.to(self.device))
+        txt = self.model.get_text_features(**tok)
+        # transformers 5 returns output objects whose pooler_output is the projected embedding (4.x: the tensor)
+        img, txt = (torch.nn.functional.normalize(getattr(e, "pooler_output", e), dim=-1) for e in (img, txt))
         return self.model.logit_scale.exp() * (img * txt).sum(-1)
 
 

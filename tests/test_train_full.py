@@ -267,3 +267,67 @@ def test_exported_lora_loads_with_load_lora_weights(sd3_path, tmp_path):
         v_loaded, v_trained = ad.velocity(pipe.transformer, x, t, cond), ad.velocity(ad.transformer, x, t, cond)
     torch.testing.assert_close(v_loaded, v_trained, rtol=1e-5, atol=1e-6)
     assert (v_loaded - v_base).abs().max() > 1e-4  # the LoRA did something
+
+
+def brightness_reward(images, prompts):
+    """A user reward for --reward=module:function: mean brightness, (B,)."""
+    assert images.ndim == 4 and len(prompts) == len(images)
+    return images.mean(dim=(1, 2, 3))
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPModel
+
+    clip_tok, _ = tokenizers()
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config=dict(vocab_size=len(clip_tok), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
+                                         bos_token_id=0, eos_token_id=1, pad_token_id=1),
+                        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
+    path = tmp_path_factory.mktemp("tiny_clip")
+    CLIPModel(config).save_pretrained(path)
+    clip_tok.save_pretrained(path)
+    return str(path)
+
+
+def test_pickscore_is_clip_logit_scale_times_cosine(tiny_clip):
+    """The reward equals CLIPModel's own logits_per_image on the same preprocessed pixels, and it runs in training."""
+    from transformers import CLIPModel
+
+    score = tf.PickScore(tiny_clip, "cpu")
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    prompts = ["a red cat", "a blue car", "a dog"]
+    x = torch.nn.functional.interpolate((images + 1) / 2, size=(32, 32), mode="bicubic", antialias=True).clamp(0, 1)
+    x = (x - torch.tensor(score.MEAN)[:, None, None]) / torch.tensor(score.STD)[:, None, None]
+    tok = score.tokenizer(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = CLIPModel.from_pretrained(tiny_clip)(input_ids=tok.input_ids, attention_mask=tok.attention_mask,
+                                                      pixel_values=x).logits_per_image
+    torch.testing.assert_close(score(images, prompts), logits.diagonal(), rtol=1e-5, atol=1e-5)
+
+
+def test_rewards_cfg_and_full_finetune_in_training(sd3_path, tiny_clip, tmp_path):
+    m = run(sd3_path, tmp_path / "pick", "--reward=pickscore", f"--pickscore_model={tiny_clip}", "--cfg_scale=3.0")
+    assert math.isfinite(m["last_step"]["reward_mean"]) and m["last_step"]["reward_std"] > 0
+    m = run(sd3_path, tmp_path / "user", "--reward=test_train_full:brightness_reward", "--method=awm",
+            "--full_finetune=true", "--lr=1e-3")
+    assert math.isfinite(m["last_step"]["loss"]) and (tmp_path / "user" / "transformer" / "config.json").is_file()
+    assert m["last_step"]["norm_ratio"] != 1.0  # the first update moved the fully trainable transformer
+    with pytest.raises(ValueError, match="reward: expected"):
+        run(sd3_path, tmp_path / "bad", "--reward=not_a_reward")
+
+
+def test_digits_preset(tmp_path_factory):
+    """The 8x8-digit SD3 transformer of digits.py (pixel space, label "prompts", classifier reward, quality judges)."""
+    import digits
+
+    cache = tmp_path_factory.mktemp("digits_cache")
+    path = digits.get_reference(str(cache), "cpu", steps=20, progress=False)
+    out = tmp_path_factory.mktemp("digits_run")
+    m = tf.main(["--preset=digits", "--smoke", f"--pretrained_model_name_or_path={path}", f"--cache_dir={cache}",
+                 f"--out_dir={out}", "--method=dpo", "--eval_seeds=1"])
+    ev = m["eval"]
+    assert m["steps"] == 2 and 0 <= ev["reward_full"] <= 1 and 0 <= ev["judge_acc_full"] <= 1
+    assert {"fd_few", "disc_acc_few"} <= set(ev)
