@@ -23,11 +23,16 @@ its confidence keeps rising along directions that leave the manifold of real dig
 strokes). Quality is what the reward cannot see: the judge's agreement with the prompt, a Fréchet distance of the
 judge's features to held-out real digits, and the accuracy of a real-vs-generated discriminator.
 """
+import copy
+import dataclasses
 import functools
 import json
 import math
 import os
+import subprocess
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -386,3 +391,543 @@ def quality_metrics(images, labels, cache_dir=DEFAULT_CACHE):
     return {"judge_acc": (judge.head(feats).argmax(1) == labels.cpu()).float().mean().item(),
             "fd": frechet_distance(feats, judge.features(real)),
             "disc_acc": discriminator_accuracy(x, real)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the experiment: RL post-training of the reference with each method, with and without the hinge
+
+METHODS = ("nft", "awm", "dpo")
+VARIANTS = ("none", "guard")  # un-guarded base loss, base loss + NormGuard hinge
+
+
+@dataclass
+class Config:
+    # reference (pretrained once and cached; see get_reference)
+    cache_dir: str = DEFAULT_CACHE
+    pretrain_steps: int = 2000
+    ref_seed: int = 0
+    # RL: on-policy rollouts, `groups` prompts (digits) x `group_size` samples, one Adam step per rollout batch
+    methods: str = "nft,awm,dpo"
+    seeds: str = "0"  # comma-separated RL seeds; seed s draws the same rollout noise and prompts in both variants
+    rl_steps: int = 160
+    groups: int = 8
+    group_size: int = 8
+    lr: float = 1e-4  # Adam on the full transformer (the label encoder, like a text encoder, stays frozen)
+    dpo_lr: float = 3e-4  # DPO moves slower at the same lr (a pairwise signal from 2 of every 8 samples)
+    sample_steps: int = 10  # Euler steps of the rollout sampler and of the full-step evaluation
+    nft_beta: float = 1.0
+    dpo_beta: float = 2000.0
+    kl_weight: float = 1e-4  # NFT's and AWM's KL-to-reference weight (the official 1e-4)
+    # NormGuard: ng.normguard_penalty with its defaults (per sample, relative margin, squared hinge)
+    lam: float = 1.0  # DPO's guard uses lam * dpo_beta / 2: its loss gradient carries that factor while z is small
+    # evaluation
+    eval_samples: int = 500  # 50 per digit; fd and disc_acc are compared only between sets of this size
+    few_steps: int = 3
+    eval_every: int = 20  # RL steps between checkpoint evaluations (early-stopping control)
+    ckpt_samples: int = 200
+    profile_bins: int = 10
+    adjoint_samples: int = 64
+    eval_seed: int = 1234
+    out_dir: str = "runs/digits"
+    threads: int = 2
+
+
+SMOKE = dict(pretrain_steps=30, rl_steps=4, groups=2, group_size=4, eval_samples=40, ckpt_samples=20, eval_every=2,
+             sample_steps=4, few_steps=2, adjoint_samples=8, out_dir="runs/digits_smoke")
+
+
+def parse_args(argv):
+    """--key=value overrides of Config, plus --smoke (tiny settings, a separate output folder)."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    overrides, smoke = {}, False
+    for arg in argv:
+        if arg == "--smoke":
+            smoke = True
+            continue
+        key, eq, value = arg[2:].partition("=")
+        if not arg.startswith("--") or not eq or key not in fields:
+            raise ValueError(f"argument {arg!r}: expected --smoke or --key=value with key one of {sorted(fields)}")
+        kind = type(getattr(Config, key))
+        try:
+            overrides[key] = kind(value)
+        except ValueError:
+            raise ValueError(f"--{key}: expected a {kind.__name__}, got {value!r}") from None
+    cfg = Config(**{**(SMOKE if smoke else {}), **overrides})
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg):
+    for m in cfg.methods.split(","):
+        if m not in METHODS:
+            raise ValueError(f"methods: expected a comma-separated subset of {METHODS}, got {cfg.methods!r}")
+    try:
+        seeds = [int(s) for s in cfg.seeds.split(",")]
+    except ValueError:
+        raise ValueError(f"seeds: expected comma-separated ints, got {cfg.seeds!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds: expected distinct ints, got {cfg.seeds!r}")
+    if cfg.group_size < 2:
+        raise ValueError(f"group_size: expected an int >= 2 (advantages and DPO pairs need a group), got {cfg.group_size}")
+    for name in ("rl_steps", "groups", "sample_steps", "few_steps", "eval_every", "pretrain_steps"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {getattr(cfg, name)}")
+    if cfg.eval_samples < 10 or cfg.ckpt_samples < 10:
+        raise ValueError(f"eval_samples, ckpt_samples: expected >= 10 (feature statistics), got "
+                         f"{cfg.eval_samples}, {cfg.ckpt_samples}")
+    for name in ("lr", "dpo_lr", "lam", "nft_beta", "kl_weight"):
+        if not (getattr(cfg, name) >= 0 if name in ("lam", "kl_weight") else getattr(cfg, name) > 0):
+            raise ValueError(f"{name}: expected a number {'>= 0' if name in ('lam', 'kl_weight') else '> 0'}, "
+                             f"got {getattr(cfg, name)}")
+
+
+def seed_list(cfg):
+    return [int(s) for s in cfg.seeds.split(",")]
+
+
+def model_fn(transformer, encoder):
+    """velocity_fn(x, t, labels) of one transformer (no grad flows into the frozen encoder)."""
+    return lambda x, t, labels: velocity(transformer, encoder, x, t, labels)
+
+
+def method_loss(cfg, method, guard, v_fn, old_fn, ref_fn, x0, labels, rewards, gen):
+    """Base loss of one method on a rollout batch (+ the NormGuard hinge when guard) and its logged stats.
+
+    x0 (N, 1, 8, 8), labels (N,), rewards (N,): on-policy samples in contiguous groups of group_size.
+    """
+    G = cfg.group_size
+    if method == "dpo":
+        # pairs: the best and the worst sample of each group, noised with one shared (t, eps)
+        r = rewards.reshape(-1, G)
+        base_idx = torch.arange(r.shape[0]) * G
+        w, l = base_idx + r.argmax(1), base_idx + r.argmin(1)
+        n = len(w)
+        noise = torch.randn((n,) + x0.shape[1:], generator=gen)
+        t = torch.sigmoid(torch.randn(n, generator=gen))  # logit-normal t, as in Diffusion-DPO for flows
+        xt_w, u_w = ng.forward_process(x0[w], noise, t)
+        xt_l, u_l = ng.forward_process(x0[l], noise, t)
+        c = torch.cat([labels[w], labels[l]])
+        v = v_fn(torch.cat([xt_w, xt_l]), t.repeat(2), c)
+        with torch.no_grad():
+            v_ref = ref_fn(torch.cat([xt_w, xt_l]), t.repeat(2), c)
+        loss, stats = ng.dpo_loss(v[:n], v[n:], v_ref[:n], v_ref[n:], u_w, u_l, beta=cfg.dpo_beta)
+        lam = cfg.lam * cfg.dpo_beta / 2
+    else:
+        adv = ng.group_advantages(rewards, G)
+        grid = ng.flow_timesteps(cfg.sample_steps)[:-1]  # train on the sampler's own timesteps, as DiffusionNFT does
+        t = grid[torch.randint(len(grid), (len(x0),), generator=gen)]
+        noise = torch.randn(x0.shape, generator=gen)
+        x_t, u = ng.forward_process(x0, noise, t)
+        v = v_fn(x_t, t, labels)
+        with torch.no_grad():
+            v_ref = ref_fn(x_t, t, labels)
+            v_old = old_fn(x_t, t, labels) if method == "nft" else v.detach()
+        if method == "nft":
+            loss, stats = ng.nft_loss(v, v_old, v_ref, x_t, x0, t, adv, beta=cfg.nft_beta, kl_weight=cfg.kl_weight)
+        else:  # AWM: one update per rollout batch, so the pre-update policy is v itself (rho = 1)
+            loss, stats = ng.awm_loss(v, v_old, v_ref, u, t, adv, ref_weight=cfg.kl_weight)
+        lam = cfg.lam
+    penalty, gstats = ng.normguard_penalty(v, v_ref, lam=lam)
+    return (loss + penalty if guard else loss), {**stats, "hinge_active": gstats["active_frac"]}
+
+
+@torch.no_grad()
+def trajectory_ratio(ref_fn, states, vels, labels, timesteps):
+    """‖v_θ‖/‖v_ref‖ at the policy's own states: states, vels (K, B, 1, 8, 8) -> (K, B)."""
+    out = [ng.norm_ratio(v, ref_fn(x, t.expand(len(x)), labels)) for x, v, t in zip(states, vels, timesteps[:-1])]
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def score(cfg, images, labels):
+    return {"reward": reward_fn(images, labels, cfg.cache_dir).mean().item(),
+            **quality_metrics(images, labels, cfg.cache_dir)}
+
+
+def train_rl(cfg, method, guard, seed, ref, progress=True):
+    """RL fine-tune a copy of the reference transformer. Returns (policy transformer, checkpoint history)."""
+    ref_t, encoder = ref
+    policy = copy.deepcopy(ref_t).train()
+    for p in policy.parameters():
+        p.requires_grad_(True)
+    old = copy.deepcopy(ref_t)  # NFT's old policy: an EMA of theta
+    v_fn, old_fn, ref_fn = model_fn(policy, encoder), model_fn(old, encoder), model_fn(ref_t, encoder)
+    opt = torch.optim.Adam(policy.parameters(), lr=cfg.dpo_lr if method == "dpo" else cfg.lr)
+    gen = torch.Generator().manual_seed(1000 * seed + 1)  # same rollouts for both variants of a seed at step 1
+    grid = ng.flow_timesteps(cfg.sample_steps)
+    ck_gen = torch.Generator().manual_seed(cfg.eval_seed + 1)
+    ck_labels = torch.arange(cfg.ckpt_samples) % NUM_CLASSES
+    ck_noise = torch.randn(cfg.ckpt_samples, 1, 8, 8, generator=ck_gen)
+    history = {"step": [], "reward": [], "fd": [], "judge_acc": [], "ratio": []}
+
+    def checkpoint(step):
+        with torch.no_grad():
+            x, states, vels = ng.euler_sample(lambda x, t: v_fn(x, t, ck_labels), ck_noise, grid, True)
+            ratio = trajectory_ratio(ref_fn, states, vels, ck_labels, grid).mean().item()
+        s = score(cfg, x, ck_labels)
+        for key, val in (("step", step), ("reward", s["reward"]), ("fd", s["fd"]), ("judge_acc", s["judge_acc"]),
+                         ("ratio", ratio)):
+            history[key].append(val)
+
+    checkpoint(0)
+    name = f"{method}{'+guard' if guard else ''} seed {seed}"
+    bar = tqdm(range(1, cfg.rl_steps + 1), desc=name, disable=not progress, leave=False)
+    for step in bar:
+        labels = torch.randint(NUM_CLASSES, (cfg.groups,), generator=gen).repeat_interleave(cfg.group_size)
+        noise = torch.randn(len(labels), 1, 8, 8, generator=gen)
+        with torch.no_grad():
+            x0 = ng.euler_sample(lambda x, t: v_fn(x, t, labels), noise, grid)
+            rewards = reward_fn(x0, labels, cfg.cache_dir)
+        loss, stats = method_loss(cfg, method, guard, v_fn, old_fn, ref_fn, x0, labels, rewards, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        decay = min(0.001 * step, 0.5)  # DiffusionNFT's EMA schedule for the old policy
+        with torch.no_grad():
+            for p_old, p in zip(old.parameters(), policy.parameters()):
+                p_old.lerp_(p, 1 - decay)
+        if step % cfg.eval_every == 0 or step == cfg.rl_steps:
+            checkpoint(step)
+            bar.set_postfix_str(f"reward {rewards.mean().item():.3f} | ratio {history['ratio'][-1]:.3f} | "
+                                f"fd {history['fd'][-1]:.1f} | hinge active {stats['hinge_active'].item():.2f}")
+    return policy.eval(), history
+
+
+@torch.no_grad()
+def evaluate(cfg, policy_t, ref, rescale):
+    """Final metrics of one model (policy_t None = the reference) on fixed eval noise, labels 0..9 in turn.
+
+    Returns {"full", "few"}: reward and quality_metrics at sample_steps and few_steps Euler steps, with the mean
+    norm ratio along the model's own trajectories; "profile": that ratio per bin of t (full steps); "images":
+    the first 100 full-step and few-step samples (rows of 0..9); with rescale, also "rescale" and "rescale_few":
+    the same model sampled with v <- v·‖v_ref‖/‖v‖ at every step (the inference-time baseline).
+    """
+    ref_t, encoder = ref
+    ref_fn = model_fn(ref_t, encoder)
+    v_fn = ref_fn if policy_t is None else model_fn(policy_t, encoder)
+    gen = torch.Generator().manual_seed(cfg.eval_seed)
+    labels = torch.arange(cfg.eval_samples) % NUM_CLASSES
+    noise = torch.randn(cfg.eval_samples, 1, 8, 8, generator=gen)
+    out, images = {}, {}
+    for phase, steps in (("full", cfg.sample_steps), ("few", cfg.few_steps)):
+        grid = ng.flow_timesteps(steps)
+        x, states, vels = ng.euler_sample(lambda x, t: v_fn(x, t, labels), noise, grid, True)
+        ratio = trajectory_ratio(ref_fn, states, vels, labels, grid)  # (K, B)
+        out[phase] = {**score(cfg, x, labels), "ratio": ratio.mean().item()}
+        images[phase] = x[:100]
+        if phase == "full":
+            t = grid[:-1, None].expand(ratio.shape).reshape(-1)
+            out["profile"] = ng.norm_ratio_profile(ratio.reshape(-1), t, cfg.profile_bins)[0].tolist()
+        if rescale:
+            def rescaled(x, t):
+                return ng.rescale_to_reference(v_fn(x, t, labels), ref_fn(x, t, labels))
+
+            xr = ng.euler_sample(rescaled, noise, grid)
+            out["rescale" if phase == "full" else "rescale_few"] = score(cfg, xr, labels)
+            images["rescale" if phase == "full" else "rescale_few"] = xr[:100]
+    return out, images
+
+
+def adjoint(cfg, policy_t, ref):
+    """ng.velocity_scale_sensitivity of the reward for one model: |mean|/std of Σ_k dR/dα_k and its sign split."""
+    ref_t, encoder = ref
+    v_fn = model_fn(ref_t if policy_t is None else policy_t, encoder)
+    gen = torch.Generator().manual_seed(cfg.eval_seed + 2)
+    labels = torch.arange(cfg.adjoint_samples) % NUM_CLASSES
+    noise = torch.randn(cfg.adjoint_samples, 1, 8, 8, generator=gen)
+    grad, stats = ng.velocity_scale_sensitivity(lambda x, t: v_fn(x, t, labels),
+                                                lambda x: reward_fn(x, labels, cfg.cache_dir), noise,
+                                                ng.flow_timesteps(cfg.sample_steps))
+    total = grad.sum(1)
+    return {"total_mean": stats["total_mean"].item(), "total_std": stats["total_std"].item(),
+            "frac_positive": (total > 0).float().mean().item(), "step_mean": stats["mean"].tolist()}
+
+
+def early_stopping_control(history_none, history_guard):
+    """FD of the guarded run vs the un-guarded run's own checkpoints at the guarded run's final reward.
+
+    Walk the un-guarded checkpoints to the first one whose reward reaches the guarded run's final reward and
+    interpolate its FD there. delta = matched un-guarded FD - guarded FD (> 0: the guard beats stopping the
+    un-guarded run early). NaN if the un-guarded run never reaches that reward (no early stop matches it).
+    """
+    target, fd_guard = history_guard["reward"][-1], history_guard["fd"][-1]
+    r, q = history_none["reward"], history_none["fd"]
+    for c in range(len(r)):
+        if r[c] >= target:
+            if c == 0:
+                return q[0] - fd_guard
+            w = (target - r[c - 1]) / (r[c] - r[c - 1])
+            return q[c - 1] + w * (q[c] - q[c - 1]) - fd_guard
+    return float("nan")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# summary: table, verdicts, figure
+
+
+def mean_std(x):
+    x = torch.as_tensor(x, dtype=torch.float64)
+    x = x[~x.isnan()]
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    return x.mean().item(), (x.std(unbiased=True).item() if len(x) > 1 else 0.0)
+
+
+def collect(runs, method, variant, phase, key):
+    """Per-seed values of one metric: runs[method][variant] is a list (one per seed) of evaluate() outputs."""
+    return [r[phase][key] for r in runs[method][variant]]
+
+
+def verdicts(cfg, runs, ref_eval, adj, adj_ref, control):
+    """One line per claim of the paper: reproduced or not, with the numbers it rests on.
+
+    The rules are those of toy_2d.py, with the Fréchet distance (lower is better) as the quality measure: a
+    difference counts only if its paired mean over seeds exceeds two standard errors (with one seed: if it is
+    positive, which is indicative only).
+    """
+    methods = cfg.methods.split(",")
+    n_seeds = len(seed_list(cfg))
+
+    def sig_pos(d):
+        m, s = mean_std(d)
+        return m > 2 * s / math.sqrt(max(len(d), 1)) if not math.isnan(m) else False
+
+    def diff(a, b):
+        return [x - y for x, y in zip(a, b)]
+
+    r0 = ref_eval["full"]["reward"]
+    gains = {m: [x - r0 for x in collect(runs, m, "none", "full", "reward")] for m in methods}
+    skipped = [m for m in methods if not (mean_std(gains[m])[0] > 0.01 and sig_pos(gains[m]))]
+    methods = [m for m in methods if m not in skipped]
+    note = "".join(f"; {m} not tested (un-guarded reward gain {mean_std(gains[m])[0]:+.3f}: it did not learn)"
+                   for m in skipped)
+    if n_seeds == 1:
+        note += " [1 seed: no error bars, indicative only]"
+    lines, flags = [], {"not_tested": skipped}
+    # (1) RL inflates the norm along the policy's own trajectories
+    parts, ok = [], []
+    for m in methods:
+        r = collect(runs, m, "none", "full", "ratio")
+        ok.append(sig_pos([x - 1 for x in r]))
+        parts.append(f"{m} {mean_std(r)[0]:.3f}±{mean_std(r)[1]:.3f}")
+    flags["1"] = dict(zip(methods, ok))
+    lines.append(f"(1) RL inflates the velocity norm: {verdict_word(ok)} — un-guarded ‖v_θ‖/‖v_ref‖ "
+                 + ", ".join(parts) + " (1.000 = no drift; paper: 1.05-1.15)" + note)
+    # (2) inference-time rescale of the un-guarded model loses reward or quality against the guarded model
+    parts, ok = [], []
+    for m in methods:
+        dr = diff(collect(runs, m, "guard", "full", "reward"), collect(runs, m, "none", "rescale", "reward"))
+        dq = diff(collect(runs, m, "none", "rescale", "fd"), collect(runs, m, "guard", "full", "fd"))
+        ok.append(sig_pos(dr) or sig_pos(dq))
+        parts.append(f"{m} guard vs rescaled: reward {mean_std(dr)[0]:+.3f}, FD better by {mean_std(dq)[0]:+.1f}")
+    flags["2"] = dict(zip(methods, ok))
+    lines.append(f"(2) inference-time rescale does not help: {verdict_word(ok)} — " + "; ".join(parts) + note)
+    # (3) no coherent first-order magnitude signal: |mean dR/dα| < 0.5·std across samples
+    parts, ok = [], []
+    for m in methods:
+        snr = [abs(a["total_mean"]) / a["total_std"] for a in adj[m]]
+        ok.append(all(x < 0.5 for x in snr))
+        parts.append(f"{m} |mean|/std {mean_std(snr)[0]:.2f}, positive {mean_std([a['frac_positive'] for a in adj[m]])[0]:.0%}")
+    flags["3"] = dict(zip(methods, ok))
+    lines.append(f"(3) no coherent first-order magnitude signal: {verdict_word(ok)} — " + "; ".join(parts)
+                 + f"; reference |mean|/std {abs(adj_ref['total_mean']) / adj_ref['total_std']:.2f} (rule: < 0.5)"
+                 + note)
+    # (4) the guard keeps >= 70 % of the reward gain and lowers FD; (4b) by more at few steps
+    parts, ok, ok_few = [], [], []
+    for m in methods:
+        gain_n = mean_std(collect(runs, m, "none", "full", "reward"))[0] - r0
+        gain_g = mean_std(collect(runs, m, "guard", "full", "reward"))[0] - r0
+        kept = gain_g / gain_n if gain_n > 0 else float("nan")
+        dq_full = diff(collect(runs, m, "none", "full", "fd"), collect(runs, m, "guard", "full", "fd"))
+        dq_few = diff(collect(runs, m, "none", "few", "fd"), collect(runs, m, "guard", "few", "fd"))
+        ok.append(gain_n > 0 and kept >= 0.7 and sig_pos(dq_full))
+        ok_few.append(ok[-1] and sig_pos(diff(dq_few, dq_full)))
+        parts.append(f"{m} reward gain kept {kept:.0%}, FD lower by {mean_std(dq_full)[0]:+.1f} "
+                     f"(at {cfg.few_steps} steps {mean_std(dq_few)[0]:+.1f})")
+    flags["4"], flags["4_few"] = dict(zip(methods, ok)), dict(zip(methods, ok_few))
+    lines.append(f"(4) guard keeps reward and improves quality: {verdict_word(ok)}; more so at few steps: "
+                 f"{verdict_word(ok_few)} — " + "; ".join(parts) + note)
+    # (5) not early stopping: the guarded run beats the un-guarded run's checkpoints at matched reward
+    parts, ok = [], []
+    for m in methods:
+        d = control[m]
+        defined = [x for x in d if not math.isnan(x)]
+        unreached = len(d) - len(defined)
+        ok.append((len(defined) == 0 and unreached > 0) or (sig_pos(defined) if len(defined) > 1 else
+                                                            (len(defined) == 1 and defined[0] > 0)))
+        parts.append(f"{m} FD lower than the matched checkpoint by {mean_std(d)[0]:+.1f} ({len(defined)} matched, "
+                     f"{unreached} never reached)")
+    flags["5"] = dict(zip(methods, ok))
+    lines.append(f"(5) not an early-stopping effect: {verdict_word(ok)} — " + "; ".join(parts) + note)
+    return lines, flags
+
+
+def verdict_word(ok):
+    if not ok:
+        return "NOT TESTED"
+    return "REPRODUCED" if all(ok) else ("PARTLY reproduced" if any(ok) else "NOT reproduced")
+
+
+def format_table(cfg, runs, ref_eval):
+    fmt = lambda x, p=3: "{:.{p}f}±{:.{p}f}".format(*mean_std(x), p=p)
+    cols = [("full", "ratio", "norm ratio", 3), ("full", "reward", "reward", 3), ("full", "judge_acc", "judge acc", 3),
+            ("full", "fd", "FD", 1), ("full", "disc_acc", "disc acc", 3), ("few", "reward", f"reward@{cfg.few_steps}", 3),
+            ("few", "judge_acc", f"judge@{cfg.few_steps}", 3), ("few", "fd", f"FD@{cfg.few_steps}", 1)]
+    head = f"{'run':<12}" + "".join(f"{c[2]:>14}" for c in cols)
+    rows = [head, "-" * len(head)]
+    rows.append(f"{'reference':<12}" + "".join(f"{ref_eval[ph][k]:>14.{p}f}" for ph, k, _, p in cols))
+    for m in cfg.methods.split(","):
+        for v in VARIANTS:
+            rows.append(f"{m + ('+guard' if v == 'guard' else ''):<12}"
+                        + "".join(f"{fmt(collect(runs, m, v, ph, k), p):>14}" for ph, k, _, p in cols))
+        cells = []
+        for ph, k, _, p in cols:
+            phase = "rescale" if ph == "full" else "rescale_few"
+            cells.append("1 (forced)" if k == "ratio" else fmt(collect(runs, m, "none", phase, k), p))
+        rows.append(f"{m + ' rescaled':<12}" + "".join(f"{c:>14}" for c in cells))
+    return "\n".join(rows)
+
+
+def plot(cfg, runs, ref_eval, images, histories, path):
+    """Samples (rows 0..9) per variant at full and few steps, norm ratio vs t, and the reward-FD training paths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+
+    methods = cfg.methods.split(",")
+    colors = {"nft": "tab:blue", "awm": "tab:orange", "dpo": "tab:green"}
+    panels = [("reference", images["reference"])]
+    for m in methods:
+        panels += [(f"{m}", images[(m, "none")]), (f"{m} + NormGuard", images[(m, "guard")]),
+                   (f"{m} rescaled", {"full": images[(m, "none")]["rescale"], "few": images[(m, "none")]["rescale_few"]})]
+    fig, axes = plt.subplots(3, len(panels), figsize=(2.2 * len(panels), 7.4),
+                             gridspec_kw={"height_ratios": [1, 1, 1.1]})
+    for j, (title, imgs) in enumerate(panels):
+        for i, phase in enumerate(("full", "few")):
+            grid = make_grid(imgs[phase][:100].clamp(-1, 1) * 0.5 + 0.5, nrow=10, padding=1, pad_value=0.5)
+            axes[i, j].imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+            axes[i, j].set(xticks=[], yticks=[])
+            steps = cfg.sample_steps if phase == "full" else cfg.few_steps
+            axes[i, j].set_title(f"{title}\n{steps} steps" if i == 0 else f"{steps} steps", fontsize=8)
+    for ax in axes[2]:
+        ax.axis("off")
+    seed = seed_list(cfg)[0]
+    ax_t = fig.add_subplot(3, 3, 7)
+    ax_p = fig.add_subplot(3, 3, 8)
+    ax_s = fig.add_subplot(3, 3, 9)
+    centers = (torch.arange(cfg.profile_bins) + 0.5) / cfg.profile_bins
+    for m in methods:
+        for v, ls in zip(VARIANTS, ("-", "--")):
+            label = f"{m}{'+guard' if v == 'guard' else ''}"
+            prof = torch.tensor([r["profile"] for r in runs[m][v]]).nanmean(0)
+            keep = ~prof.isnan()
+            ax_t.plot(centers[keep], prof[keep], ls, c=colors[m], marker=".", label=label)
+            h = histories[(m, v, seed)]
+            ax_p.plot(h["reward"], h["fd"], ls, c=colors[m], marker=".", label=label)
+            ax_s.plot(h["step"], h["ratio"], ls, c=colors[m], marker=".", label=label)
+    ax_p.scatter([ref_eval["full"]["reward"]], [ref_eval["full"]["fd"]], c="k", marker="s", s=20, zorder=3,
+                 label="reference (eval set)")
+    for ax in (ax_t, ax_s):
+        ax.axhline(1, c="k", lw=0.8)
+    ax_t.set(xlabel="t (1 = noise)", ylabel="‖v_θ‖/‖v_ref‖ on own trajectory", title="norm ratio vs t (end of RL)")
+    ax_p.set(xlabel="reward", ylabel="FD to held-out digits (lower = better)",
+             title=f"training path, seed {seed} (every {cfg.eval_every} steps)")
+    ax_s.set(xlabel="RL step", ylabel="‖v_θ‖/‖v_ref‖ (mean over t)", title="norm ratio during RL")
+    for ax in (ax_t, ax_p, ax_s):
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# run
+
+
+def git_revision():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def json_safe(x):
+    """NaN -> None, recursively, so that metrics.json is strict JSON."""
+    if isinstance(x, float):
+        return None if math.isnan(x) else x
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
+
+
+def run(cfg, progress=True):
+    """The whole experiment: reference, every (method, variant, seed) RL run, evaluation, verdicts, outputs."""
+    from torchvision.utils import save_image
+
+    t0 = time.time()
+    ref_path = get_reference(cfg.cache_dir, "cpu", steps=cfg.pretrain_steps, seed=cfg.ref_seed, progress=progress)
+    ref = load_reference(ref_path)
+    t_pre = time.time() - t0
+    out = Path(cfg.out_dir)
+    (out / "grids").mkdir(parents=True, exist_ok=True)
+    ref_eval, ref_images = evaluate(cfg, None, ref, rescale=False)
+    adj_ref = adjoint(cfg, None, ref)
+    methods, seeds = cfg.methods.split(","), seed_list(cfg)
+    runs = {m: {v: [] for v in VARIANTS} for m in methods}
+    adj, control, histories, images = {m: [] for m in methods}, {m: [] for m in methods}, {}, {"reference": ref_images}
+    for name, x in ref_images.items():
+        save_image(x * 0.5 + 0.5, out / "grids" / f"reference_{name}.png", nrow=10)
+    jobs = [(m, v, s) for s in seeds for m in methods for v in VARIANTS]
+    for m, v, s in tqdm(jobs, desc="runs", disable=not progress):
+        policy, history = train_rl(cfg, m, v == "guard", s, ref, progress)
+        for p in policy.parameters():
+            p.requires_grad_(False)
+        ev, imgs = evaluate(cfg, policy, ref, rescale=(v == "none"))
+        runs[m][v].append(ev)
+        histories[(m, v, s)] = history
+        if v == "none":
+            adj[m].append(adjoint(cfg, policy, ref))
+        else:
+            control[m].append(early_stopping_control(histories[(m, "none", s)], history))
+        if s == seeds[0]:
+            images[(m, v)] = imgs
+        for name, x in imgs.items():
+            save_image(x.clamp(-1, 1) * 0.5 + 0.5, out / "grids" / f"{m}_{v}_seed{s}_{name}.png", nrow=10)
+        tqdm.write(f"{m:>4} {v:>5} seed {s} | reward {ev['full']['reward']:.3f} | ratio {ev['full']['ratio']:.3f} | "
+                   f"judge {ev['full']['judge_acc']:.3f} | FD {ev['full']['fd']:.1f} | FD@{cfg.few_steps} "
+                   f"{ev['few']['fd']:.1f} | {time.time() - t0:.0f} s")
+    lines, flags = verdicts(cfg, runs, ref_eval, adj, adj_ref, control)
+    table = format_table(cfg, runs, ref_eval)
+    plot(cfg, runs, ref_eval, images, histories, out / "digits.png")
+    metrics = {"config": dataclasses.asdict(cfg), "reference_path": ref_path, "reference": ref_eval,
+               "adjoint_reference": adj_ref, "runs": runs, "adjoint": adj, "early_stopping_delta_fd": control,
+               "histories": {f"{m}_{v}_seed{s}": h for (m, v, s), h in histories.items()},
+               "table": table, "verdicts": lines, "verdict_flags": flags,
+               "wall_time_s": {"reference": t_pre, "total": time.time() - t0}}
+    (out / "config.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "command": sys.argv,
+                                                 "git_revision": git_revision()}, indent=2))
+    (out / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=1))
+    return metrics
+
+
+def main(argv=None):
+    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    torch.set_num_threads(cfg.threads)
+    n_runs = len(cfg.methods.split(",")) * len(VARIANTS) * len(seed_list(cfg))
+    print(f"device cpu | float32 | {n_runs} RL runs ({cfg.methods} x {VARIANTS} x seeds {cfg.seeds}) | "
+          f"{cfg.groups}x{cfg.group_size} rollouts/step | {cfg.rl_steps} RL steps | lr {cfg.lr:g} (dpo {cfg.dpo_lr:g}) | "
+          f"lam {cfg.lam} | {cfg.sample_steps} and {cfg.few_steps} Euler steps | threads {cfg.threads}")
+    metrics = run(cfg)
+    print(metrics["table"])
+    print("\n".join(metrics["verdicts"]))
+    print(f"wall time {metrics['wall_time_s']['total']:.0f} s (reference {metrics['wall_time_s']['reference']:.0f} s) | "
+          f"outputs in {cfg.out_dir}: metrics.json, config.json, digits.png, grids/")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
