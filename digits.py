@@ -429,7 +429,7 @@ class Config:
     adjoint_samples: int = 64
     eval_seed: int = 1234
     out_dir: str = "runs/digits"
-    threads: int = 2
+    threads: int = 1  # these ops are tiny; on a shared 2-core machine a second thread can stall in sync (100x)
 
 
 SMOKE = dict(pretrain_steps=30, rl_steps=4, groups=2, group_size=4, eval_samples=40, ckpt_samples=20, eval_every=2,
@@ -789,7 +789,8 @@ def format_table(cfg, runs, ref_eval):
 
 
 def plot(cfg, runs, ref_eval, images, histories, path):
-    """Samples (rows 0..9) per variant at full and few steps, norm ratio vs t, and the reward-FD training paths."""
+    """Samples (4 per digit, first seed) per variant at full and few steps, norm ratio vs t and during RL, and the
+    reward-FD training paths."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -801,21 +802,24 @@ def plot(cfg, runs, ref_eval, images, histories, path):
     for m in methods:
         panels += [(f"{m}", images[(m, "none")]), (f"{m} + NormGuard", images[(m, "guard")]),
                    (f"{m} rescaled", {"full": images[(m, "none")]["rescale"], "few": images[(m, "none")]["rescale_few"]})]
-    fig, axes = plt.subplots(3, len(panels), figsize=(2.2 * len(panels), 7.4),
-                             gridspec_kw={"height_ratios": [1, 1, 1.1]})
-    for j, (title, imgs) in enumerate(panels):
-        for i, phase in enumerate(("full", "few")):
-            grid = make_grid(imgs[phase][:100].clamp(-1, 1) * 0.5 + 0.5, nrow=10, padding=1, pad_value=0.5)
-            axes[i, j].imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
-            axes[i, j].set(xticks=[], yticks=[])
-            steps = cfg.sample_steps if phase == "full" else cfg.few_steps
-            axes[i, j].set_title(f"{title}\n{steps} steps" if i == 0 else f"{steps} steps", fontsize=8)
-    for ax in axes[2]:
-        ax.axis("off")
+    fig = plt.figure(figsize=(2.1 * len(panels), 9.5))
+    gs = fig.add_gridspec(3, 3, height_ratios=[1, 1, 2.2])
+    for i, phase in enumerate(("full", "few")):
+        # one strip per sampler: the variants' grids side by side, so every digit is drawn at a readable size
+        tiles = [make_grid(imgs[phase][:40].clamp(-1, 1) * 0.5 + 0.5, nrow=10, padding=1, pad_value=0.5)
+                 for _, imgs in panels]
+        gap = torch.ones(3, tiles[0].shape[1], 6)
+        strip = torch.cat([t for tile in tiles for t in (tile, gap)][:-1], dim=2)
+        ax = fig.add_subplot(gs[i, :])
+        ax.imshow(strip.permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set(xticks=[], yticks=[])
+        width = tiles[0].shape[2] + gap.shape[2]
+        for j, (title, _) in enumerate(panels):
+            ax.text(j * width + tiles[0].shape[2] / 2, -2, title, ha="center", va="bottom", fontsize=9)
+        steps = cfg.sample_steps if phase == "full" else cfg.few_steps
+        ax.set_ylabel(f"{steps} Euler steps", fontsize=9)
     seed = seed_list(cfg)[0]
-    ax_t = fig.add_subplot(3, 3, 7)
-    ax_p = fig.add_subplot(3, 3, 8)
-    ax_s = fig.add_subplot(3, 3, 9)
+    ax_t, ax_p, ax_s = (fig.add_subplot(gs[2, j]) for j in range(3))
     centers = (torch.arange(cfg.profile_bins) + 0.5) / cfg.profile_bins
     for m in methods:
         for v, ls in zip(VARIANTS, ("-", "--")):
