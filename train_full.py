@@ -429,14 +429,20 @@ class Counter:
         self.step = state["step"]
 
 
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_tree(path):
-    for root, _, files in os.walk(path):
+    for root, dirs, files in os.walk(path):
         for name in files:
             with open(os.path.join(root, name), "rb") as f:
                 os.fsync(f.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
+        _fsync_dir(root)
 
 
 def save_checkpoint(accelerator, ckpt_root, step, keep):
@@ -454,7 +460,7 @@ def save_checkpoint(accelerator, ckpt_root, step, keep):
         _fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
-        _fsync_tree(ckpt_root)
+        _fsync_dir(ckpt_root)  # the rename itself is durable
         for old in sorted(complete_checkpoints(ckpt_root))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -496,16 +502,19 @@ def register_trainable_only_hooks(accelerator):
 # sampling and the training step
 
 
-def rollout(adapter, model, cond, noise, sigmas, cfg_scale, null):
-    """Euler samples x0 (B, C, H, W) on sigmas, optionally with classifier-free guidance against `null`."""
-    def velocity(x, t):
-        if cfg_scale == 1.0:
-            return adapter.velocity(model, x, t, cond)
-        both = {k: torch.cat([null[k], cond[k]]) for k in ("encoder_hidden_states", "pooled_projections")}
-        v_u, v_c = adapter.velocity(model, torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-        return v_u + cfg_scale * (v_c - v_u)
+def guided_velocity(adapter, model, x, t, cond, null, cfg_scale):
+    """The velocity the sampler integrates: conditional, or v_u + s·(v_c - v_u) against `null` when s != 1."""
+    if cfg_scale == 1.0:
+        return adapter.velocity(model, x, t, cond)
+    both = {k: torch.cat([null[k], cond[k]]) for k in ("encoder_hidden_states", "pooled_projections")}
+    v_u, v_c = adapter.velocity(model, torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+    return v_u + cfg_scale * (v_c - v_u)
 
-    return ng.euler_sample(velocity, noise, sigmas.to(noise.dtype))
+
+def rollout(adapter, model, cond, noise, sigmas, cfg_scale, null):
+    """Euler samples x0 (B, C, H, W) on sigmas (K + 1,), classifier-free guided when cfg_scale != 1."""
+    return ng.euler_sample(lambda x, t: guided_velocity(adapter, model, x, t, cond, null, cfg_scale), noise,
+                           sigmas.to(noise.dtype))
 
 
 def guard_terms(cfg, v, v_ref):
@@ -629,49 +638,45 @@ def git_revision():
 
 
 @torch.no_grad()
-def evaluate(cfg, adapter, model, base, reward_fn, eval_prompts, step, out_dir, accelerator):
-    """Reward at the full and few-step samplers on fixed prompts and seeds, the per-timestep norm-ratio profile
-    along the policy's own full-step trajectories, and an image grid. Runs on the main process."""
+def evaluate(cfg, adapter, base, reward_fn, eval_prompts, step, out_dir, accelerator):
+    """Reward at the full and few-step samplers on fixed prompts and seeds (the rollouts' CFG), the per-timestep
+    norm-ratio profile along the policy's own full-step trajectories, an image grid. Runs on the main process."""
     from torchvision.utils import save_image
 
     prompts = [p for p in eval_prompts for _ in range(cfg.eval_seeds)]
-    gen = torch.Generator().manual_seed(cfg.seed + 12345)
-    noise = torch.randn(len(prompts), *adapter.latent_shape, generator=gen).to(accelerator.device)
-    result, images_full = {}, None
+    noise = torch.randn(len(prompts), *adapter.latent_shape, generator=torch.Generator().manual_seed(cfg.seed + 12345))
+    noise, bs, result = noise.to(accelerator.device), cfg.train_batch_size, {}
     for name, k in (("full", cfg.sample_steps), ("few", cfg.few_steps)):
-        sigmas = adapter.sigmas(k)
-        ratios, ts, x = [], [], noise
-        for i in range(0, len(prompts), cfg.train_batch_size):
-            cond = adapter.encode(prompts[i:i + cfg.train_batch_size])
+        sigmas, ratios, ts, images, rewards = adapter.sigmas(k), [], [], [], []
+        for i in range(0, len(prompts), bs):
+            cond = adapter.encode(prompts[i:i + bs])
+            null = adapter.null_cond(len(prompts[i:i + bs])) if cfg.cfg_scale != 1 else None
 
             def velocity(x, t):
-                v = adapter.velocity(model, x, t, cond)
+                v = guided_velocity(adapter, base.module, x, t, cond, null, cfg.cfg_scale)
                 if name == "full":  # drift along the policy's own trajectory: its velocity vs the reference's
                     with base.reference():
-                        ratios.append(ng.norm_ratio(v, adapter.velocity(base.module, x, t, cond)))
+                        ratios.append(ng.norm_ratio(v, guided_velocity(adapter, base.module, x, t, cond, null,
+                                                                       cfg.cfg_scale)))
                     ts.append(t.float())
                 return v
 
             with accelerator.autocast():
-                x0 = ng.euler_sample(velocity, noise[i:i + cfg.train_batch_size], sigmas.to(noise.dtype))
-            imgs = adapter.decode(x0)
-            rewards = reward_fn(imgs, prompts[i:i + cfg.train_batch_size]).float().cpu()
-            result.setdefault(name, []).append((imgs.cpu(), rewards))
-        imgs = torch.cat([b[0] for b in result[name]])
-        rewards = torch.cat([b[1] for b in result[name]])
-        result[f"reward_{name}"] = rewards.mean().item()
+                x0 = ng.euler_sample(velocity, noise[i:i + bs], sigmas.to(noise.dtype))
+            images.append(adapter.decode(x0).cpu())
+            rewards.append(reward_fn(images[-1].to(x0.device), prompts[i:i + bs]).float().cpu())
+        images = torch.cat(images)
+        result[f"reward_{name}"] = torch.cat(rewards).mean().item()
         if name == "full":
-            images_full = imgs
+            save_image((images + 1) / 2, out_dir / "eval" / f"grid_{step:07d}.png", nrow=cfg.eval_seeds * 4)
             means, counts = ng.norm_ratio_profile(torch.cat(ratios), torch.cat(ts).clamp(0, 1), cfg.profile_bins)
             result["norm_ratio"] = torch.cat(ratios).mean().item()
             result["profile"] = [None if c == 0 else round(m, 5) for m, c in zip(means.tolist(), counts.tolist())]
-        if cfg.preset == "digits" and len(prompts) >= 10:
+        if cfg.preset == "digits" and len(prompts) >= 10:  # quality the reward cannot see (digits' judges)
             labels = torch.tensor([int(p) for p in prompts])
-            result.update({f"{k}_{name}": v for k, v in adapter.digits.quality_metrics(
-                imgs, labels, **({"cache_dir": cfg.cache_dir} if cfg.cache_dir else {})).items()})
-        del result[name]
-    save_image((images_full + 1) / 2, out_dir / "eval" / f"grid_{step:07d}.png", nrow=cfg.eval_seeds * 4)
-    profile = " ".join("   -  " if m is None else f"{m:.3f}" for m in result["profile"])
+            quality = adapter.digits.quality_metrics(images, labels, **({"cache_dir": cfg.cache_dir} if cfg.cache_dir else {}))
+            result.update({f"{key}_{name}": value for key, value in quality.items()})
+    profile = " ".join("  -  " if m is None else f"{m:.3f}" for m in result["profile"])
     print(f"eval {step:6d} | reward full {result['reward_full']:.4f} few {result['reward_few']:.4f} | norm ratio "
           f"{result['norm_ratio']:.4f} | per t bin (0 -> 1): {profile}")
     return result
@@ -793,7 +798,7 @@ def train(cfg):
         cond_all = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
         all_rewards = accelerator.gather(rewards)
         if not bool(torch.isfinite(all_rewards).all()):
-            raise NonFiniteLoss(f"step {step}: the reward returned NaN/Inf; stopped, last good checkpoint: {last_good}")
+            raise NonFiniteLoss(f"step {step + 1}: the reward returned NaN/Inf; stopped, last good checkpoint: {last_good}")
         adv = ng.group_advantages(all_rewards, cfg.group_size)[rank * per_proc:(rank + 1) * per_proc].to(device)
 
         # the update: base loss + guard, accumulated over train timesteps and micro-batches, one optimiser step
@@ -810,7 +815,7 @@ def train(cfg):
         else:
             items = [torch.arange(i, min(i + cfg.train_batch_size, per_proc), device=device)
                      for i in range(0, per_proc, cfg.train_batch_size)]
-        n_back, done, sums = len(items) * len(plan), 0, {}
+        n_back, done, sums, bad = len(items) * len(plan), 0, {}, ""
         for t_value in plan:
             for item in items:
                 done += 1
@@ -824,18 +829,20 @@ def train(cfg):
                 sync = contextlib.nullcontext() if done == n_back else accelerator.no_sync(model)
                 with sync, accelerator.autocast():
                     try:
-                        loss, st = micro_batch_loss(cfg, adapter, model, base, old, t_value=t_value,
-                                                    gen=tgen, **args)
-                    except ValueError as e:
+                        loss, st = micro_batch_loss(cfg, adapter, model, base, old, t_value=t_value, gen=tgen, **args)
+                        if not bool(torch.isfinite(loss)):
+                            bad = bad or f"loss is {loss.item()}"
+                    except ValueError as e:  # normguard's input checks name a NaN/Inf velocity or target
                         if "finite" not in str(e):
                             raise
-                        raise NonFiniteLoss(f"step {step}: {e}; stopped, last good checkpoint: {last_good}") from None
-                    if not bool(torch.isfinite(loss)):
-                        raise NonFiniteLoss(f"step {step}: loss is {loss.item()}; stopped, last good checkpoint: "
-                                            f"{last_good}")
+                        loss, st, bad = sum(p.sum() for p in params) * 0, {}, bad or str(e)
+                    # every process still runs backward: a process that stopped alone would hang the others' all-reduce
                     accelerator.backward(loss / n_back)
                 for k, v in {"loss": loss.detach(), **st}.items():
                     sums[k] = sums.get(k, 0.0) + float(v) / n_back
+        if accelerator.reduce(torch.tensor([float(bool(bad))], device=device), "sum").item() > 0:
+            raise NonFiniteLoss(f"step {step + 1}: {bad or 'non-finite loss on another process'}; stopped before the "
+                                f"update, last good checkpoint: {last_good}")
         grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         sched.step()
@@ -862,8 +869,8 @@ def train(cfg):
             last_good = save_checkpoint(accelerator, ckpt_root, step + 1, cfg.checkpoints_keep)
         if main and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             model.eval()
-            ev = {"step": step + 1, **evaluate(cfg, adapter, base.module, base, reward_fn, eval_prompts, step + 1,
-                                               out_dir, accelerator)}
+            ev = {"step": step + 1, **evaluate(cfg, adapter, base, reward_fn, eval_prompts, step + 1, out_dir,
+                                               accelerator)}
             evals.append(ev)
             accelerator.log({f"eval/{k}": v for k, v in ev.items() if k != "profile"}, step=step + 1)
             with open(out_dir / "evals.jsonl", "a") as f:

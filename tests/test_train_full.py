@@ -213,7 +213,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sd3_path, tmp_path, m
     monkeypatch.setattr(ng, "nft_loss", nan_on_step_2)
     with pytest.raises(SystemExit) as e:
         run(sd3_path, tmp_path, "--method=nft", "--steps=3", "--eval_every=100")
-    assert "step 1" in str(e.value) and "checkpoint-0000001" in str(e.value)
+    assert "step 2: loss is nan" in str(e.value) and "checkpoint-0000001" in str(e.value)
     root = tmp_path / "checkpoints"
     assert [p.name for p in tf.complete_checkpoints(root)] == ["checkpoint-0000001"]
     monkeypatch.setattr(ng, "nft_loss", real)
@@ -331,3 +331,24 @@ def test_digits_preset(tmp_path_factory):
     ev = m["eval"]
     assert m["steps"] == 2 and 0 <= ev["reward_full"] <= 1 and 0 <= ev["judge_acc_full"] <= 1
     assert {"fd_few", "disc_acc_few"} <= set(ev)
+
+
+def test_two_processes(sd3_path, tmp_path):
+    """The multi-process path (torchrun, as `accelerate launch` starts it; gloo on CPU): rewards gathered for the
+    advantages, no_sync accumulation, the collective non-finite check, save_state from every process."""
+    import subprocess
+    import sys
+
+    repo = Path(tf.__file__).resolve().parent
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(repo / "train_full.py"),
+           "--preset=sd3", "--smoke", f"--pretrained_model_name_or_path={sd3_path}", "--reward=jpeg", "--method=nft",
+           f"--out_dir={tmp_path}", "--eval_every=100"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "x 2 process(es)" in res.stdout and "4 rollouts per process, 8 in all" in res.stdout
+    lines = [json.loads(s) for s in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2]
+    ckpt = tmp_path / "checkpoints" / "checkpoint-0000002"
+    assert {"random_states_0.pkl", "random_states_1.pkl", "COMPLETE"} <= {p.name for p in ckpt.iterdir()}
+    assert len(lora_tensors(tmp_path)) > 0
