@@ -352,3 +352,15 @@ def test_two_processes(sd3_path, tmp_path):
     ckpt = tmp_path / "checkpoints" / "checkpoint-0000002"
     assert {"random_states_0.pkl", "random_states_1.pkl", "COMPLETE"} <= {p.name for p in ckpt.iterdir()}
     assert len(lora_tensors(tmp_path)) > 0
+
+
+def test_bench_guard_adds_no_forward():
+    """bench_train_full's exact part: with the guard on, each method runs the same network forwards as without."""
+    import bench_train_full as bench
+
+    cfg, _ = bench.parse_args(["--smoke", "--threads=1"])
+    for method in tf.METHODS:
+        off, on = bench.measure(cfg, method, False), bench.measure(cfg, method, True)
+        assert on["forwards_per_step"] == off["forwards_per_step"] == (
+            {"grad": 1, "no_grad": 1} if method == "dpo" else {"grad": 1, "no_grad": 2})
+        assert on["saved_for_backward_bytes"] > off["saved_for_backward_bytes"] > 0  # the hinge's norms: tiny, not 0
