@@ -116,8 +116,11 @@ def measure(cfg, method, guard):
     torch.set_num_threads(cfg.threads)
     model = build(cfg, device)
     forwards = {"grad": 0, "no_grad": 0}
-    model.register_forward_pre_hook(lambda m, a: forwards.__setitem__(
-        "grad" if torch.is_grad_enabled() else "no_grad", forwards["grad" if torch.is_grad_enabled() else "no_grad"] + 1))
+    def count(module, args):
+        key = "grad" if torch.is_grad_enabled() else "no_grad"
+        forwards[key] += 1
+
+    model.register_forward_pre_hook(count)
     tcfg = tf.Config(preset="sd3", method=method, guard=guard, pretrained_model_name_or_path="-")
     adapter, base = BenchAdapter(tcfg), tf.Base(model)
     old = tf.PolicyCopy(tf.trainable_params(model)) if method in ("nft", "awm") else None
@@ -137,9 +140,13 @@ def measure(cfg, method, guard):
         return x
 
     def step():
-        kw = dict(x0=x0[:b], cond=cond, adv=None, pairs=(x0[:b], x0[b:])) if method == "dpo" else dict(x0=x0, cond=cond, adv=adv)
+        if method == "dpo":
+            kw = dict(x0=x0[:b], cond=cond, adv=None, pairs=(x0[:b], x0[b:]))
+        else:
+            kw = dict(x0=x0, cond=cond, adv=adv)
         saved.clear()
-        with torch.autocast(device.type, dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x)
+        with torch.autocast(device.type, dtype=torch.bfloat16), hooks:
             loss, _ = tf.micro_batch_loss(tcfg, adapter, model, base, old, t_value=torch.tensor(0.7), gen=gen, **kw)
         loss.backward()
         opt.step()

@@ -54,7 +54,7 @@ class Config:
     train_prompts: str = ""
     eval_prompts: str = ""
     # trainable: LoRA on the transformer (rank/alpha as DiffusionNFT's official r=32, alpha=64), or everything
-    full_finetune: bool = False  # costs a frozen copy of the transformer (reference) and, for NFT/AWM, a second (old/EMA)
+    full_finetune: bool = False  # costs a frozen copy of the transformer (reference), for NFT/AWM a 2nd (old/EMA)
     lora_rank: int = 32
     lora_alpha: int = 64
     lora_targets: str = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"
@@ -358,7 +358,8 @@ class PickScore:
     def __call__(self, images, prompts):
         x = torch.nn.functional.interpolate((images.float() + 1) / 2, size=(self.size, self.size), mode="bicubic",
                                             antialias=True).clamp(0, 1)
-        x = (x - torch.tensor(self.MEAN, device=x.device)[:, None, None]) / torch.tensor(self.STD, device=x.device)[:, None, None]
+        mean, std = (torch.tensor(c, device=x.device)[:, None, None] for c in (self.MEAN, self.STD))
+        x = (x - mean) / std
         tok = self.tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt").to(self.device)
         img = self.model.get_image_features(pixel_values=x.to(self.device))
         txt = self.model.get_text_features(**tok)
@@ -560,7 +561,8 @@ def micro_batch_loss(cfg, adapter, model, base, old, x0, cond, adv, t_value, gen
             penalty, g = (p_w + p_l) / 2, {k: (s_w[k] + s_l[k]) / 2 for k in s_w}
         else:
             penalty, g = guard_terms(cfg, v_w, r_w) if cfg.dpo_guard == "winner" else guard_terms(cfg, v_l, r_l)
-        return loss + penalty, {**stats, "hinge": g["hinge"], "active_frac": g["active_frac"], "guard": penalty.detach()}
+        return loss + penalty, {**stats, "hinge": g["hinge"], "active_frac": g["active_frac"],
+                                "guard": penalty.detach()}
     t = t_value.expand(len(x0)).to(device)
     eps = torch.randn(x0.shape, generator=gen).to(device, x0.dtype)
     x_t, u = ng.forward_process(x0, eps, t)
@@ -675,7 +677,8 @@ def evaluate(cfg, adapter, base, reward_fn, eval_prompts, step, out_dir, acceler
             result["profile"] = [None if c == 0 else round(m, 5) for m, c in zip(means.tolist(), counts.tolist())]
         if cfg.preset == "digits" and len(prompts) >= 10:  # quality the reward cannot see (digits' judges)
             labels = torch.tensor([int(p) for p in prompts])
-            quality = adapter.digits.quality_metrics(images, labels, **({"cache_dir": cfg.cache_dir} if cfg.cache_dir else {}))
+            cache = {"cache_dir": cfg.cache_dir} if cfg.cache_dir else {}
+            quality = adapter.digits.quality_metrics(images, labels, **cache)
             result.update({f"{key}_{name}": value for key, value in quality.items()})
     profile = " ".join("  -  " if m is None else f"{m:.3f}" for m in result["profile"])
     print(f"eval {step:6d} | reward full {result['reward_full']:.4f} few {result['reward_few']:.4f} | norm ratio "
@@ -691,7 +694,8 @@ def train(cfg):
     from tqdm import tqdm
 
     path = resolve_model_path(cfg)  # before anything heavy: a wrong path fails in seconds
-    train_prompts, eval_prompts = read_prompts(cfg.train_prompts, cfg.preset), read_prompts(cfg.eval_prompts, cfg.preset)
+    train_prompts = read_prompts(cfg.train_prompts, cfg.preset)
+    eval_prompts = read_prompts(cfg.eval_prompts, cfg.preset)
     out_dir = Path(cfg.out_dir)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=cfg.report_to or None,
                               project_config=ProjectConfiguration(project_dir=str(out_dir)),
@@ -799,7 +803,8 @@ def train(cfg):
         cond_all = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
         all_rewards = accelerator.gather(rewards)
         if not bool(torch.isfinite(all_rewards).all()):
-            raise NonFiniteLoss(f"step {step + 1}: the reward returned NaN/Inf; stopped, last good checkpoint: {last_good}")
+            raise NonFiniteLoss(f"step {step + 1}: the reward returned NaN/Inf; stopped, last good checkpoint: "
+                                f"{last_good}")
         adv = ng.group_advantages(all_rewards, cfg.group_size)[rank * per_proc:(rank + 1) * per_proc].to(device)
 
         # the update: base loss + guard, accumulated over train timesteps and micro-batches, one optimiser step
