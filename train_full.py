@@ -687,7 +687,8 @@ def evaluate(cfg, adapter, base, reward_fn, eval_prompts, step, out_dir, acceler
 
 
 def train(cfg):
-    """Run cfg; returns the final metrics dict (also written to out_dir/metrics.json)."""
+    """Run cfg; returns the final metrics dict (also written to out_dir/metrics.json). accelerate's state is
+    process-wide: runs in one process must share mixed_precision."""
     check_config(cfg)
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
