@@ -202,7 +202,7 @@ def test_killed_save_never_leaves_a_checkpoint_that_loads_wrong(sd3_path, tmp_pa
     assert not (root / ".tmp-checkpoint-0000003").exists()
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sd3_path, tmp_path, monkeypatch, capsys):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sd3_path, tmp_path, monkeypatch):
     real, calls = ng.nft_loss, []
 
     def nan_on_step_2(*args, **kwargs):
