@@ -191,3 +191,34 @@ def test_reference_velocity_follows_the_diffusers_convention(reference):
         v = dg.velocity(transformer, encoder, x_t, t, y)
     cos = torch.nn.functional.cosine_similarity(v.flatten(1), target.flatten(1), dim=1)
     assert cos.mean() > 0.8
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the experiment script
+
+
+def test_smoke_run_writes_every_output_and_a_verdict_per_claim(cache, tmp_path):
+    metrics = dg.main(["--smoke", f"--cache_dir={cache}", f"--out_dir={tmp_path}"])
+    for name in ("metrics.json", "config.json", "digits.png", "grids/reference_full.png", "grids/nft_guard_seed0_few.png",
+                 "grids/dpo_none_seed0_rescale.png"):
+        assert (tmp_path / name).is_file(), name
+    saved = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
+    assert [line[:3] for line in saved["verdicts"]] == ["(1)", "(2)", "(3)", "(4)", "(5)"]
+    for m in dg.METHODS:
+        for v in dg.VARIANTS:
+            run = saved["runs"][m][v][0]
+            assert 0 <= run["full"]["reward"] <= 1 and run["full"]["ratio"] > 0
+            assert len(run["profile"]) == dg.Config().profile_bins
+    assert "rescale" in saved["runs"]["nft"]["none"][0] and "rescale" not in saved["runs"]["nft"]["guard"][0]
+    assert metrics["config"]["rl_steps"] == dg.SMOKE["rl_steps"]
+
+
+def test_bad_arguments_name_the_key():
+    with pytest.raises(ValueError, match="rl_step"):
+        dg.parse_args(["--rl_step=3"])
+    with pytest.raises(ValueError, match="seeds"):
+        dg.parse_args(["--seeds=0,a"])
+    with pytest.raises(ValueError, match="methods"):
+        dg.parse_args(["--methods=nft,ppo"])
+    with pytest.raises(ValueError, match="lr"):
+        dg.parse_args(["--lr=fast"])
