@@ -29,7 +29,6 @@ import functools
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import normguard as ng
+from toy_2d import git_revision, mean_std, verdict_word  # the same reporting rules as the 2D experiment
 
 NUM_CLASSES = 10
 NULL_LABEL = 10  # the "empty prompt" of classifier-free guidance
@@ -665,14 +665,6 @@ def early_stopping_control(history_none, history_guard):
 # summary: table, verdicts, figure
 
 
-def mean_std(x):
-    x = torch.as_tensor(x, dtype=torch.float64)
-    x = x[~x.isnan()]
-    if len(x) == 0:
-        return float("nan"), float("nan")
-    return x.mean().item(), (x.std(unbiased=True).item() if len(x) > 1 else 0.0)
-
-
 def collect(runs, method, variant, phase, key):
     """Per-seed values of one metric: runs[method][variant] is a list (one per seed) of evaluate() outputs."""
     return [r[phase][key] for r in runs[method][variant]]
@@ -762,12 +754,6 @@ def verdicts(cfg, runs, ref_eval, adj, adj_ref, control):
     return lines, flags
 
 
-def verdict_word(ok):
-    if not ok:
-        return "NOT TESTED"
-    return "REPRODUCED" if all(ok) else ("PARTLY reproduced" if any(ok) else "NOT reproduced")
-
-
 def format_table(cfg, runs, ref_eval):
     fmt = lambda x, p=3: "{:.{p}f}±{:.{p}f}".format(*mean_std(x), p=p)
     cols = [("full", "ratio", "norm ratio", 3), ("full", "reward", "reward", 3), ("full", "judge_acc", "judge acc", 3),
@@ -847,14 +833,6 @@ def plot(cfg, runs, ref_eval, images, histories, path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # run
-
-
-def git_revision():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def json_safe(x):
