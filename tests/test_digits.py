@@ -16,15 +16,6 @@ import normguard as ng
 TEST_STEPS = 400  # pretraining steps for the test reference (the experiment uses 2000)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: a second thread adds sync cost, and on a shared 2-core machine it oversubscribes."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("digits_cache"))

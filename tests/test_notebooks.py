@@ -3,7 +3,6 @@
 Notebooks that are never run rot: each one is converted with jupytext and run top to bottom by nbclient on the
 python3 kernel, from the notebooks/ folder (where Jupyter would start it), with its figures sent to a temp dir.
 """
-import os
 from pathlib import Path
 
 import jupytext

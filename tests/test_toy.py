@@ -11,15 +11,6 @@ import normguard as ng
 import toy_2d as toy
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The script runs single-threaded (main() sets it); these tiny ops only slow down with more threads."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # the 2D world in closed form
 

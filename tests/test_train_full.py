@@ -14,15 +14,6 @@ import train_full as tf
 WORDS = ["a", "photo", "of", "cat", "dog", "red", "blue", "car", "bowl", "lighthouse"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: on a shared 2-core machine a second intra-op thread costs 100x in sync (10 s vs 0.05 s a step)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tokenizers():
     from transformers import CLIPTokenizer, T5Tokenizer
 
