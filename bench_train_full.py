@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import torch
 
-import normguard as ng
 import train_full as tf
 
 SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
