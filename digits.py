@@ -1,8 +1,16 @@
 """An image-scale testbed on this CPU: real 8×8 handwritten digits, an SD3 transformer, a hackable reward, judges.
 
-    python digits.py                       # the experiment: every method with and without the hinge, ~10 min
+    python digits.py                       # the experiment: every method with and without the hinge, < 10 min
     python digits.py --smoke               # seconds, for tests
     python digits.py --seeds=0,1,2         # several RL seeds per variant
+    python digits.py --lam=0.5 --full_finetune=true   # any train_full key is forwarded to every run
+
+Every RL run is `train_full.train` with the digits preset (the same loop, losses and checkpoints as on SD3/FLUX;
+this file is only the preset's model, reward and judges, and the experiment around the runs): each
+(method, variant, seed) writes a train_full output folder under out_dir/runs/, and its exported LoRA is loaded
+back through diffusers (`load_lora_adapter`) for the final evaluation. Runs go `jobs` at a time in spawned
+processes; a finished run (its result.pt) is reused when its train_full config is unchanged, so an interrupted
+experiment resumes at its first unfinished run.
 
 scikit-learn ships 1,797 real 8×8 digits (pixels 0..16, scaled here to [-1, 1]). They are split once, by a fixed
 permutation, into three disjoint parts that never meet:
@@ -23,12 +31,13 @@ its confidence keeps rising along directions that leave the manifold of real dig
 strokes). Quality is what the reward cannot see: the judge's agreement with the prompt, a Fréchet distance of the
 judge's features to held-out real digits, and the accuracy of a real-vs-generated discriminator.
 """
-import copy
+import contextlib
 import dataclasses
 import functools
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -231,8 +240,6 @@ def get_reference(cache_dir=DEFAULT_CACHE, device="cpu", *, steps=2000, batch=12
     try:
         tmp.rename(path)
     except OSError:  # another process finished first: keep its copy
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     return str(path)
 
@@ -394,10 +401,16 @@ def quality_metrics(images, labels, cache_dir=DEFAULT_CACHE):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the experiment: RL post-training of the reference with each method, with and without the hinge
+# the experiment: every RL run is train_full.train with the digits preset, with and without the hinge
 
 METHODS = ("nft", "awm", "dpo")
 VARIANTS = ("none", "guard")  # un-guarded base loss, base loss + NormGuard hinge
+# train_full settings every run of the experiment shares, on top of its digits preset (LoRA r=8, 4 digits x 8
+# samples per step, lr 1e-3, each method's official train-timestep recipe, lam 1 with the relative squared hinge)
+TRAIN_DEFAULTS = dict(steps=160, sample_steps=10, few_steps=3, eval_every=20, checkpoint_every=40)
+# train_full settings the experiment sets per run (the rest may be overridden on the command line)
+PER_RUN = ("preset", "method", "guard", "seed", "out_dir", "pretrained_model_name_or_path", "cache_dir",
+           "eval_seeds", "train_prompts", "eval_prompts", "resume")
 
 
 @dataclass
@@ -406,53 +419,52 @@ class Config:
     cache_dir: str = DEFAULT_CACHE
     pretrain_steps: int = 2000
     ref_seed: int = 0
-    # RL: on-policy rollouts, `groups` prompts (digits) x `group_size` samples, one Adam step per rollout batch
+    # which runs: methods x VARIANTS x seeds; seed s draws the same rollout noise and prompts in both variants
     methods: str = "nft,awm,dpo"
-    seeds: str = "0"  # comma-separated RL seeds; seed s draws the same rollout noise and prompts in both variants
-    rl_steps: int = 160
-    groups: int = 8
-    group_size: int = 8
-    lr: float = 1e-4  # Adam on the full transformer (the label encoder, like a text encoder, stays frozen)
-    dpo_lr: float = 3e-4  # DPO moves slower at the same lr (a pairwise signal from 2 of every 8 samples)
-    sample_steps: int = 10  # Euler steps of the rollout sampler and of the full-step evaluation
-    nft_beta: float = 1.0
-    dpo_beta: float = 2000.0
-    kl_weight: float = 1e-4  # NFT's and AWM's KL-to-reference weight (the official 1e-4)
-    # NormGuard: ng.normguard_penalty with its defaults (per sample, relative margin, squared hinge)
-    lam: float = 1.0  # DPO's guard uses lam * dpo_beta / 2: its loss gradient carries that factor while z is small
-    # evaluation
+    seeds: str = "0"
+    dpo_lr: float = 3e-3  # DPO learns from 2 of every 8 samples (best vs worst) and needs a larger step
+    jobs: int = 2  # RL runs in parallel, one process and `threads` threads each
+    threads: int = 1  # these ops are tiny; on a shared 2-core machine a second thread can stall in sync (100x)
+    # final evaluation of each trained model (checkpoint evaluations are train_full's, every eval_every steps)
     eval_samples: int = 500  # 50 per digit; fd and disc_acc are compared only between sets of this size
-    few_steps: int = 3
-    eval_every: int = 20  # RL steps between checkpoint evaluations (early-stopping control)
-    ckpt_samples: int = 200
-    profile_bins: int = 10
+    ckpt_samples: int = 200  # per checkpoint evaluation (train_full's eval_seeds = ckpt_samples / 10)
     adjoint_samples: int = 64
     eval_seed: int = 1234
     out_dir: str = "runs/digits"
-    threads: int = 1  # these ops are tiny; on a shared 2-core machine a second thread can stall in sync (100x)
+    # train_full overrides (--key=value with a train_full Config key), on top of the preset and TRAIN_DEFAULTS
+    train: dict = dataclasses.field(default_factory=dict)
 
 
-SMOKE = dict(pretrain_steps=30, rl_steps=4, groups=2, group_size=4, eval_samples=40, ckpt_samples=20, eval_every=2,
-             sample_steps=4, few_steps=2, adjoint_samples=8, out_dir="runs/digits_smoke")
+SMOKE = dict(pretrain_steps=30, eval_samples=40, ckpt_samples=10, adjoint_samples=8, out_dir="runs/digits_smoke")
 
 
 def parse_args(argv):
-    """--key=value overrides of Config, plus --smoke (tiny settings, a separate output folder)."""
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    overrides, smoke = {}, False
+    """--key=value overrides of Config or of train_full's Config (forwarded to every run), plus --smoke (tiny
+    settings: train_full's --smoke for every run and a separate output folder). Unknown keys raise ValueError."""
+    import train_full as tf
+
+    fields = {f.name: f for f in dataclasses.fields(Config) if f.name != "train"}
+    train_fields = {f.name for f in dataclasses.fields(tf.Config)} - set(PER_RUN)
+    overrides, train, smoke = {}, {}, False
     for arg in argv:
         if arg == "--smoke":
             smoke = True
             continue
         key, eq, value = arg[2:].partition("=")
-        if not arg.startswith("--") or not eq or key not in fields:
-            raise ValueError(f"argument {arg!r}: expected --smoke or --key=value with key one of {sorted(fields)}")
+        if not arg.startswith("--") or not eq or key not in set(fields) | train_fields:
+            raise ValueError(f"argument {arg!r}: expected --smoke or --key=value with key one of {sorted(fields)} "
+                             f"or a train_full key other than {PER_RUN}: {sorted(train_fields)}")
+        if key in train_fields:
+            train[key] = value
+            continue
         kind = type(getattr(Config, key))
         try:
             overrides[key] = kind(value)
         except ValueError:
             raise ValueError(f"--{key}: expected a {kind.__name__}, got {value!r}") from None
-    cfg = Config(**{**(SMOKE if smoke else {}), **overrides})
+    if smoke:
+        train = {"smoke": True, **train}
+    cfg = Config(**{**(SMOKE if smoke else {}), **overrides, "train": train})
     check_config(cfg)
     return cfg
 
@@ -467,22 +479,40 @@ def check_config(cfg):
         raise ValueError(f"seeds: expected comma-separated ints, got {cfg.seeds!r}") from None
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds: expected distinct ints, got {cfg.seeds!r}")
-    if cfg.group_size < 2:
-        raise ValueError(f"group_size: expected an int >= 2 (advantages and DPO pairs need a group), got {cfg.group_size}")
-    for name in ("rl_steps", "groups", "sample_steps", "few_steps", "eval_every", "pretrain_steps"):
+    for name in ("pretrain_steps", "jobs", "threads", "adjoint_samples"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {getattr(cfg, name)}")
-    if cfg.eval_samples < 10 or cfg.ckpt_samples < 10:
-        raise ValueError(f"eval_samples, ckpt_samples: expected >= 10 (feature statistics), got "
-                         f"{cfg.eval_samples}, {cfg.ckpt_samples}")
-    for name in ("lr", "dpo_lr", "lam", "nft_beta", "kl_weight"):
-        if not (getattr(cfg, name) >= 0 if name in ("lam", "kl_weight") else getattr(cfg, name) > 0):
-            raise ValueError(f"{name}: expected a number {'>= 0' if name in ('lam', 'kl_weight') else '> 0'}, "
-                             f"got {getattr(cfg, name)}")
+    if cfg.eval_samples < 10:
+        raise ValueError(f"eval_samples: expected >= 10 (feature statistics), got {cfg.eval_samples}")
+    if cfg.ckpt_samples < 10 or cfg.ckpt_samples % 10:
+        raise ValueError(f"ckpt_samples: expected a multiple of 10 (every digit equally often), got {cfg.ckpt_samples}")
+    if not cfg.dpo_lr > 0:
+        raise ValueError(f"dpo_lr: expected a number > 0, got {cfg.dpo_lr}")
+    train_config(cfg, "nft", "none", seeds[0], "")  # the forwarded train_full keys fail here, before any work
 
 
 def seed_list(cfg):
     return [int(s) for s in cfg.seeds.split(",")]
+
+
+def run_dir(cfg, method, variant, seed):
+    return Path(cfg.out_dir) / "runs" / f"{method}_{variant}_seed{seed}"
+
+
+def train_config(cfg, method, variant, seed, ref_path):
+    """The train_full Config of one run: its digits preset, TRAIN_DEFAULTS, the forwarded overrides, the run's own
+    settings. (An empty ref_path only validates: train_full would pretrain or reuse the default reference.)"""
+    import train_full as tf
+
+    train = dict(cfg.train)
+    smoke = train.pop("smoke", False)
+    per_run = dict(method=method, guard=variant == "guard", seed=seed, out_dir=run_dir(cfg, method, variant, seed),
+                   pretrained_model_name_or_path=ref_path, cache_dir=cfg.cache_dir, eval_seeds=cfg.ckpt_samples // 10)
+    if method == "dpo":
+        per_run["lr"] = cfg.dpo_lr
+    shared = {} if smoke else TRAIN_DEFAULTS  # --smoke takes train_full's tiny settings
+    args = [f"--{k}={v}" for k, v in {**shared, **train, **per_run}.items()]
+    return tf.parse_args(["--preset=digits", *(["--smoke"] if smoke else []), *args])
 
 
 def model_fn(transformer, encoder):
@@ -490,45 +520,20 @@ def model_fn(transformer, encoder):
     return lambda x, t, labels: velocity(transformer, encoder, x, t, labels)
 
 
-def method_loss(cfg, method, guard, v_fn, old_fn, ref_fn, x0, labels, rewards, gen):
-    """Base loss of one method on a rollout batch (+ the NormGuard hinge when guard) and its logged stats.
+def load_trained(tcfg, ref_path):
+    """The policy a train_full run exported, loaded as a user would: the full transformer, or the reference with
+    the LoRA (diffusers' load_lora_adapter) fused in."""
+    from diffusers import SD3Transformer2DModel
 
-    x0 (N, 1, 8, 8), labels (N,), rewards (N,): on-policy samples in contiguous groups of group_size.
-    """
-    G = cfg.group_size
-    if method == "dpo":
-        # pairs: the best and the worst sample of each group, noised with one shared (t, eps)
-        r = rewards.reshape(-1, G)
-        base_idx = torch.arange(r.shape[0]) * G
-        w, l = base_idx + r.argmax(1), base_idx + r.argmin(1)
-        n = len(w)
-        noise = torch.randn((n,) + x0.shape[1:], generator=gen)
-        t = torch.sigmoid(torch.randn(n, generator=gen))  # logit-normal t, as in Diffusion-DPO for flows
-        xt_w, u_w = ng.forward_process(x0[w], noise, t)
-        xt_l, u_l = ng.forward_process(x0[l], noise, t)
-        c = torch.cat([labels[w], labels[l]])
-        v = v_fn(torch.cat([xt_w, xt_l]), t.repeat(2), c)
-        with torch.no_grad():
-            v_ref = ref_fn(torch.cat([xt_w, xt_l]), t.repeat(2), c)
-        loss, stats = ng.dpo_loss(v[:n], v[n:], v_ref[:n], v_ref[n:], u_w, u_l, beta=cfg.dpo_beta)
-        lam = cfg.lam * cfg.dpo_beta / 2
+    out = Path(tcfg.out_dir)
+    if tcfg.full_finetune:
+        transformer = SD3Transformer2DModel.from_pretrained(str(out / "transformer"))
     else:
-        adv = ng.group_advantages(rewards, G)
-        grid = ng.flow_timesteps(cfg.sample_steps)[:-1]  # train on the sampler's own timesteps, as DiffusionNFT does
-        t = grid[torch.randint(len(grid), (len(x0),), generator=gen)]
-        noise = torch.randn(x0.shape, generator=gen)
-        x_t, u = ng.forward_process(x0, noise, t)
-        v = v_fn(x_t, t, labels)
-        with torch.no_grad():
-            v_ref = ref_fn(x_t, t, labels)
-            v_old = old_fn(x_t, t, labels) if method == "nft" else v.detach()
-        if method == "nft":
-            loss, stats = ng.nft_loss(v, v_old, v_ref, x_t, x0, t, adv, beta=cfg.nft_beta, kl_weight=cfg.kl_weight)
-        else:  # AWM: one update per rollout batch, so the pre-update policy is v itself (rho = 1)
-            loss, stats = ng.awm_loss(v, v_old, v_ref, u, t, adv, ref_weight=cfg.kl_weight)
-        lam = cfg.lam
-    penalty, gstats = ng.normguard_penalty(v, v_ref, lam=lam)
-    return (loss + penalty if guard else loss), {**stats, "hinge_active": gstats["active_frac"]}
+        transformer = SD3Transformer2DModel.from_pretrained(str(Path(ref_path) / "transformer"))
+        transformer.load_lora_adapter(str(out / "lora"), weight_name="pytorch_lora_weights.safetensors",
+                                      prefix="transformer")
+        transformer.fuse_lora()
+    return transformer.eval().requires_grad_(False)
 
 
 @torch.no_grad()
@@ -544,63 +549,14 @@ def score(cfg, images, labels):
             **quality_metrics(images, labels, cfg.cache_dir)}
 
 
-def train_rl(cfg, method, guard, seed, ref, progress=True):
-    """RL fine-tune a copy of the reference transformer. Returns (policy transformer, checkpoint history)."""
-    ref_t, encoder = ref
-    policy = copy.deepcopy(ref_t).train()
-    for p in policy.parameters():
-        p.requires_grad_(True)
-    old = copy.deepcopy(ref_t)  # NFT's old policy: an EMA of theta
-    v_fn, old_fn, ref_fn = model_fn(policy, encoder), model_fn(old, encoder), model_fn(ref_t, encoder)
-    opt = torch.optim.Adam(policy.parameters(), lr=cfg.dpo_lr if method == "dpo" else cfg.lr)
-    gen = torch.Generator().manual_seed(1000 * seed + 1)  # same rollouts for both variants of a seed at step 1
-    grid = ng.flow_timesteps(cfg.sample_steps)
-    ck_gen = torch.Generator().manual_seed(cfg.eval_seed + 1)
-    ck_labels = torch.arange(cfg.ckpt_samples) % NUM_CLASSES
-    ck_noise = torch.randn(cfg.ckpt_samples, 1, 8, 8, generator=ck_gen)
-    history = {"step": [], "reward": [], "fd": [], "judge_acc": [], "ratio": []}
-
-    def checkpoint(step):
-        with torch.no_grad():
-            x, states, vels = ng.euler_sample(lambda x, t: v_fn(x, t, ck_labels), ck_noise, grid, True)
-            ratio = trajectory_ratio(ref_fn, states, vels, ck_labels, grid).mean().item()
-        s = score(cfg, x, ck_labels)
-        for key, val in (("step", step), ("reward", s["reward"]), ("fd", s["fd"]), ("judge_acc", s["judge_acc"]),
-                         ("ratio", ratio)):
-            history[key].append(val)
-
-    checkpoint(0)
-    name = f"{method}{'+guard' if guard else ''} seed {seed}"
-    bar = tqdm(range(1, cfg.rl_steps + 1), desc=name, disable=not progress, leave=False)
-    for step in bar:
-        labels = torch.randint(NUM_CLASSES, (cfg.groups,), generator=gen).repeat_interleave(cfg.group_size)
-        noise = torch.randn(len(labels), 1, 8, 8, generator=gen)
-        with torch.no_grad():
-            x0 = ng.euler_sample(lambda x, t: v_fn(x, t, labels), noise, grid)
-            rewards = reward_fn(x0, labels, cfg.cache_dir)
-        loss, stats = method_loss(cfg, method, guard, v_fn, old_fn, ref_fn, x0, labels, rewards, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        decay = min(0.001 * step, 0.5)  # DiffusionNFT's EMA schedule for the old policy
-        with torch.no_grad():
-            for p_old, p in zip(old.parameters(), policy.parameters()):
-                p_old.lerp_(p, 1 - decay)
-        if step % cfg.eval_every == 0 or step == cfg.rl_steps:
-            checkpoint(step)
-            bar.set_postfix_str(f"reward {rewards.mean().item():.3f} | ratio {history['ratio'][-1]:.3f} | "
-                                f"fd {history['fd'][-1]:.1f} | hinge active {stats['hinge_active'].item():.2f}")
-    return policy.eval(), history
-
-
 @torch.no_grad()
-def evaluate(cfg, policy_t, ref, rescale):
+def evaluate(cfg, tcfg, policy_t, ref, rescale):
     """Final metrics of one model (policy_t None = the reference) on fixed eval noise, labels 0..9 in turn.
 
-    Returns {"full", "few"}: reward and quality_metrics at sample_steps and few_steps Euler steps, with the mean
-    norm ratio along the model's own trajectories; "profile": that ratio per bin of t (full steps); "images":
-    the first 100 full-step and few-step samples (rows of 0..9); with rescale, also "rescale" and "rescale_few":
-    the same model sampled with v <- v·‖v_ref‖/‖v‖ at every step (the inference-time baseline).
+    Returns {"full", "few"}: reward and quality_metrics at tcfg.sample_steps and tcfg.few_steps Euler steps, with
+    the mean norm ratio along the model's own trajectories; "profile": that ratio per bin of t (full steps);
+    "images": the first 100 full-step and few-step samples (rows of 0..9); with rescale, also "rescale" and
+    "rescale_few": the same model sampled with v <- v·‖v_ref‖/‖v‖ at every step (the inference-time baseline).
     """
     ref_t, encoder = ref
     ref_fn = model_fn(ref_t, encoder)
@@ -609,15 +565,15 @@ def evaluate(cfg, policy_t, ref, rescale):
     labels = torch.arange(cfg.eval_samples) % NUM_CLASSES
     noise = torch.randn(cfg.eval_samples, 1, 8, 8, generator=gen)
     out, images = {}, {}
-    for phase, steps in (("full", cfg.sample_steps), ("few", cfg.few_steps)):
-        grid = ng.flow_timesteps(steps)
+    for phase, steps in (("full", tcfg.sample_steps), ("few", tcfg.few_steps)):
+        grid = ng.flow_timesteps(steps, shift=tcfg.shift)
         x, states, vels = ng.euler_sample(lambda x, t: v_fn(x, t, labels), noise, grid, True)
         ratio = trajectory_ratio(ref_fn, states, vels, labels, grid)  # (K, B)
         out[phase] = {**score(cfg, x, labels), "ratio": ratio.mean().item()}
         images[phase] = x[:100]
         if phase == "full":
             t = grid[:-1, None].expand(ratio.shape).reshape(-1)
-            out["profile"] = ng.norm_ratio_profile(ratio.reshape(-1), t, cfg.profile_bins)[0].tolist()
+            out["profile"] = ng.norm_ratio_profile(ratio.reshape(-1), t, tcfg.profile_bins)[0].tolist()
         if rescale:
             def rescaled(x, t):
                 return ng.rescale_to_reference(v_fn(x, t, labels), ref_fn(x, t, labels))
@@ -628,7 +584,7 @@ def evaluate(cfg, policy_t, ref, rescale):
     return out, images
 
 
-def adjoint(cfg, policy_t, ref):
+def adjoint(cfg, tcfg, policy_t, ref):
     """ng.velocity_scale_sensitivity of the reward for one model: |mean|/std of Σ_k dR/dα_k and its sign split."""
     ref_t, encoder = ref
     v_fn = model_fn(ref_t if policy_t is None else policy_t, encoder)
@@ -637,18 +593,64 @@ def adjoint(cfg, policy_t, ref):
     noise = torch.randn(cfg.adjoint_samples, 1, 8, 8, generator=gen)
     grad, stats = ng.velocity_scale_sensitivity(lambda x, t: v_fn(x, t, labels),
                                                 lambda x: reward_fn(x, labels, cfg.cache_dir), noise,
-                                                ng.flow_timesteps(cfg.sample_steps))
+                                                ng.flow_timesteps(tcfg.sample_steps, shift=tcfg.shift))
     total = grad.sum(1)
     return {"total_mean": stats["total_mean"].item(), "total_std": stats["total_std"].item(),
             "frac_positive": (total > 0).float().mean().item(), "step_mean": stats["mean"].tolist()}
 
 
+def read_history(tcfg):
+    """train_full's checkpoint evaluations of one run (evals.jsonl, step 0 = the reference) as lists per metric."""
+    evals = [json.loads(line) for line in (Path(tcfg.out_dir) / "evals.jsonl").read_text().splitlines() if line]
+    keys = {"step": "step", "reward": "reward_full", "fd": "fd_full", "judge_acc": "judge_acc_full",
+            "ratio": "norm_ratio"}
+    return {name: [e[key] for e in evals] for name, key in keys.items()}
+
+
+def run_one(cfg, ref_path, method, variant, seed):
+    """Train one (method, variant, seed) with train_full (its output in the run's folder, train.log), then evaluate
+    the exported model. A run whose result.pt was written under the same train_full config is reused, not rerun:
+    an interrupted experiment resumes at its first unfinished run."""
+    import train_full as tf
+    from torchvision.utils import save_image
+
+    torch.set_num_threads(cfg.threads)
+    tcfg = train_config(cfg, method, variant, seed, ref_path)
+    out = Path(tcfg.out_dir)
+    done, key = out / "result.pt", json.loads(json.dumps(dataclasses.asdict(tcfg), default=str))
+    key["eval"] = {k: getattr(cfg, k) for k in ("eval_samples", "adjoint_samples", "eval_seed")}
+    if done.is_file():
+        result = torch.load(done, weights_only=False)
+        if result["key"] == key:
+            return result
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    t0 = time.time()
+    with open(out / "train.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        tf.train(tcfg)
+    t_train = time.time() - t0
+    ref = load_reference(ref_path)
+    policy = load_trained(tcfg, ref_path)
+    ev, images = evaluate(cfg, tcfg, policy, ref, rescale=(variant == "none"))
+    result = {"key": key, "eval": ev, "images": images, "history": read_history(tcfg),
+              "adjoint": adjoint(cfg, tcfg, policy, ref) if variant == "none" else None,
+              "wall_time_s": {"train": t_train, "total": time.time() - t0}}
+    for name, x in images.items():
+        save_image(x.clamp(-1, 1) * 0.5 + 0.5, Path(cfg.out_dir) / "grids" / f"{method}_{variant}_seed{seed}_{name}.png",
+                   nrow=10)
+    tmp = done.with_name("result.pt.tmp")
+    torch.save(result, tmp)
+    os.replace(tmp, done)  # whole or absent
+    return result
+
+
 def early_stopping_control(history_none, history_guard):
     """FD of the guarded run vs the un-guarded run's own checkpoints at the guarded run's final reward.
 
-    Walk the un-guarded checkpoints to the first one whose reward reaches the guarded run's final reward and
-    interpolate its FD there. delta = matched un-guarded FD - guarded FD (> 0: the guard beats stopping the
-    un-guarded run early). NaN if the un-guarded run never reaches that reward (no early stop matches it).
+    Walk the un-guarded checkpoints (step 0 = the reference) to the first one whose reward reaches the guarded
+    run's final reward and interpolate its FD there. delta = matched un-guarded FD - guarded FD (> 0: the guard
+    beats stopping the un-guarded run early). NaN if the un-guarded run never reaches that reward (no early stop
+    matches it). Both runs of a seed evaluate their checkpoints on the same noise and digits.
     """
     target, fd_guard = history_guard["reward"][-1], history_guard["fd"][-1]
     r, q = history_none["reward"], history_none["fd"]
@@ -670,7 +672,7 @@ def collect(runs, method, variant, phase, key):
     return [r[phase][key] for r in runs[method][variant]]
 
 
-def verdicts(cfg, runs, ref_eval, adj, adj_ref, control):
+def verdicts(cfg, tc, runs, ref_eval, adj, adj_ref, control):
     """One line per claim of the paper: reproduced or not, with the numbers it rests on.
 
     The rules are those of toy_2d.py, with the Fréchet distance (lower is better) as the quality measure: a
@@ -735,7 +737,7 @@ def verdicts(cfg, runs, ref_eval, adj, adj_ref, control):
         ok.append(gain_n > 0 and kept >= 0.7 and sig_pos(dq_full))
         ok_few.append(ok[-1] and sig_pos(diff(dq_few, dq_full)))
         parts.append(f"{m} reward gain kept {kept:.0%}, FD lower by {mean_std(dq_full)[0]:+.1f} "
-                     f"(at {cfg.few_steps} steps {mean_std(dq_few)[0]:+.1f})")
+                     f"(at {tc.few_steps} steps {mean_std(dq_few)[0]:+.1f})")
     flags["4"], flags["4_few"] = dict(zip(methods, ok)), dict(zip(methods, ok_few))
     lines.append(f"(4) guard keeps reward and improves quality: {verdict_word(ok)}; more so at few steps: "
                  f"{verdict_word(ok_few)} — " + "; ".join(parts) + note)
@@ -754,11 +756,11 @@ def verdicts(cfg, runs, ref_eval, adj, adj_ref, control):
     return lines, flags
 
 
-def format_table(cfg, runs, ref_eval):
+def format_table(cfg, tc, runs, ref_eval):
     fmt = lambda x, p=3: "{:.{p}f}±{:.{p}f}".format(*mean_std(x), p=p)
     cols = [("full", "ratio", "norm ratio", 3), ("full", "reward", "reward", 3), ("full", "judge_acc", "judge acc", 3),
-            ("full", "fd", "FD", 1), ("full", "disc_acc", "disc acc", 3), ("few", "reward", f"reward@{cfg.few_steps}", 3),
-            ("few", "judge_acc", f"judge@{cfg.few_steps}", 3), ("few", "fd", f"FD@{cfg.few_steps}", 1)]
+            ("full", "fd", "FD", 1), ("full", "disc_acc", "disc acc", 3), ("few", "reward", f"reward@{tc.few_steps}", 3),
+            ("few", "judge_acc", f"judge@{tc.few_steps}", 3), ("few", "fd", f"FD@{tc.few_steps}", 1)]
     head = f"{'run':<12}" + "".join(f"{c[2]:>14}" for c in cols)
     rows = [head, "-" * len(head)]
     rows.append(f"{'reference':<12}" + "".join(f"{ref_eval[ph][k]:>14.{p}f}" for ph, k, _, p in cols))
@@ -774,7 +776,7 @@ def format_table(cfg, runs, ref_eval):
     return "\n".join(rows)
 
 
-def plot(cfg, runs, ref_eval, images, histories, path):
+def plot(cfg, tc, runs, ref_eval, images, histories, path):
     """Samples (4 per digit, first seed) per variant at full and few steps, norm ratio vs t and during RL, and the
     reward-FD training paths."""
     import matplotlib
@@ -802,11 +804,11 @@ def plot(cfg, runs, ref_eval, images, histories, path):
         width = tiles[0].shape[2] + gap.shape[2]
         for j, (title, _) in enumerate(panels):
             ax.text(j * width + tiles[0].shape[2] / 2, -2, title, ha="center", va="bottom", fontsize=9)
-        steps = cfg.sample_steps if phase == "full" else cfg.few_steps
+        steps = tc.sample_steps if phase == "full" else tc.few_steps
         ax.set_ylabel(f"{steps} Euler steps", fontsize=9)
     seed = seed_list(cfg)[0]
     ax_t, ax_p, ax_s = (fig.add_subplot(gs[2, j]) for j in range(3))
-    centers = (torch.arange(cfg.profile_bins) + 0.5) / cfg.profile_bins
+    centers = (torch.arange(tc.profile_bins) + 0.5) / tc.profile_bins
     for m in methods:
         for v, ls in zip(VARIANTS, ("-", "--")):
             label = f"{m}{'+guard' if v == 'guard' else ''}"
@@ -822,7 +824,7 @@ def plot(cfg, runs, ref_eval, images, histories, path):
         ax.axhline(1, c="k", lw=0.8)
     ax_t.set(xlabel="t (1 = noise)", ylabel="‖v_θ‖/‖v_ref‖ on own trajectory", title="norm ratio vs t (end of RL)")
     ax_p.set(xlabel="reward", ylabel="FD to held-out digits (lower = better)",
-             title=f"training path, seed {seed} (every {cfg.eval_every} steps)")
+             title=f"training path, seed {seed} (every {tc.eval_every} steps)")
     ax_s.set(xlabel="RL step", ylabel="‖v_θ‖/‖v_ref‖ (mean over t)", title="norm ratio during RL")
     for ax in (ax_t, ax_p, ax_s):
         ax.legend(fontsize=6)
@@ -846,68 +848,96 @@ def json_safe(x):
     return x
 
 
+def run_all(cfg, ref_path, jobs, progress):
+    """Every (method, variant, seed) through run_one in `cfg.jobs` spawned processes; one tqdm bar over all RL
+    steps, read from the runs' own log.jsonl files. Returns {(method, variant, seed): result}."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    steps = {job: train_config(cfg, *job, ref_path).steps for job in jobs}
+    bar = tqdm(total=sum(steps.values()), desc=f"RL steps ({len(jobs)} runs, {cfg.jobs} at a time)",
+               disable=not progress)
+    results = {}
+    with ProcessPoolExecutor(cfg.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = {pool.submit(run_one, cfg, ref_path, *job): job for job in jobs}
+        while pending:
+            finished, _ = wait(pending, timeout=2, return_when=FIRST_COMPLETED)
+            for future in finished:
+                job = pending.pop(future)
+                results[job] = r = future.result()  # a failed run raises here, with its train.log kept
+                ev = r["eval"]
+                tqdm.write(f"{job[0]:>4} {job[1]:>5} seed {job[2]} | reward {ev['full']['reward']:.3f} | ratio "
+                           f"{ev['full']['ratio']:.3f} | judge {ev['full']['judge_acc']:.3f} | FD {ev['full']['fd']:.1f}"
+                           f" | FD@few {ev['few']['fd']:.1f} | train {r['wall_time_s']['train']:.0f} s")
+            count = 0
+            for job in jobs:
+                if job in results:
+                    count += steps[job]
+                elif (run_dir(cfg, *job) / "log.jsonl").is_file():
+                    count += len((run_dir(cfg, *job) / "log.jsonl").read_text().splitlines())
+            bar.update(count - bar.n)
+    bar.close()
+    return results
+
+
 def run(cfg, progress=True):
     """The whole experiment: reference, every (method, variant, seed) RL run, evaluation, verdicts, outputs."""
     from torchvision.utils import save_image
 
     t0 = time.time()
+    torch.set_num_threads(cfg.threads)
     ref_path = get_reference(cfg.cache_dir, "cpu", steps=cfg.pretrain_steps, seed=cfg.ref_seed, progress=progress)
-    ref = load_reference(ref_path)
+    for kind in ("reward", "judge"):  # trained once here, so the parallel runs only read them
+        _classifier(kind, str(cfg.cache_dir), "cpu")
     t_pre = time.time() - t0
+    methods, seeds = cfg.methods.split(","), seed_list(cfg)
+    tc = train_config(cfg, methods[0], "none", seeds[0], ref_path)  # the settings every run shares
     out = Path(cfg.out_dir)
     (out / "grids").mkdir(parents=True, exist_ok=True)
-    ref_eval, ref_images = evaluate(cfg, None, ref, rescale=False)
-    adj_ref = adjoint(cfg, None, ref)
-    methods, seeds = cfg.methods.split(","), seed_list(cfg)
-    runs = {m: {v: [] for v in VARIANTS} for m in methods}
-    adj, control, histories, images = {m: [] for m in methods}, {m: [] for m in methods}, {}, {"reference": ref_images}
+    ref = load_reference(ref_path)
+    ref_eval, ref_images = evaluate(cfg, tc, None, ref, rescale=False)
+    adj_ref = adjoint(cfg, tc, None, ref)
     for name, x in ref_images.items():
         save_image(x * 0.5 + 0.5, out / "grids" / f"reference_{name}.png", nrow=10)
     jobs = [(m, v, s) for s in seeds for m in methods for v in VARIANTS]
-    for m, v, s in tqdm(jobs, desc="runs", disable=not progress):
-        policy, history = train_rl(cfg, m, v == "guard", s, ref, progress)
-        for p in policy.parameters():
-            p.requires_grad_(False)
-        ev, imgs = evaluate(cfg, policy, ref, rescale=(v == "none"))
-        runs[m][v].append(ev)
-        histories[(m, v, s)] = history
-        if v == "none":
-            adj[m].append(adjoint(cfg, policy, ref))
-        else:
-            control[m].append(early_stopping_control(histories[(m, "none", s)], history))
-        if s == seeds[0]:
-            images[(m, v)] = imgs
-        for name, x in imgs.items():
-            save_image(x.clamp(-1, 1) * 0.5 + 0.5, out / "grids" / f"{m}_{v}_seed{s}_{name}.png", nrow=10)
-        tqdm.write(f"{m:>4} {v:>5} seed {s} | reward {ev['full']['reward']:.3f} | ratio {ev['full']['ratio']:.3f} | "
-                   f"judge {ev['full']['judge_acc']:.3f} | FD {ev['full']['fd']:.1f} | FD@{cfg.few_steps} "
-                   f"{ev['few']['fd']:.1f} | {time.time() - t0:.0f} s")
-    lines, flags = verdicts(cfg, runs, ref_eval, adj, adj_ref, control)
-    table = format_table(cfg, runs, ref_eval)
-    plot(cfg, runs, ref_eval, images, histories, out / "digits.png")
-    metrics = {"config": dataclasses.asdict(cfg), "reference_path": ref_path, "reference": ref_eval,
-               "adjoint_reference": adj_ref, "runs": runs, "adjoint": adj, "early_stopping_delta_fd": control,
+    results = run_all(cfg, ref_path, jobs, progress)
+    runs = {m: {v: [results[(m, v, s)]["eval"] for s in seeds] for v in VARIANTS} for m in methods}
+    adj = {m: [results[(m, "none", s)]["adjoint"] for s in seeds] for m in methods}
+    control = {m: [early_stopping_control(results[(m, "none", s)]["history"], results[(m, "guard", s)]["history"])
+                   for s in seeds] for m in methods}
+    histories = {job: r["history"] for job, r in results.items()}
+    images = {"reference": ref_images, **{(m, v): results[(m, v, seeds[0])]["images"] for m in methods
+                                          for v in VARIANTS}}
+    lines, flags = verdicts(cfg, tc, runs, ref_eval, adj, adj_ref, control)
+    table = format_table(cfg, tc, runs, ref_eval)
+    plot(cfg, tc, runs, ref_eval, images, histories, out / "digits.png")
+    train_settings = {k: v for k, v in dataclasses.asdict(tc).items() if k not in PER_RUN}
+    metrics = {"config": dataclasses.asdict(cfg), "train_config": train_settings, "reference_path": ref_path,
+               "reference": ref_eval, "adjoint_reference": adj_ref, "runs": runs, "adjoint": adj,
+               "early_stopping_delta_fd": control,
                "histories": {f"{m}_{v}_seed{s}": h for (m, v, s), h in histories.items()},
                "table": table, "verdicts": lines, "verdict_flags": flags,
-               "wall_time_s": {"reference": t_pre, "total": time.time() - t0}}
-    (out / "config.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "command": sys.argv,
-                                                 "git_revision": git_revision()}, indent=2))
+               "wall_time_s": {"reference": t_pre, "total": time.time() - t0,
+                               "runs": {f"{m}_{v}_seed{s}": r["wall_time_s"] for (m, v, s), r in results.items()}}}
+    (out / "config.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "train_config": train_settings,
+                                                 "command": sys.argv, "git_revision": git_revision()}, indent=2))
     (out / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=1))
     return metrics
 
 
 def main(argv=None):
     cfg = parse_args(sys.argv[1:] if argv is None else argv)
-    torch.set_num_threads(cfg.threads)
+    tc = train_config(cfg, "nft", "none", seed_list(cfg)[0], "")
     n_runs = len(cfg.methods.split(",")) * len(VARIANTS) * len(seed_list(cfg))
-    print(f"device cpu | float32 | {n_runs} RL runs ({cfg.methods} x {VARIANTS} x seeds {cfg.seeds}) | "
-          f"{cfg.groups}x{cfg.group_size} rollouts/step | {cfg.rl_steps} RL steps | lr {cfg.lr:g} (dpo {cfg.dpo_lr:g}) | "
-          f"lam {cfg.lam} | {cfg.sample_steps} and {cfg.few_steps} Euler steps | threads {cfg.threads}")
+    print(f"device cpu | {n_runs} RL runs of train_full.py --preset=digits ({cfg.methods} x {VARIANTS} x seeds "
+          f"{cfg.seeds}), {cfg.jobs} at a time | {'full fine-tuning' if tc.full_finetune else f'LoRA r={tc.lora_rank}'}"
+          f" | {tc.prompts_per_step}x{tc.group_size} rollouts/step | {tc.steps} steps | lr {tc.lr:g} (dpo "
+          f"{cfg.dpo_lr:g}) | lam {tc.lam} {tc.margin} | {tc.sample_steps} and {tc.few_steps} Euler steps")
     metrics = run(cfg)
     print(metrics["table"])
     print("\n".join(metrics["verdicts"]))
     print(f"wall time {metrics['wall_time_s']['total']:.0f} s (reference {metrics['wall_time_s']['reference']:.0f} s) | "
-          f"outputs in {cfg.out_dir}: metrics.json, config.json, digits.png, grids/")
+          f"outputs in {cfg.out_dir}: metrics.json, config.json, digits.png, grids/, runs/<method>_<variant>_seed<s>/")
     return metrics
 
 

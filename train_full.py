@@ -15,8 +15,8 @@ What happens, top to bottom:
 3. loop: on-policy rollouts in groups of `group_size` per prompt on the scheduler's sigmas, rewards, group
    advantages, then the base loss (ng.nft_loss / ng.awm_loss / ng.dpo_loss) + ng.normguard_penalty on fresh
    forward-process points at the method's own train timesteps; one optimiser step per rollout batch.
-4. eval: reward at the full and the few-step sampler on fixed prompts and seeds, the per-timestep norm-ratio
-   profile along the policy's own trajectories, an image grid.
+4. eval (at step 0, the reference, then every eval_every steps): reward at the full and the few-step sampler on
+   fixed prompts and seeds, the per-timestep norm-ratio profile along the policy's own trajectories, an image grid.
 5. save: atomic checkpoints (accelerate state: trainable weights, optimiser, LR schedule, RNG, step, old/EMA
    policy), the LoRA in the diffusers format (`pipe.load_lora_weights(out_dir + "/lora")`), config and metrics.
 Every base loss here evaluates the reference velocity at the training points already (their KL terms and DPO's
@@ -80,7 +80,7 @@ class Config:
     dpo_beta: float = 2000.0
     # NormGuard (ng.normguard_penalty): zero unless |v_theta| > |v_ref|; loss = base + penalty
     guard: bool = True
-    lam: float = 1.0
+    lam: float = 1.0  # DPO: the hinge's weight is lam * abs(dpo_beta) / 2, the factor its own loss carries
     margin: str = "relative"
     power: int = 2
     granularity: str = "sample"  # sample | token (token = one latent pixel, all channels)
@@ -520,10 +520,14 @@ def rollout(adapter, model, cond, noise, sigmas, cfg_scale, null):
 
 
 def guard_terms(cfg, v, v_ref):
-    """(penalty, stats): the hinge when guard is on; when off, its statistics only (no gradient), for the log."""
+    """(penalty, stats): the hinge when guard is on; when off, its statistics only (no gradient), for the log.
+
+    DPO's weight is lam·dpo_beta/2: its loss reaches the errors through the factor β/2 (1000 at the official β),
+    so a plain lam would leave the guard a thousand times weaker than under NFT and AWM."""
     kw = dict(granularity=cfg.granularity, margin=cfg.margin, power=cfg.power, tolerance=cfg.tolerance)
     if cfg.guard:
-        return ng.normguard_penalty(v, v_ref, lam=cfg.lam, **kw)
+        lam = cfg.lam * abs(cfg.dpo_beta) / 2 if cfg.method == "dpo" else cfg.lam
+        return ng.normguard_penalty(v, v_ref, lam=lam, **kw)
     with torch.no_grad():
         _, stats = ng.normguard_penalty(v.detach(), v_ref, lam=0.0, **kw)
     return torch.zeros((), device=v.device), stats
@@ -778,8 +782,22 @@ def train(cfg):
             print(f"resumed from {found[-1]} at step {counter.step}")
     last_good = max(complete_checkpoints(ckpt_root), default=None) if main else None
 
-    log = open(out_dir / "log.jsonl", "a") if main else None
+    # a fresh run starts its logs anew; a resumed one appends to them
+    log = open(out_dir / "log.jsonl", "a" if counter.step else "w") if main else None
     evals, stats_log = [], {}
+    if main and not counter.step:
+        (out_dir / "evals.jsonl").write_text("")
+
+    def run_eval(step):
+        model.eval()
+        ev = {"step": step, **evaluate(cfg, adapter, base, reward_fn, eval_prompts, step, out_dir, accelerator)}
+        evals.append(ev)
+        accelerator.log({f"eval/{k}": v for k, v in ev.items() if k != "profile"}, step=step)
+        with open(out_dir / "evals.jsonl", "a") as f:
+            f.write(json.dumps(ev) + "\n")
+
+    if main and not counter.step:  # the reference itself: the baseline every later eval is read against
+        run_eval(0)
     bar = tqdm(range(counter.step, cfg.steps), initial=counter.step, total=cfg.steps, disable=not main, desc="train")
     for step in bar:
         t0 = time.time()
@@ -875,13 +893,7 @@ def train(cfg):
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             last_good = save_checkpoint(accelerator, ckpt_root, step + 1, cfg.checkpoints_keep)
         if main and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-            model.eval()
-            ev = {"step": step + 1, **evaluate(cfg, adapter, base, reward_fn, eval_prompts, step + 1, out_dir,
-                                               accelerator)}
-            evals.append(ev)
-            accelerator.log({f"eval/{k}": v for k, v in ev.items() if k != "profile"}, step=step + 1)
-            with open(out_dir / "evals.jsonl", "a") as f:
-                f.write(json.dumps(ev) + "\n")
+            run_eval(step + 1)
         accelerator.wait_for_everyone()
 
     metrics = {"steps": counter.step, "last_step": stats_log, "eval": evals[-1] if evals else None}

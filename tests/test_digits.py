@@ -5,6 +5,7 @@ is pretrained with a short budget (TEST_STEPS, ~20 s on 2 cores); the testbed is
 gives digits a judge it has never met recognises far above chance.
 """
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -185,23 +186,90 @@ def test_reference_velocity_follows_the_diffusers_convention(reference):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the experiment script
+# the experiment: train_full.py's digits preset, run per (method, variant, seed)
 
 
-def test_smoke_run_writes_every_output_and_a_verdict_per_claim(cache, tmp_path):
-    metrics = dg.main(["--smoke", f"--cache_dir={cache}", f"--out_dir={tmp_path}"])
+@pytest.fixture(scope="module")
+def smoke(cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits_smoke")
+    return out, dg.main(["--smoke", f"--cache_dir={cache}", f"--out_dir={out}"])
+
+
+def test_smoke_run_writes_every_output_and_a_verdict_per_claim(smoke):
+    import train_full as tf
+
+    out, metrics = smoke
     for name in ("metrics.json", "config.json", "digits.png", "grids/reference_full.png", "grids/nft_guard_seed0_few.png",
                  "grids/dpo_none_seed0_rescale.png"):
-        assert (tmp_path / name).is_file(), name
-    saved = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
     assert [line[:3] for line in saved["verdicts"]] == ["(1)", "(2)", "(3)", "(4)", "(5)"]
     for m in dg.METHODS:
         for v in dg.VARIANTS:
             run = saved["runs"][m][v][0]
             assert 0 <= run["full"]["reward"] <= 1 and run["full"]["ratio"] > 0
-            assert len(run["profile"]) == dg.Config().profile_bins
+            assert len(run["profile"]) == tf.Config().profile_bins
+            history = saved["histories"][f"{m}_{v}_seed0"]
+            assert history["step"] == [0, tf.SMOKE["steps"]]  # train_full's own checkpoint evaluations
     assert "rescale" in saved["runs"]["nft"]["none"][0] and "rescale" not in saved["runs"]["nft"]["guard"][0]
-    assert metrics["config"]["rl_steps"] == dg.SMOKE["rl_steps"]
+    assert metrics["train_config"]["steps"] == tf.SMOKE["steps"] and metrics["train_config"]["lora_rank"] == 4
+
+
+def test_every_run_is_a_train_full_run(smoke):
+    """Each (method, variant, seed) folder is what `python train_full.py --preset=digits` writes, with the
+    experiment's per-run settings in its config.json."""
+    out, _ = smoke
+    for m in dg.METHODS:
+        for v in dg.VARIANTS:
+            folder = out / "runs" / f"{m}_{v}_seed0"
+            for name in ("config.json", "log.jsonl", "evals.jsonl", "metrics.json", "train.log", "result.pt",
+                         "lora/pytorch_lora_weights.safetensors"):
+                assert (folder / name).is_file(), folder / name
+            saved = json.loads((folder / "config.json").read_text())["config"]
+            assert saved["preset"] == "digits" and saved["method"] == m and saved["guard"] == (v == "guard")
+            assert saved["lr"] == (dg.Config.dpo_lr if m == "dpo" else 1e-3)
+            assert "step      2 | reward" in (folder / "train.log").read_text()
+
+
+def test_an_interrupted_experiment_reuses_finished_runs_and_reruns_changed_ones(smoke, cache):
+    out, first = smoke
+    result = out / "runs" / "dpo_guard_seed0" / "result.pt"
+    stamp = result.stat().st_mtime_ns
+    again = dg.main(["--smoke", f"--cache_dir={cache}", f"--out_dir={out}", "--methods=dpo"])
+    assert result.stat().st_mtime_ns == stamp  # same train_full config: read back, not retrained
+    assert dg.json_safe(again["runs"]["dpo"]) == dg.json_safe(first["runs"]["dpo"])  # profile bins may be NaN
+    changed = dg.main(["--smoke", f"--cache_dir={cache}", f"--out_dir={out}", "--methods=dpo", "--lam=0.5"])
+    assert result.stat().st_mtime_ns != stamp
+    assert changed["train_config"]["lam"] == 0.5
+
+
+def test_the_exported_lora_loads_as_the_trained_policy(smoke, cache):
+    """load_trained (diffusers' load_lora_adapter, then fuse) gives the same velocity as the unfused adapter, and
+    not the reference's: the experiment evaluates what training produced."""
+    from diffusers import SD3Transformer2DModel
+
+    out, metrics = smoke
+    ref_path = metrics["reference_path"]
+    tcfg = dg.train_config(dg.parse_args(["--smoke", f"--cache_dir={cache}", f"--out_dir={out}"]), "nft", "guard", 0,
+                           ref_path)
+    fused = dg.load_trained(tcfg, ref_path)
+    unfused = SD3Transformer2DModel.from_pretrained(str(Path(ref_path) / "transformer"))
+    unfused.load_lora_adapter(str(out / "runs" / "nft_guard_seed0" / "lora"),
+                              weight_name="pytorch_lora_weights.safetensors", prefix="transformer")
+    ref_t, encoder = dg.load_reference(ref_path)
+    x, labels = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(6)
+    t = torch.full((6,), 0.6)
+    with torch.no_grad():
+        v_fused, v_unfused, v_ref = (dg.velocity(m, encoder, x, t, labels) for m in (fused, unfused, ref_t))
+    torch.testing.assert_close(v_fused, v_unfused, rtol=1e-4, atol=1e-5)
+    assert (v_fused - v_ref).abs().max() > 1e-4
+
+
+def test_early_stopping_control_interpolates_the_unguarded_path():
+    none = {"reward": [0.5, 0.7, 0.9], "fd": [10.0, 30.0, 50.0]}
+    assert dg.early_stopping_control(none, {"reward": [0.5, 0.8], "fd": [10.0, 25.0]}) == pytest.approx(15.0)
+    assert dg.early_stopping_control(none, {"reward": [0.5, 0.4], "fd": [10.0, 12.0]}) == pytest.approx(-2.0)
+    assert math.isnan(dg.early_stopping_control(none, {"reward": [0.5, 0.95], "fd": [10.0, 20.0]}))
 
 
 def test_bad_arguments_name_the_key():
@@ -212,4 +280,17 @@ def test_bad_arguments_name_the_key():
     with pytest.raises(ValueError, match="methods"):
         dg.parse_args(["--methods=nft,ppo"])
     with pytest.raises(ValueError, match="lr"):
-        dg.parse_args(["--lr=fast"])
+        dg.parse_args(["--lr=fast"])  # a train_full key, checked by train_full's own parser
+    with pytest.raises(ValueError, match="method"):
+        dg.parse_args(["--method=nft"])  # set per run by the experiment
+    with pytest.raises(ValueError, match="ckpt_samples"):
+        dg.parse_args(["--ckpt_samples=15"])
+
+
+def test_forwarded_train_full_keys_reach_every_run():
+    cfg = dg.parse_args(["--lam=0.25", "--full_finetune=true", "--seeds=3,4"])
+    assert cfg.train == {"lam": "0.25", "full_finetune": "true"}
+    for method in dg.METHODS:
+        tcfg = dg.train_config(cfg, method, "guard", 4, "")
+        assert tcfg.lam == 0.25 and tcfg.full_finetune and tcfg.seed == 4 and tcfg.steps == dg.TRAIN_DEFAULTS["steps"]
+        assert tcfg.lr == (cfg.dpo_lr if method == "dpo" else 1e-3)

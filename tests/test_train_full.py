@@ -111,6 +111,9 @@ def test_sd3_each_method_guard_on_and_off(sd3_path, prompt_file, tmp_path, metho
                 assert x["guard"] == 0.0
         assert lines[0]["norm_ratio"] > 0 and m["eval"]["profile"] and math.isfinite(m["eval"]["reward_few"])
         assert (out / "eval" / "grid_0000002.png").is_file()
+        evals = [json.loads(s) for s in (out / "evals.jsonl").read_text().splitlines()]
+        assert [e["step"] for e in evals] == [0, 2]  # step 0: the reference, the baseline of every later eval
+        assert abs(evals[0]["norm_ratio"] - 1) < 1e-5  # the LoRA starts at zero: the policy is the reference
         saved = json.loads((out / "config.json").read_text())
         assert saved["config"]["method"] == method and "git_revision" in saved
 
@@ -308,6 +311,20 @@ def test_rewards_cfg_and_full_finetune_in_training(sd3_path, tiny_clip, tmp_path
     assert m["last_step"]["norm_ratio"] != 1.0  # the first update moved the fully trainable transformer
     with pytest.raises(ValueError, match="reward: expected"):
         run(sd3_path, tmp_path / "bad", "--reward=not_a_reward")
+
+
+def test_guard_weight_per_method():
+    """NFT and AWM add lam·hinge; DPO adds lam·|β|/2·hinge, the factor its own loss reaches the errors through."""
+    gen = torch.Generator().manual_seed(0)
+    v, v_ref = torch.randn(4, 3, 8, 8, generator=gen) * 1.2, torch.randn(4, 3, 8, 8, generator=gen)
+    hinge = ng.normguard_penalty(v, v_ref, lam=1.0)[0]
+    assert hinge > 0
+    for method, beta, factor in (("nft", 2000.0, 0.5), ("awm", 2000.0, 0.5), ("dpo", 2000.0, 500.0),
+                                 ("dpo", -40.0, 10.0)):
+        cfg = tf.Config(preset="digits", method=method, lam=0.5, dpo_beta=beta)
+        torch.testing.assert_close(tf.guard_terms(cfg, v, v_ref)[0], factor * hinge)
+    off = tf.guard_terms(tf.Config(preset="digits", guard=False), v, v_ref)
+    assert off[0] == 0 and off[1]["hinge"] == hinge  # guard off: the statistics only, for the log
 
 
 def test_digits_preset(tmp_path_factory):
