@@ -180,7 +180,7 @@ def get_reference(cache_dir=DEFAULT_CACHE, device="cpu", *, steps=2000, batch=12
     "train" split: x_t = (1 - t)·x0 + t·ε with t ~ U(0, 1), target ε - x0, the model called with timestep
     TIMESTEP_SCALE·t; AdamW at lr with a linear warm-up and cosine decay; the saved weights are an EMA (decay
     ema) of the trained ones, as image generators ship. Deterministic given seed. The folder name carries seed
-    and steps, so a short test budget never shadows the real reference. About 1 min at steps=2000 on 2 cores.
+    and steps, so a short test budget never shadows the real reference. About 2 min at steps=2000 on 2 cores.
     """
     from diffusers import SD3Transformer2DModel
 
@@ -635,9 +635,9 @@ def run_one(cfg, ref_path, method, variant, seed):
     result = {"key": key, "eval": ev, "images": images, "history": read_history(tcfg),
               "adjoint": adjoint(cfg, tcfg, policy, ref) if variant == "none" else None,
               "wall_time_s": {"train": t_train, "total": time.time() - t0}}
+    grids = Path(cfg.out_dir) / "grids"
     for name, x in images.items():
-        save_image(x.clamp(-1, 1) * 0.5 + 0.5, Path(cfg.out_dir) / "grids" / f"{method}_{variant}_seed{seed}_{name}.png",
-                   nrow=10)
+        save_image(x.clamp(-1, 1) * 0.5 + 0.5, grids / f"{method}_{variant}_seed{seed}_{name}.png", nrow=10)
     tmp = done.with_name("result.pt.tmp")
     torch.save(result, tmp)
     os.replace(tmp, done)  # whole or absent

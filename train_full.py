@@ -4,7 +4,7 @@
         --train_prompts=prompts.txt --eval_prompts=eval.txt --method=nft --guard=true --out_dir=runs/sd35_nft
     python train_full.py --preset=digits --smoke                     # CPU: the 8x8-digit SD3 transformer of digits.py
     python train_full.py --preset=digits --smoke --steps=4 --resume=latest   # continue from the last checkpoint
-The digits preset pretrains (once, cached) its reference with digits.get_reference: about a minute on 2 cores.
+The digits preset pretrains (once, cached) its reference with digits.get_reference: about two minutes on 2 cores.
 
 What happens, top to bottom:
 1. config: one commented dataclass; presets fill model-specific defaults; `--key=value` overrides, unknown keys fail.

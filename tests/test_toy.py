@@ -198,13 +198,16 @@ def test_default_guard_keeps_most_of_the_reward_gain_and_beats_rescaling_on_rewa
 
 
 def test_default_quality_does_not_yet_suffer_so_guard_and_early_stopping_tie(default_run):
-    """README: at ~10 % inflation the toy's quality has not moved, so the guard has nothing to repair: same
+    """README: at ~10 % inflation NFT's and AWM's quality has not moved, so the guard has nothing to repair: same
     log-density as the un-guarded run and as its checkpoint of equal reward (claims 4 and 5 not reproduced),
-    and a worse one at 3 Euler steps, where the inflated velocities offset Euler's undershoot."""
+    and a worse one at 3 Euler steps, where the inflated velocities offset Euler's undershoot. DPO's log p sits
+    0.17-0.21 below the reference's (the spread is across CPUs: its pairwise loss amplifies float rounding), with
+    or without the guard: the guard ties it there too."""
     table, ref = default_run["table"], default_run["reference"]["full"]
     for m in toy.METHODS:
         none, guard = table[m]["none"], table[m]["guard"]
-        assert abs(mean(none["full_logp"]) - ref["logp"]) < 0.2, m
+        drop = ref["logp"] - mean(none["full_logp"])
+        assert (0.1 < drop < 0.3) if m == "dpo" else abs(drop) < 0.2, (m, drop)
         assert abs(mean(guard["full_logp"]) - mean(none["full_logp"])) < 0.1, m
         assert abs(mean([d for d in default_run["control"][m]["delta_logp"] if not math.isnan(d)])) < 0.15, m
     for m in ("nft", "awm"):
