@@ -408,7 +408,8 @@ VARIANTS = ("none", "guard")  # un-guarded base loss, base loss + NormGuard hing
 # train_full settings every run of the experiment shares, on top of its digits preset (LoRA r=8, 4 digits x 8
 # samples per step, lr 1e-3, each method's official train-timestep recipe, lam 1 with the relative squared hinge)
 TRAIN_DEFAULTS = dict(steps=160, sample_steps=10, few_steps=3, eval_every=20, checkpoint_every=40)
-# train_full settings the experiment sets per run (the rest may be overridden on the command line)
+# train_full settings the experiment fixes: set per run, or (prompts) left at the digits 0..9 the judges expect;
+# every other train_full key may be overridden on the command line
 PER_RUN = ("preset", "method", "guard", "seed", "out_dir", "pretrained_model_name_or_path", "cache_dir",
            "eval_seeds", "train_prompts", "eval_prompts", "resume")
 
@@ -422,7 +423,7 @@ class Config:
     # which runs: methods x VARIANTS x seeds; seed s draws the same rollout noise and prompts in both variants
     methods: str = "nft,awm,dpo"
     seeds: str = "0"
-    dpo_lr: float = 3e-3  # DPO learns from 2 of every 8 samples (best vs worst) and needs a larger step
+    dpo_lr: float = 3e-3  # DPO runs take this for train_full's lr: 2 of every 8 samples (best vs worst) teach it
     jobs: int = 2  # RL runs in parallel, one process and `threads` threads each
     threads: int = 1  # these ops are tiny; on a shared 2-core machine a second thread can stall in sync (100x)
     # final evaluation of each trained model (checkpoint evaluations are train_full's, every eval_every steps)
