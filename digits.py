@@ -444,7 +444,7 @@ def parse_args(argv):
     settings: train_full's --smoke for every run and a separate output folder). Unknown keys raise ValueError."""
     import train_full as tf
 
-    fields = {f.name: f for f in dataclasses.fields(Config) if f.name != "train"}
+    fields = {f.name for f in dataclasses.fields(Config)} - {"train"}
     train_fields = {f.name for f in dataclasses.fields(tf.Config)} - set(PER_RUN)
     overrides, train, smoke = {}, {}, False
     for arg in argv:
@@ -452,7 +452,7 @@ def parse_args(argv):
             smoke = True
             continue
         key, eq, value = arg[2:].partition("=")
-        if not arg.startswith("--") or not eq or key not in set(fields) | train_fields:
+        if not arg.startswith("--") or not eq or key not in fields | train_fields:
             raise ValueError(f"argument {arg!r}: expected --smoke or --key=value with key one of {sorted(fields)} "
                              f"or a train_full key other than {PER_RUN}: {sorted(train_fields)}")
         if key in train_fields:
@@ -618,7 +618,7 @@ def run_one(cfg, ref_path, method, variant, seed):
     torch.set_num_threads(cfg.threads)
     tcfg = train_config(cfg, method, variant, seed, ref_path)
     out = Path(tcfg.out_dir)
-    done, key = out / "result.pt", json.loads(json.dumps(dataclasses.asdict(tcfg), default=str))
+    done, key = out / "result.pt", dataclasses.asdict(tcfg)  # plain str/int/float/bool values
     key["eval"] = {k: getattr(cfg, k) for k in ("eval_samples", "adjoint_samples", "eval_seed")}
     if done.is_file():
         result = torch.load(done, weights_only=False)
