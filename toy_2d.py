@@ -270,6 +270,7 @@ class Ensemble(nn.Module):
         clone.biases = nn.ParameterList([nn.Parameter(b[:1].detach().repeat(num_models, 1, 1)) for b in self.biases])
         return clone
 
+    @torch.no_grad()
     def model(self, s):
         """Model s as a frozen VelocityMLP."""
         single = VelocityMLP(self.cfg).requires_grad_(False)
