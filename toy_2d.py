@@ -98,54 +98,34 @@ class Config:
     threads: int = 1  # torch intra-op threads: these ops are tiny, so extra threads only add sync cost
 
 
-SMOKE = dict(
-    pretrain_steps=100,
-    rl_steps=6,
-    seeds=2,
-    groups=2,
-    group_size=4,
-    eval_samples=200,
-    ckpt_samples=100,
-    eval_every=3,
-    adjoint_samples=32,
-    sample_steps=4,
-    few_steps=2,
-    out_dir="runs/toy_2d_smoke",
-)
+SMOKE = dict(pretrain_steps=100, rl_steps=6, seeds=2, groups=2, group_size=4, eval_samples=200, ckpt_samples=100)
+SMOKE.update(eval_every=3, adjoint_samples=32, sample_steps=4, few_steps=2, out_dir="runs/toy_2d_smoke")
 FLAGS = {"smoke": f"tiny sizes, for tests ({SMOKE})", "sweep": "training length x0.5-2, then lam/4 and 4 lam"}
 
 
 def check_config(cfg):
-    """A ValueError naming the key and what it expects, for values the run cannot use."""
-    if any(m not in METHODS for m in cfg.methods.split(",")):
-        raise ValueError(f"methods: expected a comma-separated subset of {METHODS}, got {cfg.methods!r}")
-    try:
-        targets = [int(k) for k in cfg.target_modes.split(",")]
-    except ValueError:
-        targets = []
-    if (
-        not targets
-        or any(not 0 <= k < cfg.n_modes for k in targets)
-        or len(set(targets)) != len(targets)
-        or len(targets) == cfg.n_modes
-    ):
-        raise ValueError(
-            f"target_modes: expected distinct indices in [0, {cfg.n_modes}) leaving a non-target mode, "
-            f"got {cfg.target_modes!r}"
-        )
-    if cfg.margin not in ("relative", "absolute") or cfg.power not in (1, 2):
-        raise ValueError(f"margin, power: expected relative or absolute and 1 or 2, got {cfg.margin!r}, {cfg.power!r}")
-    if cfg.dpo_guard not in ("both", "winner", "loser"):
-        raise ValueError(f"dpo_guard: expected both, winner or loser, got {cfg.dpo_guard!r}")
-    if cfg.group_size < 2 or cfg.group_size % 2:
-        raise ValueError(f"group_size: expected an even int >= 2 (DPO pairs best and worst), got {cfg.group_size}")
-    for name in ("seeds", "rl_steps", "groups", "sample_steps", "few_steps", "eval_every", "pretrain_steps"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name}: expected an int >= 1, got {getattr(cfg, name)}")
-    for name in ("rl_lr", "dpo_lr", "pretrain_lr", "lam", "reward_width", "tilt_temp", "mode_std"):
-        if not (getattr(cfg, name) >= 0 if name == "lam" else getattr(cfg, name) > 0):
-            bound = ">= 0" if name == "lam" else "> 0"
-            raise ValueError(f"{name}: expected a number {bound}, got {getattr(cfg, name)}")
+    """A ValueError naming the first key whose value the run cannot use, and what it expects."""
+    targets = [int(k) for k in cfg.target_modes.split(",") if k.isdigit()]
+    rules = [
+        ("methods", all(m in METHODS for m in cfg.methods.split(",")), f"a comma-separated subset of {METHODS}"),
+        (
+            "target_modes",
+            len(set(targets)) == len(cfg.target_modes.split(",")) < cfg.n_modes > max(targets, default=0),
+            f"distinct indices in [0, {cfg.n_modes}) leaving a non-target mode",
+        ),
+        ("margin", cfg.margin in ("relative", "absolute"), "relative or absolute"),
+        ("power", cfg.power in (1, 2), "1 or 2"),
+        ("dpo_guard", cfg.dpo_guard in ("both", "winner", "loser"), "both, winner or loser"),
+        ("group_size", cfg.group_size >= 2 and cfg.group_size % 2 == 0, "an even int >= 2 (DPO pairs best and worst)"),
+        ("lam", cfg.lam >= 0, "a number >= 0"),
+    ]
+    counts = ("seeds", "rl_steps", "groups", "sample_steps", "few_steps", "eval_every", "pretrain_steps")
+    rules += [(k, getattr(cfg, k) >= 1, "an int >= 1") for k in counts]
+    scales = ("rl_lr", "dpo_lr", "pretrain_lr", "reward_width", "tilt_temp", "mode_std")
+    rules += [(k, getattr(cfg, k) > 0, "a number > 0") for k in scales]
+    for key, ok, expected in rules:
+        if not ok:
+            raise ValueError(f"{key}: expected {expected}, got {getattr(cfg, key)!r}")
 
 
 def parse_args(argv):
@@ -403,7 +383,8 @@ def adam_step_per_model_lr(opt, model, lr_scale):
 def train(cfg, ref, progress=True):
     """RL fine-tune every (method, variant, seed) from the reference. Returns (ensemble, checkpoint curves).
 
-    Curves: {"step": [...], "reward", "logp", "ratio": [per checkpoint: a value per model]} on fixed noise.
+    Curves, one per model in layout order: {"step", "reward", "logp", "ratio": a value per checkpoint}, each
+    checkpoint on the same fixed noise.
     """
     runs = layout(cfg)
     S, N = len(runs), cfg.groups * cfg.group_size
@@ -414,15 +395,18 @@ def train(cfg, ref, progress=True):
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.rl_lr)
     lr_scale = torch.tensor([cfg.dpo_lr / cfg.rl_lr if m == "dpo" else 1.0 for m, _, _ in runs])
     ckpt_noise = torch.randn(cfg.ckpt_samples, 2, generator=torch.Generator().manual_seed(cfg.eval_seed + 1))
-    curves = {"step": [], "reward": [], "logp": [], "ratio": []}
+    curves = [{"step": [], "reward": [], "logp": [], "ratio": []} for _ in runs]
     grid = ng.flow_timesteps(cfg.sample_steps)
 
     def checkpoint(step):
         with torch.no_grad():
             x, states, vels = ng.euler_sample(velocity_fn(policy), ckpt_noise.expand(S, -1, -1), grid, True)
             ratio = trajectory_ratio(ref, states, vels)
-        for key, val in zip(curves, (step, reward(cfg, x).mean(1), log_density(cfg, x).mean(1), ratio.mean((0, 2)))):
-            curves[key].append(val if key == "step" else val.tolist())
+        values = {"reward": reward(cfg, x).mean(1), "logp": log_density(cfg, x).mean(1), "ratio": ratio.mean((0, 2))}
+        for i, curve in enumerate(curves):
+            curve["step"].append(step)
+            for key, val in values.items():
+                curve[key].append(val[i].item())
 
     checkpoint(0)
     bar = tqdm(range(1, cfg.rl_steps + 1), desc="rl", disable=not progress, leave=False)
@@ -519,8 +503,9 @@ def evaluate(cfg, policy, ref):
 def adjoint_diagnostic(cfg, policy, ref):
     """dR/dα_k for v_k -> (1 + α_k)·v_k of every un-guarded model and the reference (ng.velocity_scale_sensitivity).
 
-    Returns (one dict per un-guarded model in layout order, the reference's): mean and std over samples of the
-    uniform scaling Σ_k dR/dα_k, the fraction of samples where it is positive, and the per-step means and stds.
+    Returns (per model in layout order: a dict for an un-guarded one, None for a guarded one; the reference's
+    dict): mean and std over samples of the uniform scaling Σ_k dR/dα_k, the fraction of samples where it is
+    positive, and the per-step means and stds.
     """
     gen = torch.Generator().manual_seed(cfg.eval_seed + 2)
     idx = [i for i, (_, v, _) in enumerate(layout(cfg)) if v == "none"]
@@ -542,7 +527,7 @@ def adjoint_diagnostic(cfg, policy, ref):
         "step_std": grad.std(1, unbiased=False),
     }
     rows = [{k: v[j].tolist() for k, v in stats.items()} for j in range(M)]
-    return rows[:-1], rows[-1]
+    return [rows[idx.index(i)] if i in idx else None for i in range(len(layout(cfg)))], rows[-1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -586,20 +571,10 @@ def run(cfg, progress=True, out_dir=None):
     t_rl = time.time() - t0 - t_pre
     per_model, reference, ideal, samples = evaluate(cfg, policy, ref)
     adj_models, adj_ref = adjoint_diagnostic(cfg, policy, ref)
-    runs = by_run(cfg, per_model)
-    histories = by_run(
-        cfg,
-        [{k: curves[k] if k == "step" else [c[i] for c in curves[k]] for k in curves} for i in range(len(per_model))],
-    )
-    unguarded = [r for r in layout(cfg) if r[1] == "none"]
-    adjoint = {m: [adj_models[unguarded.index((m, "none", s))] for s in range(cfg.seeds)] for m in runs}
-    control = {
-        m: [
-            E.early_stopping_control(h_none, h_guard, QUALITY)
-            for h_none, h_guard in zip(histories[m]["none"], histories[m]["guard"])
-        ]
-        for m in runs
-    }
+    runs, histories = by_run(cfg, per_model), by_run(cfg, curves)
+    adjoint = {m: variants["none"] for m, variants in by_run(cfg, adj_models).items()}
+    pairs = {m: zip(histories[m]["none"], histories[m]["guard"]) for m in runs}
+    control = {m: [E.early_stopping_control(none, guard, QUALITY) for none, guard in pairs[m]] for m in runs}
     lines, flags = E.verdicts(runs, reference, adjoint, adj_ref, control, QUALITY, cfg.few_steps)
     metrics = {
         "config": dataclasses.asdict(cfg),
@@ -683,31 +658,20 @@ def sweep(cfg):
         f"{'steps':>5} {'lam':>6} | " + " | ".join(f"{m + ': ratio':>14} {'reward':>11} {'log p':>11}" for m in methods)
     )
     print(f"{'':>12} | " + " | ".join(f"{'none/guard':>14} {'none/guard':>11} {'none/guard':>11}" for _ in methods))
+
+    def pair(runs, m, key, digits):  # un-guarded/guarded, means over seeds
+        return "/".join(f"{E.mean_std(E.collect(runs, m, v, 'full', key))[0]:.{digits}f}" for v in VARIANTS)
+
     rows = []
     for rl_steps, lam in settings:
         metrics = run(dataclasses.replace(cfg, rl_steps=rl_steps, lam=lam, plot=False), progress=False)["metrics"]
-        runs, cells = metrics["runs"], []
-        for m in methods:
-            mean = {
-                (k, v): E.mean_std(E.collect(runs, m, v, "full", k))[0]
-                for k in ("ratio", "reward", "logp")
-                for v in VARIANTS
-            }
-            pair = {
-                k: "/".join(f"{mean[k, v]:.{p}f}" for v in VARIANTS)
-                for k, p in (("ratio", 2), ("reward", 3), ("logp", 2))
-            }
-            cells.append(f"{pair['ratio']:>14} {pair['reward']:>11} {pair['logp']:>11}")
+        runs = metrics["runs"]
+        cells = [
+            f"{pair(runs, m, 'ratio', 2):>14} {pair(runs, m, 'reward', 3):>11} {pair(runs, m, 'logp', 2):>11}"
+            for m in methods
+        ]
         print(f"{rl_steps:>5} {lam:>6.3g} | " + " | ".join(cells), flush=True)
-        rows.append(
-            {
-                "rl_steps": rl_steps,
-                "lam": lam,
-                "runs": runs,
-                "reference": metrics["reference"],
-                "verdicts": metrics["verdicts"],
-            }
-        )
+        rows.append({"rl_steps": rl_steps, "lam": lam, **{k: metrics[k] for k in ("runs", "reference", "verdicts")}})
     r = rows[0]["reference"]["full"]
     print(f"reference: reward {r['reward']:.3f}, log p {r['logp']:.2f}")
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
