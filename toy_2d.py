@@ -450,54 +450,49 @@ def trajectory_ratio(ref, states, vels):
 
 @torch.no_grad()
 def evaluate(cfg, policy, ref):
-    """Final metrics of every model on shared noise. Returns (per-model evaluations in layout order, the
-    reference's, the ideal tilted sample's scores, samples {"models" (S, 600, 2), "reference", "ideal"})."""
+    """Final metrics of every model on the same noise, at the full and the few-step sampler.
+
+    Returns (one evaluation per model in layout order, as evidence.py reads them; the reference's; the samples
+    {"models": (S, 600, 2), "reference", "ideal"}; the ideal tilted sample's scores).
+    """
     runs = layout(cfg)
     gen = torch.Generator().manual_seed(cfg.eval_seed)
     noise = torch.randn(cfg.eval_samples, 2, generator=gen).expand(len(runs), -1, -1)
     ideal = sample_tilted(cfg, cfg.eval_samples, gen)
     directions = F.normalize(torch.randn(cfg.sw_projections, 2, generator=gen), dim=1)
-    unguarded = torch.tensor([i for i, (_, v, _) in enumerate(runs) if v == "none"])
-    ref_fn = lambda x, t: reference_fn(ref)(x, t[:, None].expand(x.shape[:2]))
+    unguarded = [i for i, (_, v, _) in enumerate(runs) if v == "none"]
+    v_ref = lambda x, t: reference_fn(ref)(x, t[:, None].expand(x.shape[:2]))
 
     def rescaled(x, t):  # the inference-time baseline, on the un-guarded models only
         v = velocity_fn(policy, unguarded)(x, t)
-        return ng.rescale_to_reference(v.reshape(-1, 2), ref_fn(x, t).reshape(-1, 2)).reshape(v.shape)
+        return ng.rescale_to_reference(v.reshape(-1, 2), v_ref(x, t).reshape(-1, 2)).reshape(v.shape)
 
-    def scores(x):
-        return {
+    def scores(x):  # x (M, n, 2) -> one dict of floats per model
+        s = {
             "reward": reward(cfg, x).mean(-1),
             "logp": log_density(cfg, x).mean(-1),
             "support": on_support(cfg, x).mean(-1),
             "sw": sliced_wasserstein(x, ideal, directions),
         }
+        return [dict(zip(s, row)) for row in zip(*(v.tolist() for v in s.values()))]
 
-    out = {}
+    evals, reference = [{} for _ in runs], {}
     for phase, steps in (("full", cfg.sample_steps), ("few", cfg.few_steps)):
-        x, states, vels = ng.euler_sample(velocity_fn(policy), noise, ng.flow_timesteps(steps), True)
+        grid = ng.flow_timesteps(steps)
+        x, states, vels = ng.euler_sample(velocity_fn(policy), noise, grid, True)
         ratio = trajectory_ratio(ref, states, vels)  # (K, S, N)
-        out[phase] = {**scores(x), "ratio": ratio.mean((0, 2))}
+        for ev, score, r in zip(evals, scores(x), ratio.mean((0, 2)).tolist()):
+            ev[phase] = {**score, "ratio": r}
+        for i, score in zip(unguarded, scores(ng.euler_sample(rescaled, noise[unguarded], grid))):
+            evals[i]["rescale" if phase == "full" else "rescale_few"] = score
+        x_ref = ng.euler_sample(v_ref, noise[:1], grid)
+        reference[phase] = {"ratio": 1.0, **scores(x_ref)[0]}  # the reference against itself: ratio 1
         if phase == "full":
-            t = ng.flow_timesteps(steps)[:-1].repeat_interleave(ratio.shape[2])
-            profile = [ng.norm_ratio_profile(ratio[:, s].reshape(-1), t, cfg.profile_bins)[0] for s in range(len(runs))]
-            samples = {"models": x[:, :600]}
-    for phase, steps in (("rescale", cfg.sample_steps), ("rescale_few", cfg.few_steps)):
-        out[phase] = scores(ng.euler_sample(rescaled, noise[unguarded], ng.flow_timesteps(steps)))
-    position = {i: j for j, i in enumerate(unguarded.tolist())}
-    per_model = []
-    for i, (_, v, _) in enumerate(runs):
-        ev = {phase: {k: val[i].item() for k, val in out[phase].items()} for phase in ("full", "few")}
-        for phase in ("rescale", "rescale_few") if v == "none" else ():
-            ev[phase] = {k: val[position[i]].item() for k, val in out[phase].items()}
-        per_model.append({**ev, "profile": profile[i].tolist()})
-    reference = {"full": {"ratio": 1.0}, "few": {"ratio": 1.0}}  # the reference against itself
-    for phase, steps in (("full", cfg.sample_steps), ("few", cfg.few_steps)):
-        x_ref = ng.euler_sample(ref_fn, noise[:1], ng.flow_timesteps(steps))
-        reference[phase].update({k: v[0].item() for k, v in scores(x_ref).items()})
-        if phase == "full":
-            samples["reference"] = x_ref[0, :600]
-    samples["ideal"] = ideal[:600]
-    return per_model, reference, {k: v.item() for k, v in scores(ideal[None]).items()}, samples
+            t = grid[:-1].repeat_interleave(ratio.shape[2])
+            for s, ev in enumerate(evals):
+                ev["profile"] = ng.norm_ratio_profile(ratio[:, s].reshape(-1), t, cfg.profile_bins)[0].tolist()
+            samples = {"models": x[:, :600], "reference": x_ref[0, :600], "ideal": ideal[:600]}
+    return evals, reference, samples, scores(ideal[None])[0]
 
 
 def adjoint_diagnostic(cfg, policy, ref):
@@ -569,7 +564,7 @@ def run(cfg, progress=True, out_dir=None):
     t_pre = time.time() - t0
     policy, curves = train(cfg, ref, progress)
     t_rl = time.time() - t0 - t_pre
-    per_model, reference, ideal, samples = evaluate(cfg, policy, ref)
+    per_model, reference, samples, ideal = evaluate(cfg, policy, ref)
     adj_models, adj_ref = adjoint_diagnostic(cfg, policy, ref)
     runs, histories = by_run(cfg, per_model), by_run(cfg, curves)
     adjoint = {m: variants["none"] for m, variants in by_run(cfg, adj_models).items()}
