@@ -129,13 +129,13 @@ def early_stopping_control(history_none, history_guard, quality):
 # the verdicts: one rule per claim of the paper, fixed before any result was seen
 
 
-def claim_inflation(runs, m, quality, few_steps):
+def claim_inflation(runs, m):
     """(1) RL inflates the norm: the un-guarded norm ratio along the policy's own trajectories is above 1."""
     r = collect(runs, m, "none", "full", "ratio")
     return significantly_positive([x - 1 for x in r]), f"{m} {mean_std(r)[0]:.3f}±{mean_std(r)[1]:.3f}"
 
 
-def claim_rescale(runs, m, quality, few_steps):
+def claim_rescale(runs, m, quality):
     """(2) rescaling at inference does not help: the guarded model beats the rescaled one on reward or quality."""
     q = quality.key
     dr = paired_diff(collect(runs, m, "guard", "full", "reward"), collect(runs, m, "none", "rescale", "reward"))
@@ -213,18 +213,18 @@ def verdicts(runs, reference_eval, adjoint, adjoint_reference, control, quality,
         note += " [1 seed: no error bars, indicative only]"
     flags = {"not_tested": skipped}
 
-    def claim(name, results):
+    def claim(name, results, sep="; "):  # record the per-method outcomes, join the per-method texts
         flags[name] = {m: ok for m, (ok, _) in zip(methods, results)}
-        return [ok for ok, _ in results], "; ".join(text for _, text in results)
+        return [ok for ok, _ in results], sep.join(text for _, text in results)
 
-    ok, text = claim("1", [claim_inflation(runs, m, quality, few_steps) for m in methods])
+    ok, text = claim("1", [claim_inflation(runs, m) for m in methods], sep=", ")
     lines = [
         f"(1) RL inflates the velocity norm: {verdict_word(ok)} — un-guarded ‖v_θ‖/‖v_ref‖ "
-        + text.replace("; ", ", ")
+        + text
         + " (1.000 = no drift; paper: 1.05-1.15)"
         + note
     ]
-    ok, text = claim("2", [claim_rescale(runs, m, quality, few_steps) for m in methods])
+    ok, text = claim("2", [claim_rescale(runs, m, quality) for m in methods])
     lines.append(f"(2) inference-time rescale does not help: {verdict_word(ok)} — " + text + note)
     ok, text = claim("3", [claim_adjoint(adjoint, m) for m in methods])
     snr_ref = abs(adjoint_reference["total_mean"]) / adjoint_reference["total_std"]
