@@ -20,6 +20,7 @@ Checks: a bad argument raises ValueError (TypeError for a wrong type) whose mess
 """
 
 import math
+import numbers
 
 import torch
 
@@ -124,7 +125,7 @@ class _Model:
 
     def __init__(self, velocity_fn, noise, keep):
         self.fn, self.dtype, self.keep = velocity_fn, noise.dtype, keep
-        self.states, self.velocities = [], []
+        self.states, self.velocities, self.calls = [], [], 0
 
     def data_prediction(self, x, t):
         x_in = x.to(self.dtype)
@@ -132,9 +133,10 @@ class _Model:
         if not isinstance(v, torch.Tensor) or v.shape != x.shape:
             got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             raise ValueError(
-                f"velocity_fn: expected a velocity of x's shape {tuple(x.shape)}, got {got} at step "
-                f"{len(self.states) if self.keep else 'k'} (t = {t:.4g})"
+                f"velocity_fn: expected a velocity of x's shape {tuple(x.shape)}, got {got} at call {self.calls} "
+                f"(t = {t:.4g})"
             )
+        self.calls += 1
         if self.keep:
             self.states.append(x_in)
             self.velocities.append(v)
@@ -166,8 +168,9 @@ def dpm2_sample(velocity_fn, noise, timesteps, return_trajectory=False):
     midpoint form, D1 = (x̂_k - x̂_{k-1}) / r_k with r_k = h_{k-1} / h_k.) The first step and the last one are
     first order (DDIM with η = 0, which is exactly an Euler step x_k + (t_{k+1} - t_k)·v_k in this convention);
     the last lands on t_K = 0 at x̂_{K-1}. On a grid that starts at t_0 = 1 (every official one) h_0 = +∞, so the
-    second step is first order as well; second order holds globally (the error of a smooth flow falls 4x when
-    the steps halve, tests/test_samplers.py).
+    second step is first order as well. Globally it is second order: on a grid that stops short of t = 0 the
+    error of a smooth flow falls 4x when the steps halve; on one that reaches t = 0 (λ -> +∞, where λ-steps stop
+    shrinking) it goes as h²·log(1/h), a 3.5x fall at K = 256 -> 512 (tests/test_samplers.py).
 
     Official code: `sample.solver = "dpm2"`, `sample.deterministic = True` in DiffusionNFT's config/nft.py; the
     solver is `dpm_step(order=2)` in flow_grpo/diffusers_patch/solver.py, driven by `run_sampling` on the SD3
@@ -176,9 +179,10 @@ def dpm2_sample(velocity_fn, noise, timesteps, return_trajectory=False):
     a detail of the model wrapper, not of this function. It equals diffusers' DPMSolverMultistepScheduler(
     algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", prediction_type="flow_prediction",
     use_flow_sigmas=True, lower_order_final=True, final_sigmas_type="zero") run on the same sigmas (diffusers
-    computes the state in float32). Equals the official solver (its float32 casts made float64) on a random
-    linear velocity field, 10 steps, the SD3 shift-3 sigmas, to 2e-14 (|x| ≈ 10) in float64, checked outside this
-    repo.
+    computes the state in float32); left to build its own grid (flow_shift=3) that scheduler would instead sample
+    on shift(linspace) from 0.9997 down to ≈ shift(1/K), not on the SD3 pipeline's sigmas. Equals the official solver
+    (its float32 casts made float64) on a random linear velocity field, 10 steps, the SD3 shift-3 sigmas, to 2e-14
+    (|x| ≈ 10) in float64, checked outside this repo.
 
     velocity_fn(x, t) -> v: x (B, ...), t (B,). noise: (B, ...) at timesteps[0]; timesteps: (K + 1,) strictly
     decreasing in [0, 1]. Returns x at timesteps[-1] in noise's dtype; with return_trajectory also the K states
@@ -266,7 +270,7 @@ def sa_solver_sample(
     grid = _grid(timesteps)
     if len(grid) < 3 or grid[-1] != 0:
         raise ValueError(f"timesteps: expected K >= 2 steps ending at t = 0, got {grid}")
-    if not (isinstance(noise_level, (int, float)) and math.isfinite(noise_level) and noise_level >= 0):
+    if not (isinstance(noise_level, numbers.Real) and math.isfinite(noise_level) and noise_level >= 0):
         raise ValueError(f"noise_level: expected a finite number >= 0, got {noise_level!r}")
     if not (len(sde_window) == 2 and 0 <= sde_window[0] <= sde_window[1] <= 1):
         raise ValueError(f"sde_window: expected (lo, hi) with 0 <= lo <= hi <= 1, got {sde_window!r}")
