@@ -148,6 +148,10 @@ class _Model:
         return (x, torch.stack(self.states), torch.stack(self.velocities)) if self.keep else x
 
 
+def _device(generator, x):
+    return x.device if generator is None else generator.device
+
+
 def _state_dtype(noise):
     return torch.float64 if noise.dtype == torch.float64 else torch.float32
 
@@ -262,9 +266,10 @@ def sa_solver_sample(
     τ ∈ {0, 0.4, 1}, to 1e-14 (|x| ≈ 10) in float64, checked outside this repo.
 
     velocity_fn(x, t) -> v as in dpm2_sample; noise: (B, ...) at timesteps[0]; timesteps: (K + 1,) strictly
-    decreasing in [0, 1], K >= 2, t_K = 0. noise_level: τ >= 0; generator: a torch.Generator or None (the global
-    one); sde_window: (lo, hi) with 0 <= lo <= hi <= 1. Returns x at t = 0 in noise's dtype; with return_trajectory
-    also the K states velocity_fn was called at (x_0, x^p_1, ..., x^p_{K-1}) and its velocities, each (K, B, ...).
+    decreasing in [0, 1], K >= 2, t_K = 0. noise_level: τ >= 0; generator: a torch.Generator on any device, or
+    None (the global one); sde_window: (lo, hi) with 0 <= lo <= hi <= 1. Returns x at t = 0 in noise's dtype; with
+    return_trajectory also the K states velocity_fn was called at (x_0, x^p_1, ..., x^p_{K-1}) and its
+    velocities, each (K, B, ...).
     """
     _check_noise(noise)
     grid = _grid(timesteps)
@@ -282,7 +287,8 @@ def sa_solver_sample(
         t = grid[k]
         tau = noise_level if sde_window[0] <= t <= sde_window[1] else 0.0
         a, b, n, h = _sa_step(grid[k - 1], t, tau)
-        xi = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        # drawn where the generator lives (a CPU generator gives the same draws for CPU and GPU rollouts)
+        xi = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=_device(generator, x)).to(x.device)
         base = a * x + b * x0 + n * xi
         weight = (1 - t) * (1 + tau**2)
         x_pred = base if x0_prev is None else base + (weight * h * h / (2 * h_prev)) * (x0 - x0_prev)
