@@ -182,9 +182,8 @@ def flow_timesteps(num_steps, shift=1.0, device=None):
     """
     _integer("num_steps", num_steps)
     _positive("shift", shift)
-    t = torch.linspace(
-        1.0, 0.0, num_steps + 1
-    ).double()  # float32 points: shift=1 returns them as is
+    # float32 points, widened: shift=1 returns them unchanged, other shifts are correctly rounded
+    t = torch.linspace(1.0, 0.0, num_steps + 1).double()
     return (t / (t + (1 - t) / shift)).to(device=device, dtype=torch.float32)
 
 
