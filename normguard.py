@@ -16,9 +16,9 @@ Dtypes, one rule for every function: tensor arguments must be floating point (an
 tensor raises TypeError). The first tensor argument sets the dtype: float64 if it is float64,
 float32 otherwise (bf16, fp16, fp32). Every other tensor argument is cast to that dtype, norms,
 errors and losses are reduced in it, and losses, statistics, norms and ratios come back in it.
-Functions that return a tensor shaped like their first argument (forward_process, euler_sample,
-rescale_to_reference) return it in that argument's own dtype. group_advantages computes in float64,
-as the official stat tracker does, and returns the same dtype as the rest.
+Functions that return a tensor shaped like their first tensor argument (forward_process,
+euler_sample, rescale_to_reference) return it in that tensor's own dtype. group_advantages
+computes in float64, as the official stat tracker does, and returns the same dtype as the rest.
 
 Checks: every public function raises ValueError (TypeError for a wrong type) whose message starts
 with the argument's name and says what was expected: shapes, finite values, t in [0, 1], and the
