@@ -345,3 +345,23 @@ RIGHT = [
 def test_edge_input_gets_the_right_answer(fn, modify, check):
     kwargs = modify(valid(fn))
     check(getattr(ng, fn)(**kwargs), kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# the checks stay on the hot path's budget: one host sync per loss call
+
+
+@pytest.mark.parametrize("fn", ["normguard_penalty", "nft_loss", "awm_loss", "dpo_loss"])
+def test_a_loss_call_syncs_with_the_host_once(fn, monkeypatch):
+    """Every way a value reaches Python (bool, item, tolist, float) is counted during one call."""
+    syncs = []
+    for name in ("__bool__", "item", "tolist", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name):
+            syncs.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    getattr(ng, fn)(**valid(fn))
+    assert syncs == ["__bool__"]
