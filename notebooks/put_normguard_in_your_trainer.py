@@ -39,14 +39,14 @@ if ROOT is None:
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing comes from a model hub: the model is built from a config
 
-import normguard as ng  # NormGuard (1/5): the only import; normguard.py needs nothing but torch
-
 from diffusers import SD3Transformer2DModel
 from peft import LoraConfig, get_peft_model
 
+import normguard as ng  # NormGuard (1/5): the only import; normguard.py needs nothing but torch
+
 OUT = Path(os.environ.get("NORMGUARD_NOTEBOOK_OUT", ROOT / "outputs" / "notebooks")) / "put_normguard_in_your_trainer"
 OUT.mkdir(parents=True, exist_ok=True)
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1)  # the model is tiny: a second thread only adds sync cost, and stalls on a busy CPU
 print(f"torch {torch.__version__}, matplotlib backend {matplotlib.get_backend()}, figures go to {OUT}")
 
 # %% [markdown]
@@ -59,19 +59,32 @@ print(f"torch {torch.__version__}, matplotlib backend {matplotlib.get_backend()}
 
 # %%
 PROMPTS, GROUP = 2, 8  # 2 "prompts", 8 samples each: batch 16, advantages normalised within each prompt group
-SAMPLER_STEPS = 6
+SAMPLER_STEPS = 4  # rollouts only need to be samples of the policy; few steps keep them cheap
 LATENT = (4, 8, 8)
 
 
 def build_policy():
     """Base transformer (stand-in for a pretrained checkpoint) + a fresh LoRA; same seed, same weights each call."""
     torch.manual_seed(0)
-    base = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-                                 attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                 caption_projection_dim=32, pooled_projection_dim=16, pos_embed_max_size=8)
-    lora = LoraConfig(r=8, lora_alpha=16, init_lora_weights="gaussian",
-                      target_modules=["to_q", "to_k", "to_v", "to_out.0",
-                                      "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"])
+    base = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        caption_projection_dim=32,
+        pooled_projection_dim=16,
+        pos_embed_max_size=8,
+    )
+    lora = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        init_lora_weights="gaussian",
+        target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"],
+    )
     return get_peft_model(base, lora)
 
 
@@ -82,8 +95,9 @@ pooled = torch.randn(PROMPTS, 16, generator=gen).repeat_interleave(GROUP, 0)
 
 def velocity(model, x, t):
     """v_θ(x_t, t, c) in the diffusers convention: the transformer takes timestep 1000·t."""
-    return model(hidden_states=x, timestep=ng.TIMESTEP_SCALE * t, encoder_hidden_states=text,
-                 pooled_projections=pooled).sample
+    return model(
+        hidden_states=x, timestep=ng.TIMESTEP_SCALE * t, encoder_hidden_states=text, pooled_projections=pooled
+    ).sample
 
 
 model = build_policy()
@@ -96,8 +110,10 @@ with torch.no_grad():
     v = velocity(model, x, t)
     with model.disable_adapter():
         v_ref = velocity(model, x, t)
-print(f"at init: max |v - v_ref| = {(v - v_ref).abs().max().item():.1e}, "
-      f"mean ||v||/||v_ref|| = {ng.norm_ratio(v, v_ref).mean().item():.4f}")
+print(
+    f"at init: max |v - v_ref| = {(v - v_ref).abs().max().item():.1e}, "
+    f"mean ||v||/||v_ref|| = {ng.norm_ratio(v, v_ref).mean().item():.4f}"
+)
 assert torch.equal(v, v_ref)
 
 # %% [markdown]
@@ -120,6 +136,7 @@ assert torch.equal(v, v_ref)
 # batch the pre-update velocity `v_old` is `v` itself, detached, so AWM's ratio ρ is 1 and its gradient is that of
 # `mean[A·w(ℓ, t)]`.
 
+
 # %%
 def reward_fn(x0):
     """Per-sample contrast (std over all latent entries): a caricature of the saturation hacks of real rewards.
@@ -130,7 +147,7 @@ def reward_fn(x0):
     return x0.flatten(1).std(dim=1)
 
 
-def train(lam, steps=160, lr=1e-3, log_every=20, seed=2):
+def train(lam, steps=40, lr=5e-3, log_every=10, seed=2):
     """AWM + lam·NormGuard on the tiny model; returns per-step history and the trained model."""
     model = build_policy()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
@@ -140,8 +157,9 @@ def train(lam, steps=160, lr=1e-3, log_every=20, seed=2):
     for step in range(steps):
         # rollouts with the current policy, scored and normalised per prompt group
         with torch.no_grad():
-            x0 = ng.euler_sample(lambda x, t: velocity(model, x, t),
-                                 torch.randn(PROMPTS * GROUP, *LATENT, generator=gen), grid)
+            x0 = ng.euler_sample(
+                lambda x, t: velocity(model, x, t), torch.randn(PROMPTS * GROUP, *LATENT, generator=gen), grid
+            )
         rewards = reward_fn(x0)
         advantages = ng.group_advantages(rewards, GROUP)
 
@@ -165,10 +183,12 @@ def train(lam, steps=160, lr=1e-3, log_every=20, seed=2):
         if step % log_every == 0 or step == steps - 1:
             # the drift monitor during training: per-sample ratio binned by the training t
             profile, _ = ng.norm_ratio_profile(ng.norm_ratio(v, v_ref), t, num_bins=3)
-            print(f"lam {lam:4.1f} | step {step:4d} | reward {rewards.mean().item():.4f} | "
-                  f"loss {loss.item():+.2e} | hinge {guard_stats['hinge'].item():.2e} | "
-                  f"active {guard_stats['active_frac'].item():.2f} | ratio {guard_stats['norm_ratio'].item():.4f} | "
-                  f"ratio by t [0,1/3,2/3,1] {' '.join(f'{r:.3f}' for r in profile.tolist())}")
+            print(
+                f"lam {lam:4.1f} | step {step:4d} | reward {rewards.mean().item():.4f} | "
+                f"loss {loss.item():+.2e} | hinge {guard_stats['hinge'].item():.2e} | "
+                f"active {guard_stats['active_frac'].item():.2f} | ratio {guard_stats['norm_ratio'].item():.4f} | "
+                f"ratio by t [0,1/3,2/3,1] {' '.join(f'{r:.3f}' for r in profile.tolist())}"
+            )
     return model, history
 
 
@@ -212,7 +232,10 @@ def trajectory_ratio(model, seed=123):
 profiles = {"base": trajectory_ratio(model)}  # the untrained policy from section 1: ratio 1 by construction
 profiles.update({lam: trajectory_ratio(trained) for lam, (trained, _) in runs.items()})
 grid = profiles["base"][1]
-print(f"{'step':>4} {'t':>6} " + " ".join(f"{f'ratio lam={name}' if name != 'base' else 'ratio base':>14}" for name in profiles))
+print(
+    f"{'step':>4} {'t':>6} "
+    + " ".join(f"{f'ratio lam={name}' if name != 'base' else 'ratio base':>14}" for name in profiles)
+)
 for k in range(SAMPLER_STEPS):
     print(f"{k:>4} {grid[k].item():6.3f} " + " ".join(f"{prof[0][k].item():14.4f}" for prof in profiles.values()))
 print("held-out reward (same noise for all): " + ", ".join(f"{name}: {prof[2]:.4f}" for name, prof in profiles.items()))

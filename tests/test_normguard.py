@@ -1,5 +1,6 @@
-"""Oracles for normguard.py: closed forms, float64 per-sample loops written from the formulas in
-shared/notes/base-losses.md, finite differences, and the diffusers scheduler for the convention."""
+"""Oracles for normguard.py: closed forms, float64 per-sample loops written from the official formulas
+of each base loss, finite differences, and the diffusers scheduler for the convention."""
+
 import ast
 import math
 import shutil
@@ -26,9 +27,17 @@ def batch(shape, seed=0):
     x0, noise = rand(shape, seed), rand(shape, seed + 1)
     t = torch.rand(B, generator=torch.Generator().manual_seed(seed + 2), dtype=torch.float64) * 0.9 + 0.05
     x_t, u = ng.forward_process(x0, noise, t)
-    return dict(v=u + 0.3 * rand(shape, seed + 3), v_old=u + 0.3 * rand(shape, seed + 4),
-                v_ref=u + 0.3 * rand(shape, seed + 5), x0=x0, noise=noise, t=t, x_t=x_t, u=u,
-                adv=rand((B,), seed + 6) * 3)
+    return dict(
+        v=u + 0.3 * rand(shape, seed + 3),
+        v_old=u + 0.3 * rand(shape, seed + 4),
+        v_ref=u + 0.3 * rand(shape, seed + 5),
+        x0=x0,
+        noise=noise,
+        t=t,
+        x_t=x_t,
+        u=u,
+        adv=rand((B,), seed + 6) * 3,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -66,8 +75,9 @@ def test_convention_matches_diffusers_flow_match_scheduler():
 
 def test_euler_with_the_true_straight_path_velocity_lands_on_x0():
     x0, noise = rand((4, 2), 0), rand((4, 2), 1)
-    x, states, velocities = ng.euler_sample(lambda x, t: noise - x0, noise, ng.flow_timesteps(5, 3.0).double(),
-                                            return_trajectory=True)
+    x, states, velocities = ng.euler_sample(
+        lambda x, t: noise - x0, noise, ng.flow_timesteps(5, 3.0).double(), return_trajectory=True
+    )
     torch.testing.assert_close(x, x0)
     assert states.shape == velocities.shape == (5, 4, 2) and torch.equal(states[0], noise)
 
@@ -80,8 +90,12 @@ def test_hinge_closed_forms_for_every_option():
     v = torch.tensor([[3.0, 4.0], [1.0, 0.0]], requires_grad=True)  # norms 5, 1
     v_ref = torch.tensor([[0.0, 4.0], [0.0, 2.0]])  # norms 4, 2: only sample 0 is active
     cases = {  # (margin, power, tolerance) -> expected mean over the batch
-        ("relative", 2, 0.0): 0.25**2 / 2, ("relative", 1, 0.0): 0.25 / 2, ("absolute", 2, 0.0): 1.0 / 2,
-        ("absolute", 1, 0.0): 1.0 / 2, ("relative", 2, 0.1): 0.15**2 / 2, ("absolute", 1, 0.5): 0.5 / 2,
+        ("relative", 2, 0.0): 0.25**2 / 2,
+        ("relative", 1, 0.0): 0.25 / 2,
+        ("absolute", 2, 0.0): 1.0 / 2,
+        ("absolute", 1, 0.0): 1.0 / 2,
+        ("relative", 2, 0.1): 0.15**2 / 2,
+        ("absolute", 1, 0.5): 0.5 / 2,
         ("relative", 1, 0.3): 0.0,
     }
     for (margin, power, tolerance), expected in cases.items():
@@ -95,7 +109,8 @@ def test_hinge_closed_forms_for_every_option():
 def test_token_hinge_takes_norms_over_the_channel_dim():
     v, v_ref = rand((2, 3, 4, 5), 0), rand((2, 3, 4, 5), 1)  # (B, C, H, W): channels are dim 1
     penalty, _ = ng.normguard_penalty(v, v_ref, granularity="token", margin="absolute", power=1)
-    expected = [max(v[b, :, i, j].norm() - v_ref[b, :, i, j].norm(), 0) for b in range(2) for i in range(4) for j in range(5)]
+    pixels = [(b, i, j) for b in range(2) for i in range(4) for j in range(5)]
+    expected = [max(v[b, :, i, j].norm() - v_ref[b, :, i, j].norm(), 0) for b, i, j in pixels]
     assert penalty.item() == pytest.approx(sum(expected) / len(expected))
     v, v_ref = rand((2, 6, 3), 2), rand((2, 6, 3), 3)  # (B, N, D): channels are the last dim
     penalty, _ = ng.normguard_penalty(v, v_ref, granularity="token")
@@ -137,10 +152,11 @@ def test_hinge_gradient_is_parallel_to_v_and_never_reaches_v_ref(shape, margin):
 @pytest.mark.parametrize("granularity", ["sample", "token"])
 def test_hinge_gradcheck_float64(margin, granularity):
     v_ref = rand((3, 4, 5), 0)
-    v = (v_ref * torch.tensor([1.3, 0.6, 1.1], dtype=torch.float64)[:, None, None] + 0.05 * rand((3, 4, 5), 1))
+    v = v_ref * torch.tensor([1.3, 0.6, 1.1], dtype=torch.float64)[:, None, None] + 0.05 * rand((3, 4, 5), 1)
     v.requires_grad_(True)
-    torch.autograd.gradcheck(lambda x: ng.normguard_penalty(x, v_ref, margin=margin, granularity=granularity,
-                                                            power=2)[0], (v,))
+    torch.autograd.gradcheck(
+        lambda x: ng.normguard_penalty(x, v_ref, margin=margin, granularity=granularity, power=2)[0], (v,)
+    )
 
 
 def test_relative_hinge_with_a_zero_reference_norm_stays_finite():
@@ -186,15 +202,21 @@ def nft_reference(d, beta, adv_clip, kl_weight):
 @pytest.mark.parametrize("beta", [1.0, 0.1])
 def test_nft_loss_matches_the_per_sample_loop(shape, beta):
     d = batch(shape)
-    loss, stats = ng.nft_loss(d["v"], d["v_old"], d["v_ref"], d["x_t"], d["x0"], d["t"], d["adv"], beta=beta,
-                              kl_weight=1e-2)
+    loss, stats = ng.nft_loss(
+        d["v"], d["v_old"], d["v_ref"], d["x_t"], d["x0"], d["t"], d["adv"], beta=beta, kl_weight=1e-2
+    )
     assert loss.item() == pytest.approx(nft_reference(d, beta, 5.0, 1e-2).item(), rel=1e-12)
     assert stats["norm_ratio"].item() == pytest.approx(ng.norm_ratio(d["v"], d["v_ref"]).mean().item())
 
 
 def awm_weight_reference(err, t, weighting, p=0.25):
-    return {"uniform": err, "t": t * err, "t2": t * t * err, "huber": t * ((err + 1e-10) ** 0.5 - 1e-5),
-            "ghuber": t / p * ((err + 1e-10) ** p - 1e-10**p)}[weighting]
+    return {
+        "uniform": err,
+        "t": t * err,
+        "t2": t * t * err,
+        "huber": t * ((err + 1e-10) ** 0.5 - 1e-5),
+        "ghuber": t / p * ((err + 1e-10) ** p - 1e-10**p),
+    }[weighting]
 
 
 def awm_reference(d, v, weighting, clip_range, adv_clip, ref_weight, ema_weight, v_ema):
@@ -215,8 +237,19 @@ def awm_reference(d, v, weighting, clip_range, adv_clip, ref_weight, ema_weight,
 def test_awm_loss_matches_the_per_sample_loop(shape, weighting):
     d = batch(shape)
     v_ema = d["u"] + 0.2 * rand(shape, 9)
-    loss, _ = ng.awm_loss(d["v"], d["v_old"], d["v_ref"], d["u"], d["t"], d["adv"], weighting=weighting,
-                          clip_range=0.2, ref_weight=1e-2, v_ema=v_ema, ema_weight=0.5)
+    loss, _ = ng.awm_loss(
+        d["v"],
+        d["v_old"],
+        d["v_ref"],
+        d["u"],
+        d["t"],
+        d["adv"],
+        weighting=weighting,
+        clip_range=0.2,
+        ref_weight=1e-2,
+        v_ema=v_ema,
+        ema_weight=0.5,
+    )
     expected = awm_reference(d, d["v"], weighting, 0.2, 5.0, 1e-2, 0.5, v_ema)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
 
@@ -237,8 +270,10 @@ def test_awm_policy_gradient_at_ratio_one_is_advantage_weighted_matching(weighti
 def dpo_reference(v_w, v_l, r_w, r_l, u_w, u_l, beta):
     total = 0.0
     for i in range(v_w.shape[0]):
-        def err(a, b):
+
+        def err(a, b, i=i):
             return ((a[i] - b[i]) ** 2).mean()
+
         z = -beta / 2 * ((err(v_w, u_w) - err(r_w, u_w)) - (err(v_l, u_l) - err(r_l, u_l)))
         total = total + math.log1p(math.exp(-z.item()))
     return total / v_w.shape[0]
@@ -262,7 +297,8 @@ def test_group_advantages_against_a_loop_and_constant_groups():
     expected = [(1 - 2) / (std + 1e-4), 0.0, (3 - 2) / (std + 1e-4), 0.0, 0.0, 0.0]
     torch.testing.assert_close(adv, torch.tensor(expected, dtype=torch.float64))
     per_group = ng.group_advantages(rewards, 3, std_scope="group")
-    assert per_group[0].item() == pytest.approx(-1 / (math.sqrt(2 / 3) + 1e-4)) and torch.count_nonzero(per_group[3:]) == 0
+    assert per_group[0].item() == pytest.approx(-1 / (math.sqrt(2 / 3) + 1e-4))
+    assert torch.count_nonzero(per_group[3:]) == 0
     assert torch.count_nonzero(ng.group_advantages(torch.full((8,), 0.7), 4)) == 0
 
 
@@ -322,7 +358,7 @@ def test_adjoint_sensitivity_matches_finite_differences_on_a_linear_model():
     def reward_with(alpha):
         x = noise
         for k in range(5):
-            x = x + (grid[k + 1] - grid[k]) * (1 + alpha[:, k:k + 1]) * velocity(x, grid[k].expand(4))
+            x = x + (grid[k + 1] - grid[k]) * (1 + alpha[:, k : k + 1]) * velocity(x, grid[k].expand(4))
         return reward(x)
 
     h = 1e-6
@@ -345,8 +381,20 @@ def test_core_imports_only_torch_and_stdlib_and_works_copied_alone(tmp_path):
     top_level |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom)}
     assert top_level - set(sys.stdlib_module_names) == {"torch"}
     shutil.copy(ROOT / "normguard.py", tmp_path / "normguard.py")
-    blocked = ["diffusers", "transformers", "peft", "accelerate", "tqdm", "matplotlib", "sklearn", "torchvision",
-               "safetensors", "huggingface_hub", "PIL", "scipy"]
+    blocked = [
+        "diffusers",
+        "transformers",
+        "peft",
+        "accelerate",
+        "tqdm",
+        "matplotlib",
+        "sklearn",
+        "torchvision",
+        "safetensors",
+        "huggingface_hub",
+        "PIL",
+        "scipy",
+    ]
     script = (
         "import sys\n"
         f"class Block:\n    def find_spec(self, name, path=None, target=None):\n"
@@ -361,6 +409,16 @@ def test_core_imports_only_torch_and_stdlib_and_works_copied_alone(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["ok", "2.0"]
+
+
+def test_core_keeps_to_100_columns_and_imports_only_torch_and_stdlib():
+    source = (ROOT / "normguard.py").read_text()
+    too_long = [(i, len(line)) for i, line in enumerate(source.splitlines(), 1) if len(line) > 100]
+    assert too_long == [], f"(line, columns) over 100: {too_long}"
+    tree = ast.parse(source)
+    imported = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom)}
+    assert imported - set(sys.stdlib_module_names) == {"torch"}
 
 
 def test_bad_inputs_raise_value_errors_that_name_the_argument():
