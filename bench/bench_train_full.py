@@ -60,6 +60,9 @@ class Config:
     repeats: int = 3  # timed steps per setting (after one warm-up step); the median is reported
     methods: str = "nft,awm,dpo"
     lora_rank: int = 32
+    heads: int = 24  # attention heads of 64 dims (SD3.5-M: 24, hidden width 1536); --smoke: 2
+    text_dim: int = 4096  # T5 width of encoder_hidden_states (SD3.5-M: 4096); --smoke: 64
+    pooled_dim: int = 2048  # pooled CLIP width (SD3.5-M: 2048); --smoke: 64
     pos_embed_max_size: int = 384  # SD3.5-M's; the model uses only a cropped window, so smaller only saves memory
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     threads: int = 2  # CPU intra-op threads
@@ -68,7 +71,18 @@ class Config:
 
 
 FULL = dict(num_layers=24, resolution=512, text_tokens=333, batch=4, repeats=10)
-SMOKE = dict(num_layers=1, resolution=32, text_tokens=8, batch=1, repeats=1, lora_rank=4, pos_embed_max_size=16)
+SMOKE = dict(
+    heads=2,
+    text_dim=64,
+    pooled_dim=64,
+    num_layers=1,
+    resolution=32,
+    text_tokens=8,
+    batch=1,
+    repeats=1,
+    lora_rank=4,
+    pos_embed_max_size=16,
+)
 
 
 FLAGS = {"full": "the full SD3.5-Medium transformer at 512 px (GPU)", "smoke": "tiny sizes, seconds, for tests"}
@@ -107,6 +121,10 @@ def build(cfg, device):
         "num_layers": cfg.num_layers,
         "pos_embed_max_size": cfg.pos_embed_max_size,
         "dual_attention_layers": tuple(i for i in SD35_MEDIUM["dual_attention_layers"] if i < cfg.num_layers),
+        "num_attention_heads": cfg.heads,
+        "caption_projection_dim": cfg.heads * SD35_MEDIUM["attention_head_dim"],
+        "joint_attention_dim": cfg.text_dim,
+        "pooled_projection_dim": cfg.pooled_dim,
     }
     torch.manual_seed(0)
     default = torch.get_default_dtype()
@@ -153,8 +171,10 @@ def measure(cfg, method, guard):
     x0 = torch.randn(2 * b if method == "dpo" else b, 16, side, side, generator=gen).to(device)
     n = len(x0)
     cond = {
-        "encoder_hidden_states": torch.randn(n, cfg.text_tokens, 4096, generator=gen).to(device, torch.bfloat16),
-        "pooled_projections": torch.randn(n, 2048, generator=gen).to(device, torch.bfloat16),
+        "encoder_hidden_states": torch.randn(n, cfg.text_tokens, cfg.text_dim, generator=gen).to(
+            device, torch.bfloat16
+        ),
+        "pooled_projections": torch.randn(n, cfg.pooled_dim, generator=gen).to(device, torch.bfloat16),
     }
     adv = torch.randn(b, generator=gen).to(device)
 
@@ -211,8 +231,8 @@ def main(argv=None):
         return None
     name = torch.cuda.get_device_name() if cfg.device == "cuda" else f"CPU, {cfg.threads} thread(s)"
     print(
-        f"SD3.5-Medium transformer design, {cfg.num_layers} of 24 blocks | {cfg.resolution} px "
-        f"({(cfg.resolution // 16) ** 2} image + {cfg.text_tokens} text tokens) | micro-batch {cfg.batch} | LoRA "
+        f"SD3.5-Medium transformer design, {cfg.num_layers} of 24 blocks, {cfg.heads} of 24 heads | {cfg.resolution} "
+        f"px ({(cfg.resolution // 16) ** 2} image + {cfg.text_tokens} text tokens) | micro-batch {cfg.batch} | LoRA "
         f"r={cfg.lora_rank} | bf16 autocast, gradient checkpointing | {name} | median of {cfg.repeats} steps"
     )
     rows = []
