@@ -65,7 +65,7 @@ class Config:
     methods: str = "nft,awm,dpo"
     seeds: str = "0"
     dpo_lr: float = 3e-3  # DPO runs take this for train_full's lr: 2 of every 8 samples (best vs worst) teach it
-    jobs: int = 2  # RL runs in parallel, one process and `threads` threads each
+    jobs: int = 2  # RL runs in parallel, each in a spawned process with `threads` threads (1: in this process)
     threads: int = 1  # these ops are tiny; on a shared 2-core machine a second thread can stall in sync (100x)
     # final evaluation of each trained model (checkpoint evaluations are train_full's, every eval_every steps)
     eval_samples: int = 500  # 50 per digit; fd and disc_acc are compared only between sets of this size
@@ -541,8 +541,9 @@ def json_safe(x):
 
 
 def run_all(cfg, ref_path, jobs, progress):
-    """Every (method, variant, seed) through run_one in `cfg.jobs` spawned processes; one tqdm bar over all RL
-    steps, read from the runs' own log.jsonl files. Returns {(method, variant, seed): result}."""
+    """Every (method, variant, seed) through run_one in `cfg.jobs` spawned processes (jobs=1: one after the other
+    in this process); one tqdm bar over all RL steps, read from the runs' own log.jsonl files. Returns
+    {(method, variant, seed): result}."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
@@ -551,19 +552,21 @@ def run_all(cfg, ref_path, jobs, progress):
         total=sum(steps.values()), desc=f"RL steps ({len(jobs)} runs, {cfg.jobs} at a time)", disable=not progress
     )
     results = {}
+    if cfg.jobs == 1:
+        for job in jobs:
+            results[job] = run_one(cfg, ref_path, *job)
+            report_run(job, results[job])
+            bar.update(steps[job])
+        bar.close()
+        return results
     with ProcessPoolExecutor(cfg.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         pending = {pool.submit(run_one, cfg, ref_path, *job): job for job in jobs}
         while pending:
             finished, _ = wait(pending, timeout=2, return_when=FIRST_COMPLETED)
             for future in finished:
                 job = pending.pop(future)
-                results[job] = r = future.result()  # a failed run raises here, with its train.log kept
-                ev = r["eval"]
-                tqdm.write(
-                    f"{job[0]:>4} {job[1]:>5} seed {job[2]} | reward {ev['full']['reward']:.3f} | ratio "
-                    f"{ev['full']['ratio']:.3f} | judge {ev['full']['judge_acc']:.3f} | FD {ev['full']['fd']:.1f}"
-                    f" | FD@few {ev['few']['fd']:.1f} | train {r['wall_time_s']['train']:.0f} s"
-                )
+                results[job] = future.result()  # a failed run raises here, with its train.log kept
+                report_run(job, results[job])
             count = 0
             for job in jobs:
                 if job in results:
@@ -573,6 +576,15 @@ def run_all(cfg, ref_path, jobs, progress):
             bar.update(count - bar.n)
     bar.close()
     return results
+
+
+def report_run(job, result):
+    ev, seconds = result["eval"], result["wall_time_s"]["train"]
+    tqdm.write(
+        f"{job[0]:>4} {job[1]:>5} seed {job[2]} | reward {ev['full']['reward']:.3f} | ratio {ev['full']['ratio']:.3f}"
+        f" | judge {ev['full']['judge_acc']:.3f} | FD {ev['full']['fd']:.1f} | FD@few {ev['few']['fd']:.1f} | train "
+        f"{seconds:.0f} s"
+    )
 
 
 def run(cfg, progress=True):

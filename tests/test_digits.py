@@ -269,10 +269,10 @@ def test_an_interrupted_experiment_reuses_finished_runs_and_reruns_changed_ones(
     out, first = smoke
     result = out / "runs" / "dpo_guard_seed0" / "result.pt"
     stamp = result.stat().st_mtime_ns
-    again = dx.main(smoke_args(digits_cache, out, "--methods=dpo"))
+    again = dx.main(smoke_args(digits_cache, out, "--methods=dpo", "--jobs=1"))  # jobs=1: in this process
     assert result.stat().st_mtime_ns == stamp  # same train_full config: read back, not retrained
     assert dx.json_safe(again["runs"]["dpo"]) == dx.json_safe(first["runs"]["dpo"])  # profile bins may be NaN
-    changed = dx.main(smoke_args(digits_cache, out, "--methods=dpo", "--lam=0.5"))
+    changed = dx.main(smoke_args(digits_cache, out, "--methods=dpo", "--lam=0.5", "--jobs=1"))
     assert result.stat().st_mtime_ns != stamp
     assert changed["train_config"]["lam"] == 0.5
 
