@@ -199,17 +199,13 @@ def get_reference(
     label_dropout=0.1,
     progress=True,
 ):
-    """Path of the pretrained reference (a diffusers-format folder), pretraining it first if it is not cached.
+    """Path of the pretrained reference (a diffusers-format folder), pretraining it first (pretrain, with these
+    settings) if it is not cached.
 
     The folder holds transformer/ (SD3Transformer2DModel.save_pretrained) and label_embeddings.safetensors
-    (LabelEncoder), plus pretrain.json (settings, final loss, wall time). Pretraining is flow matching on the
-    "train" split: x_t = (1 - t)·x0 + t·ε with t ~ U(0, 1), target ε - x0, the model called with timestep
-    TIMESTEP_SCALE·t; AdamW at lr with a linear warm-up and cosine decay; the saved weights are an EMA (decay
-    ema) of the trained ones, as image generators ship. Deterministic given seed. The folder name carries seed
-    and steps, so a short test budget never shadows the real reference. About 2 min at steps=2000 on 2 cores.
+    (LabelEncoder), plus pretrain.json (settings, final loss, wall time). The folder name carries seed and steps, so
+    a short test budget never shadows the real reference. About 2 min at steps=2000 on 2 cores.
     """
-    from diffusers import SD3Transformer2DModel
-
     for name, value in (("steps", steps), ("batch", batch)):
         if not (isinstance(value, int) and value >= 1):
             raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
@@ -217,21 +213,42 @@ def get_reference(
     if (path / "transformer" / "config.json").is_file() and (path / "label_embeddings.safetensors").is_file():
         return str(path)
     t0 = time.time()
+    settings = dict(steps=steps, batch=batch, lr=lr, seed=seed, ema=ema, label_dropout=label_dropout)
+    transformer, encoder, info = pretrain(device, progress=progress, **settings)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")  # write, then rename: a reader sees all or nothing
+    transformer.to("cpu").save_pretrained(str(tmp / "transformer"))
+    encoder.to("cpu").save_pretrained(str(tmp))
+    info.update(transformer_config=TRANSFORMER_CONFIG, label_tokens=LABEL_TOKENS, split_seed=SPLIT_SEED)
+    (tmp / "pretrain.json").write_text(json.dumps({**info, "wall_time_s": time.time() - t0}, indent=1))
+    try:
+        tmp.rename(path)
+    except OSError:  # another process finished first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(path)
+
+
+def pretrain(device="cpu", *, steps=2000, batch=128, lr=1e-3, seed=0, ema=0.995, label_dropout=0.1, progress=True):
+    """(transformer, encoder, info): the reference generator trained by flow matching on the "train" split.
+
+    x_t = (1 - t)·x0 + t·ε with t ~ U(0, 1), target ε - x0, the model called with timestep TIMESTEP_SCALE·t; AdamW at
+    lr with a linear warm-up and cosine decay; the returned weights are an EMA (decay ema) of the trained ones, as
+    image generators ship. Deterministic given seed. info: the settings and the mean loss of the last 100 steps.
+    """
+    from diffusers import SD3Transformer2DModel
+
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     transformer = SD3Transformer2DModel(**TRANSFORMER_CONFIG).to(device)
-    encoder = LabelEncoder(
-        LABEL_TOKENS, TRANSFORMER_CONFIG["joint_attention_dim"], TRANSFORMER_CONFIG["pooled_projection_dim"]
-    ).to(device)
+    dims = TRANSFORMER_CONFIG["joint_attention_dim"], TRANSFORMER_CONFIG["pooled_projection_dim"]
+    encoder = LabelEncoder(LABEL_TOKENS, *dims).to(device)
     nn.init.normal_(encoder.tokens.weight, std=1.0)
     nn.init.normal_(encoder.pooled.weight, std=1.0)
     params = list(transformer.parameters()) + list(encoder.parameters())
     ema_params = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
-    )
+    cosine = lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
     images, labels = load_split("train")
     images, labels = images.to(device), labels.to(device)
     bar = tqdm(range(steps), desc="pretrain reference", disable=not progress, leave=False)
@@ -258,34 +275,8 @@ def get_reference(
     with torch.no_grad():
         for p_ema, p in zip(ema_params, params):
             p.copy_(p_ema)
-    tmp = path.with_name(
-        path.name + f".tmp{os.getpid()}"
-    )  # write, then rename: a concurrent reader sees all or nothing
-    transformer.to("cpu").save_pretrained(str(tmp / "transformer"))
-    encoder.to("cpu").save_pretrained(str(tmp))
-    (tmp / "pretrain.json").write_text(
-        json.dumps(
-            {
-                "steps": steps,
-                "batch": batch,
-                "lr": lr,
-                "seed": seed,
-                "ema": ema,
-                "label_dropout": label_dropout,
-                "transformer_config": TRANSFORMER_CONFIG,
-                "label_tokens": LABEL_TOKENS,
-                "split_seed": SPLIT_SEED,
-                "final_loss_last100": sum(losses[-100:]) / len(losses[-100:]),
-                "wall_time_s": time.time() - t0,
-            },
-            indent=1,
-        )
-    )
-    try:
-        tmp.rename(path)
-    except OSError:  # another process finished first: keep its copy
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(path)
+    settings = dict(steps=steps, batch=batch, lr=lr, seed=seed, ema=ema, label_dropout=label_dropout)
+    return transformer, encoder, {**settings, "final_loss_last100": sum(losses[-100:]) / len(losses[-100:])}
 
 
 def load_reference(path, device="cpu"):
