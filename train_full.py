@@ -1,10 +1,12 @@
 """RL fine-tuning of diffusers flow models (SD3/SD3.5, FLUX.1) with DiffusionNFT, AWM or Diffusion-DPO + NormGuard.
 
-    accelerate launch train_full.py --preset=sd3 --pretrained_model_name_or_path=stabilityai/stable-diffusion-3.5-medium \
+    accelerate launch train_full.py --preset=sd3 \\
+        --pretrained_model_name_or_path=stabilityai/stable-diffusion-3.5-medium \\
         --train_prompts=prompts.txt --eval_prompts=eval.txt --method=nft --guard=true --out_dir=runs/sd35_nft
-    python train_full.py --preset=digits --smoke                     # CPU: the 8x8-digit SD3 transformer of digits.py
-    python train_full.py --preset=digits --smoke --steps=4 --resume=latest   # continue from the last checkpoint
-The digits preset pretrains (once, cached) its reference with digits.get_reference: about two minutes on 2 cores.
+    accelerate launch train_full.py --preset=flux --pretrained_model_name_or_path=black-forest-labs/FLUX.1-dev
+    python train_full.py --help            # every key with its default and what it does
+Other model families register an adapter and a preset from their own file (register_adapter) and start this trainer
+from there with the same keys: the 8x8-digit CPU testbed runs as `python digits.py --smoke`.
 
 What happens, top to bottom:
 1. config: one commented dataclass; presets fill model-specific defaults; `--key=value` overrides, unknown keys fail.
@@ -22,11 +24,12 @@ What happens, top to bottom:
 Every base loss here evaluates the reference velocity at the training points already (their KL terms and DPO's
 implicit reward need it), so the guard reuses that forward: it costs no extra network evaluation.
 """
+
 import contextlib
 import dataclasses
+import functools
 import importlib
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -37,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+import cli
 import normguard as ng
 
 METHODS = ("nft", "awm", "dpo")
@@ -44,13 +48,12 @@ METHODS = ("nft", "awm", "dpo")
 
 @dataclass
 class Config:
-    # model: a diffusers pipeline folder or hub id (sd3: StableDiffusion3Pipeline, flux: FluxPipeline); digits: a
-    # digits.get_reference folder (empty = build or reuse the cached one)
-    preset: str = "sd3"  # sd3 | flux | digits
-    pretrained_model_name_or_path: str = ""
+    # model: a diffusers pipeline folder or hub id (sd3: StableDiffusion3Pipeline, flux: FluxPipeline)
+    preset: str = "sd3"  # sd3 | flux | a preset another file registered (register_adapter)
+    pretrained_model_name_or_path: str = ""  # a folder or hub id (a registered preset may build its own if empty)
     resolution: int = 512
     max_sequence_length: int = 256  # T5 tokens of the prompt encoders
-    # prompts: text files, one prompt per line (digits: lines "0".."9"); empty = the preset's built-in list
+    # prompts: text files, one prompt per line; empty = the preset's built-in list
     train_prompts: str = ""
     eval_prompts: str = ""
     # trainable: LoRA on the transformer (rank/alpha as DiffusionNFT's official r=32, alpha=64), or everything
@@ -64,11 +67,11 @@ class Config:
     sample_steps: int = 10  # Euler steps of the rollout sampler (NFT 10, AWM 14 in the official configs)
     cfg_scale: float = 1.0  # classifier-free guidance of the rollouts (1.0 = off, NFT's official setting)
     flux_guidance: float = 3.5  # FLUX-dev's embedded guidance value (ignored by models without guidance_embeds)
-    shift: float = 1.0  # digits only: the sampling grid's shift (sd3/flux take theirs from the scheduler)
-    # reward: pickscore | jpeg | digits | module:function (called as fn(images (B,3,H,W) in [-1,1], prompts) -> (B,))
+    shift: float = 1.0  # the sampling grid's shift for models without a scheduler (sd3/flux take the scheduler's)
+    # reward: pickscore | jpeg | a registered reward | module:function (fn(images (B,3,H,W) in [-1,1], prompts) -> (B,))
     reward: str = "pickscore"
     pickscore_model: str = "yuvalkirstain/PickScore_v1"  # a CLIPModel folder or hub id (tokenizer included)
-    # method and its base-loss settings (defaults: the official configs, see shared notes)
+    # method and its base-loss settings (defaults: the official configs)
     method: str = "nft"  # nft | awm | dpo
     train_timesteps: int = 0  # per sample and step; 0 = the method's recipe: nft K-1, awm 6, dpo 1
     nft_beta: float = 1.0
@@ -107,65 +110,42 @@ class Config:
     checkpoint_every: int = 50
     checkpoints_keep: int = 2
     resume: str = ""  # "" | latest | a checkpoint folder
-    cache_dir: str = ""  # digits: where the reference and classifiers are cached ("" = digits' default)
+    cache_dir: str = ""  # where a registered preset caches what it builds ("" = its own default)
 
 
-PRESETS = {
-    "sd3": dict(resolution=512, lora_targets="to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"),
-    "flux": dict(resolution=512, max_sequence_length=512, lora_targets="to_q,to_k,to_v,to_out.0,add_q_proj,"
-                 "add_k_proj,add_v_proj,to_add_out"),
-    "digits": dict(resolution=8, reward="digits", lora_rank=8, lora_alpha=16, group_size=8, prompts_per_step=4,
-                   train_batch_size=32, mixed_precision="no", gradient_checkpointing=False, lr=1e-3, eval_seeds=4),
-}
-SMOKE = dict(steps=2, prompts_per_step=2, group_size=2, sample_steps=3, few_steps=1, train_batch_size=4,
-             eval_every=2, eval_seeds=1, checkpoint_every=1, lora_rank=4, lora_alpha=8, mixed_precision="no",
-             gradient_checkpointing=False, out_dir="runs/train_full_smoke")
-SMOKE_SIZE = {"sd3": dict(resolution=16, max_sequence_length=16), "flux": dict(resolution=16, max_sequence_length=16),
-              "digits": dict(resolution=8)}
-DEFAULT_PROMPTS = {"sd3": ["a photo of a cat", "a red bicycle leaning on a wall", "a bowl of ramen, top view",
-                           "a lighthouse at dusk"], "digits": [str(d) for d in range(10)]}
-DEFAULT_PROMPTS["flux"] = DEFAULT_PROMPTS["sd3"]
+SMOKE = dict(steps=2, prompts_per_step=2, group_size=2, sample_steps=3, few_steps=1, train_batch_size=4)
+SMOKE.update(eval_every=2, eval_seeds=1, checkpoint_every=1, lora_rank=4, lora_alpha=8, mixed_precision="no")
+SMOKE.update(gradient_checkpointing=False, out_dir="runs/train_full_smoke")
+FLAGS = {"smoke": "tiny sizes (2 steps, 2x2 rollouts, LoRA r=4), for tests and a first try"}
+CHOICES = dict(method=METHODS, margin=("relative", "absolute"), power=(1, 2), granularity=("sample", "token"))
+CHOICES.update(dpo_guard=("both", "winner", "loser"), mixed_precision=("no", "fp16", "bf16"))
+CHOICES.update(report_to=("", "tensorboard", "wandb"))
+AT_LEAST_1 = "steps prompts_per_step group_size sample_steps few_steps train_batch_size eval_every eval_seeds"
+AT_LEAST_1 += " checkpoint_every checkpoints_keep lora_rank resolution"
 
 
-def parse_args(argv):
-    """Config from --key=value overrides on top of a preset (and --smoke); unknown keys raise ValueError."""
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    overrides, smoke = {}, False
-    for arg in argv:
-        if arg == "--smoke":
-            smoke = True
-            continue
-        key, eq, value = arg[2:].partition("=")
-        if not arg.startswith("--") or not eq or key not in fields:
-            raise ValueError(f"argument {arg!r}: expected --smoke or --key=value with key one of {sorted(fields)}")
-        kind = type(getattr(Config, key))
-        if kind is bool:
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"--{key}: expected true or false, got {value!r}")
-            overrides[key] = value.lower() in ("true", "1")
-        else:
-            try:
-                overrides[key] = kind(value)
-            except ValueError:
-                raise ValueError(f"--{key}: expected a {kind.__name__}, got {value!r}") from None
-    preset = overrides.get("preset", Config.preset)
-    if preset not in PRESETS:
-        raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
-    smoke_kw = {**SMOKE, **SMOKE_SIZE[preset]} if smoke else {}
-    cfg = Config(**{**PRESETS[preset], **smoke_kw, **overrides})
+def parse_args(argv, preset="sd3"):
+    """Config from `--key=value` overrides and `--smoke` on top of `preset` (unless --preset is given)."""
+    (overrides,), flags = cli.parse(argv, [Config], flags=FLAGS, doc=__doc__)
+    return make_config(overrides, smoke="smoke" in flags, preset=preset)
+
+
+def make_config(overrides, smoke=False, preset="sd3"):
+    """The preset's defaults, then (smoke) SMOKE and the preset's smoke sizes, then `overrides`; checked."""
+    name = overrides.get("preset", preset)
+    family = registered(name)
+    cfg = Config(**{**family.defaults, **({**SMOKE, **family.smoke_sizes} if smoke else {}), **overrides})
+    cfg.preset = name
     check_config(cfg)
     return cfg
 
 
 def check_config(cfg):
-    choices = dict(method=METHODS, margin=("relative", "absolute"), power=(1, 2), granularity=("sample", "token"),
-                   dpo_guard=("both", "winner", "loser"), mixed_precision=("no", "fp16", "bf16"),
-                   report_to=("", "tensorboard", "wandb"), preset=tuple(PRESETS))
-    for name, options in choices.items():
+    """A ValueError naming the key and what it expects, for the first bad value of cfg."""
+    for name, options in CHOICES.items():
         if getattr(cfg, name) not in options:
             raise ValueError(f"{name}: expected one of {options}, got {getattr(cfg, name)!r}")
-    for name in ("steps", "prompts_per_step", "group_size", "sample_steps", "few_steps", "train_batch_size",
-                 "eval_every", "eval_seeds", "checkpoint_every", "checkpoints_keep", "lora_rank", "resolution"):
+    for name in AT_LEAST_1.split():
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {getattr(cfg, name)}")
     if cfg.group_size < 2:
@@ -180,154 +160,190 @@ def check_config(cfg):
     for name in ("lam", "kl_weight", "awm_ema_weight", "tolerance", "weight_decay"):
         if not getattr(cfg, name) >= 0:
             raise ValueError(f"{name}: expected a number >= 0, got {getattr(cfg, name)}")
-    if cfg.preset != "digits" and not cfg.pretrained_model_name_or_path:
-        raise ValueError("pretrained_model_name_or_path: required for the sd3 and flux presets: a hub id such as "
-                         "stabilityai/stable-diffusion-3.5-medium or a folder written by pipeline.save_pretrained")
+    registered(cfg.preset).adapter.check(cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# model adapters: everything that differs between SD3, FLUX and the digits testbed
+# model families: a registry of adapters (SD3 the base, FLUX overriding what differs), extensible from outside
 
 
-def resolve_model_path(cfg):
-    """A local folder as given, or a hub id that answers within seconds; else a ValueError that says what to pass."""
-    path = cfg.pretrained_model_name_or_path
-    if cfg.preset == "digits" and not path:
-        import digits
-
-        return digits.get_reference(cfg.cache_dir or digits.DEFAULT_CACHE, "cpu")
-    marker = "transformer/config.json" if cfg.preset == "digits" else "model_index.json"
-    hint = ("pass --pretrained_model_name_or_path=<hub id, e.g. stabilityai/stable-diffusion-3.5-medium or "
-            "black-forest-labs/FLUX.1-dev> or <a folder written by pipeline.save_pretrained>")
-    if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, marker)):
-            raise ValueError(f"pretrained_model_name_or_path: {path} has no {marker}; {hint}")
-        return path
-    if path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise ValueError(f"pretrained_model_name_or_path: no folder {path!r} and not a hub id (owner/name); {hint}")
-    from huggingface_hub import hf_hub_download
-
-    try:  # one small file with a short timeout: a wrong id, a gated model or no network fails here, not in 10 min
-        hf_hub_download(path, marker, etag_timeout=10)
-    except Exception as e:
-        raise ValueError(f"pretrained_model_name_or_path: cannot reach {path!r} ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]}); {hint}; gated models need `hf auth login`, offline "
-                         f"runs (HF_HUB_OFFLINE=1) need the model in the local cache") from None
-    return path
+@dataclass
+class Family:
+    adapter: type  # SD3Adapter or a subclass
+    defaults: dict  # Config values of the preset (the command line overrides them)
+    smoke_sizes: dict  # Config values --smoke adds on top of SMOKE (the sizes the family needs)
+    prompts: list  # the built-in prompts when no prompt file is given
 
 
-class Adapter:
+ADAPTERS = {}  # preset name -> Family
+REWARDS = {}  # reward name -> build(cfg, device) -> fn(images (B, C, H, W) in [-1, 1], prompts) -> (B,)
+
+
+def register_adapter(name, cls, preset_defaults=None, smoke_sizes=None, default_prompts=()):
+    """Make `--preset=name` load `cls` with these Config defaults. A second registration of a name replaces the
+    first (a script run as __main__ and also imported by name registers twice)."""
+    ADAPTERS[name] = Family(cls, dict(preset_defaults or {}), dict(smoke_sizes or {}), list(default_prompts))
+
+
+def register_reward(name, build):
+    """Make `--reward=name` call build(cfg, device), which returns fn(images, prompts) -> (B,) rewards."""
+    REWARDS[name] = build
+
+
+def registered(preset):
+    if preset in ADAPTERS:
+        return ADAPTERS[preset]
+    script = Path(__file__).resolve().parent / f"{preset}.py"  # a testbed registers its preset from its own file
+    hint = f"; {script.name} registers it: run `python {script.name}` with the same arguments"
+    raise ValueError(f"preset: expected one of {sorted(ADAPTERS)}, got {preset!r}{hint if script.is_file() else ''}")
+
+
+class SD3Adapter:
     """One model family: load, encode prompts, velocity v(x_t, t, c) in the ng convention, decode, sigmas.
 
     Latents x are always (B, C, H, W) (FLUX's are packed into 2x2 tokens only inside velocity), so the norms, the
     forward process and the Euler sampler of normguard.py see one layout for every family.
     """
 
+    model_file = "model_index.json"  # what a model folder or hub repo of this family holds
+    guidance = None
+
+    @staticmethod
+    def pipeline_class():
+        from diffusers import StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline
+
+    @classmethod
+    def check(cls, cfg):
+        if not cfg.pretrained_model_name_or_path:
+            raise ValueError(f"pretrained_model_name_or_path: required for the {cfg.preset} preset: {PATH_HINT}")
+
+    @classmethod
+    def resolve_path(cls, cfg):
+        """A local folder as given, or a hub id that answers within seconds; else a ValueError saying what to pass."""
+        path, file, name = cfg.pretrained_model_name_or_path, cls.model_file, "pretrained_model_name_or_path"
+        if os.path.isdir(path):
+            if not os.path.isfile(os.path.join(path, file)):
+                raise ValueError(f"{name}: {path} has no {file}; pass {PATH_HINT}")
+            return path
+        if path.startswith((".", "/", "~")) or path.count("/") != 1:
+            raise ValueError(f"{name}: no folder {path!r} and not a hub id (owner/name); pass {PATH_HINT}")
+        from huggingface_hub import hf_hub_download
+
+        try:  # one small file with a short timeout: a wrong id, a gated model or no network fails here, not in 10 min
+            hf_hub_download(path, file, etag_timeout=10)
+        except Exception as e:
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            raise ValueError(
+                f"{name}: cannot reach {path!r} ({why}); pass {PATH_HINT}; gated models need `hf auth "
+                "login`, offline runs (HF_HUB_OFFLINE=1) need the model in the local cache"
+            ) from None
+        return path
+
     def __init__(self, cfg, path, device, weight_dtype):
         self.cfg, self.device, self.dtype = cfg, device, weight_dtype
-        self.guidance = None
-        if cfg.preset == "digits":
-            import digits
-            from diffusers import SD3Transformer2DModel
-
-            self.digits = digits
-            self.transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer")
-            self.encoder = digits.LabelEncoder.from_pretrained(path).to(device).requires_grad_(False)
-            c = self.transformer.config
-            self.latent_shape = (c.in_channels, c.sample_size, c.sample_size)
-            self.pipe = None
-            return
-        from diffusers import FluxPipeline, StableDiffusion3Pipeline
-
-        cls = StableDiffusion3Pipeline if cfg.preset == "sd3" else FluxPipeline
-        self.pipe = cls.from_pretrained(path, dtype=weight_dtype)
+        self.pipe = self.pipeline_class().from_pretrained(path, dtype=weight_dtype)
         for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-            module = getattr(self.pipe, name, None)
-            if module is not None:
-                module.to(device).requires_grad_(False)
+            if getattr(self.pipe, name, None) is not None:
+                getattr(self.pipe, name).to(device).requires_grad_(False)
         self.transformer = self.pipe.transformer
         self.pipe.set_progress_bar_config(disable=True)
-        vsf, c = self.pipe.vae_scale_factor, self.transformer.config
+        vsf = self.pipe.vae_scale_factor
         if cfg.resolution % (vsf * 2):
-            raise ValueError(f"resolution: expected a multiple of {vsf * 2} (VAE factor x 2x2 patches), got "
-                             f"{cfg.resolution}")
-        side = cfg.resolution // vsf
-        channels = c.in_channels if cfg.preset == "sd3" else c.in_channels // 4  # FLUX: in_channels counts 2x2 packs
-        self.latent_shape = (channels, side, side)
-        if cfg.preset == "flux":
-            self.img_ids = self.pipe._prepare_latent_image_ids(1, side // 2, side // 2, device, weight_dtype)
-            if c.guidance_embeds:
-                self.guidance = torch.tensor([cfg.flux_guidance], device=device)
+            raise ValueError(f"resolution: expected a multiple of {vsf * 2} (VAE x 2x2 patches), got {cfg.resolution}")
+        self.latent_shape = (self.transformer.config.in_channels, cfg.resolution // vsf, cfg.resolution // vsf)
 
     def encode(self, prompts):
         """prompts: list of str -> conditioning dict of batched tensors (the pipeline's own encoders)."""
-        if self.pipe is None:
-            try:
-                labels = torch.tensor([int(p) for p in prompts], device=self.device)
-            except ValueError:
-                raise ValueError(f"prompts: the digits preset expects digit labels 0..9, got {prompts[:4]}") from None
-            hidden, pooled = self.encoder(labels)
-            return {"encoder_hidden_states": hidden, "pooled_projections": pooled, "labels": labels}
+        kw = dict(
+            device=self.device, do_classifier_free_guidance=False, max_sequence_length=self.cfg.max_sequence_length
+        )
         with torch.no_grad():
-            if self.cfg.preset == "sd3":
-                emb, _, pooled, _ = self.pipe.encode_prompt(prompts, None, None, device=self.device,
-                                                            do_classifier_free_guidance=False,
-                                                            max_sequence_length=self.cfg.max_sequence_length)
-                return {"encoder_hidden_states": emb, "pooled_projections": pooled}
-            emb, pooled, txt_ids = self.pipe.encode_prompt(prompts, None, device=self.device,
-                                                           max_sequence_length=self.cfg.max_sequence_length)
-            self.txt_ids = txt_ids  # (L, 3), the same for every prompt
-            return {"encoder_hidden_states": emb, "pooled_projections": pooled}
+            emb, _, pooled, _ = self.pipe.encode_prompt(prompts, None, None, **kw)
+        return {"encoder_hidden_states": emb, "pooled_projections": pooled}
 
     def null_cond(self, n):
-        """The unconditional "prompt" for CFG: the empty string (digits: the null label)."""
-        if self.pipe is None:
-            hidden, pooled = self.encoder(torch.full((n,), self.digits.NULL_LABEL, device=self.device))
-            return {"encoder_hidden_states": hidden, "pooled_projections": pooled}
+        """The unconditional "prompt" for CFG: the empty string."""
         return self.encode([""] * n)
 
     def velocity(self, model, x, t, cond):
         """v_theta(x_t, t, c): x (B, C, H, W), t (B,) in [0, 1] -> (B, C, H, W) in x's dtype."""
         kw = {k: cond[k] for k in ("encoder_hidden_states", "pooled_projections")}
-        if self.cfg.preset != "flux":
-            return model(hidden_states=x, timestep=ng.TIMESTEP_SCALE * t, return_dict=False, **kw)[0]
-        b, c, h, w = x.shape
-        packed = self.pipe._pack_latents(x, b, c, h, w)
-        guidance = self.guidance.expand(b) if self.guidance is not None else None
-        # FluxTransformer2DModel multiplies timestep (and guidance) by 1000 itself, so it takes t, not 1000·t
-        out = model(hidden_states=packed, timestep=t, guidance=guidance, txt_ids=self.txt_ids, img_ids=self.img_ids,
-                    return_dict=False, **kw)[0]
-        return self.pipe._unpack_latents(out, h * self.pipe.vae_scale_factor, w * self.pipe.vae_scale_factor,
-                                         self.pipe.vae_scale_factor)
+        return model(hidden_states=x, timestep=ng.TIMESTEP_SCALE * t, return_dict=False, **kw)[0]
 
     def sigmas(self, num_steps):
         """(K + 1,) sampling grid 1 -> 0 as the model's pipeline builds it (SD3: static shift; FLUX: dynamic mu)."""
-        if self.pipe is None:
-            return ng.flow_timesteps(num_steps, shift=self.cfg.shift, device=self.device)
-        import numpy as np
-
         sched, kw = self.pipe.scheduler, {}
         if sched.config.get("use_dynamic_shifting", False):
             from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-            seq = (self.latent_shape[1] // 2) * (self.latent_shape[2] // 2)
-            kw["mu"] = calculate_shift(seq, sched.config.get("base_image_seq_len", 256),
-                                       sched.config.get("max_image_seq_len", 4096),
-                                       sched.config.get("base_shift", 0.5), sched.config.get("max_shift", 1.15))
-        if self.cfg.preset == "flux":
-            kw["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps)  # as FluxPipeline.__call__ passes them
-            sched.set_timesteps(device="cpu", **kw)
-        else:
-            sched.set_timesteps(num_steps, device="cpu", **kw)
+            c, seq = sched.config, (self.latent_shape[1] // 2) * (self.latent_shape[2] // 2)
+            lens, shifts = (c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)), (0.5, 1.15)
+            kw["mu"] = calculate_shift(seq, *lens, c.get("base_shift", shifts[0]), c.get("max_shift", shifts[1]))
+        self.set_timesteps(sched, num_steps, kw)
         return sched.sigmas.to(self.device, torch.float32)
+
+    def set_timesteps(self, sched, num_steps, kw):
+        sched.set_timesteps(num_steps, device="cpu", **kw)
 
     def decode(self, x):
         """Latents -> images (B, 3 or 1, H, W) in [-1, 1]."""
-        if self.pipe is None:
-            return x.float().clamp(-1, 1)
         vae = self.pipe.vae
         x = x / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
         return vae.decode(x.to(vae.dtype), return_dict=False)[0].float().clamp(-1, 1)
+
+    def image_metrics(self, images, prompts):
+        """Extra eval metrics of decoded images (B, C, H, W) for their prompts: {name: float}; none here."""
+        return {}
+
+
+class FluxAdapter(SD3Adapter):
+    """FLUX.1: latents packed into 2x2 tokens with position ids, the timestep scaled inside the model, embedded
+    guidance, sigmas passed explicitly with a resolution-dependent shift."""
+
+    @staticmethod
+    def pipeline_class():
+        from diffusers import FluxPipeline
+
+        return FluxPipeline
+
+    def __init__(self, cfg, path, device, weight_dtype):
+        super().__init__(cfg, path, device, weight_dtype)
+        side = self.latent_shape[1]
+        self.latent_shape = (self.transformer.config.in_channels // 4, side, side)  # in_channels counts 2x2 packs
+        self.img_ids = self.pipe._prepare_latent_image_ids(1, side // 2, side // 2, device, weight_dtype)
+        if self.transformer.config.guidance_embeds:
+            self.guidance = torch.tensor([cfg.flux_guidance], device=device)
+
+    def encode(self, prompts):
+        with torch.no_grad():
+            emb, pooled, txt_ids = self.pipe.encode_prompt(
+                prompts, None, device=self.device, max_sequence_length=self.cfg.max_sequence_length
+            )
+        self.txt_ids = txt_ids  # (L, 3), the same for every prompt
+        return {"encoder_hidden_states": emb, "pooled_projections": pooled}
+
+    def velocity(self, model, x, t, cond):
+        b, c, h, w = x.shape
+        packed, vsf = self.pipe._pack_latents(x, b, c, h, w), self.pipe.vae_scale_factor
+        ids = dict(guidance=self.guidance.expand(b) if self.guidance is not None else None, txt_ids=self.txt_ids)
+        kw = {k: cond[k] for k in ("encoder_hidden_states", "pooled_projections")}
+        # FluxTransformer2DModel multiplies timestep (and guidance) by 1000 itself, so it takes t, not 1000·t
+        out = model(hidden_states=packed, timestep=t, img_ids=self.img_ids, return_dict=False, **ids, **kw)[0]
+        return self.pipe._unpack_latents(out, h * vsf, w * vsf, vsf)
+
+    def set_timesteps(self, sched, num_steps, kw):
+        import numpy as np
+
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), device="cpu", **kw)  # as FluxPipeline
+
+
+PATH_HINT = "a hub id (e.g. stabilityai/stable-diffusion-3.5-medium) or a folder written by pipeline.save_pretrained"
+PROMPTS = ["a photo of a cat", "a red bicycle leaning on a wall", "a bowl of ramen, top view", "a lighthouse at dusk"]
+TINY = dict(resolution=16, max_sequence_length=16)
+register_adapter("sd3", SD3Adapter, dict(resolution=512), TINY, PROMPTS)
+register_adapter("flux", FluxAdapter, dict(resolution=512, max_sequence_length=512), TINY, PROMPTS)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -356,8 +372,8 @@ class PickScore:
 
     @torch.no_grad()
     def __call__(self, images, prompts):
-        x = torch.nn.functional.interpolate((images.float() + 1) / 2, size=(self.size, self.size), mode="bicubic",
-                                            antialias=True).clamp(0, 1)
+        x = (images.float() + 1) / 2
+        x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True).clamp(0, 1)
         mean, std = (torch.tensor(c, device=x.device)[:, None, None] for c in (self.MEAN, self.STD))
         x = (x - mean) / std
         tok = self.tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt").to(self.device)
@@ -368,23 +384,485 @@ class PickScore:
         return self.model.logit_scale.exp() * (img * txt).sum(-1)
 
 
-def build_reward(cfg, adapter, device):
-    if cfg.reward == "jpeg":
-        return jpeg_reward
-    if cfg.reward == "pickscore":
-        return PickScore(cfg.pickscore_model, device)
-    if cfg.reward == "digits":
-        digits, cache = adapter.digits, cfg.cache_dir or adapter.digits.DEFAULT_CACHE
-        return lambda images, prompts: digits.reward_fn(images, torch.tensor([int(p) for p in prompts],
-                                                                             device=images.device), cache_dir=cache)
+register_reward("jpeg", lambda cfg, device: jpeg_reward)
+register_reward("pickscore", lambda cfg, device: PickScore(cfg.pickscore_model, device))
+
+
+def build_reward(cfg, device):
+    if cfg.reward in REWARDS:
+        return REWARDS[cfg.reward](cfg, device)
     module, colon, name = cfg.reward.partition(":")
     if not colon:
-        raise ValueError(f"reward: expected pickscore, jpeg, digits or module:function, got {cfg.reward!r}")
+        raise ValueError(f"reward: expected one of {sorted(REWARDS)} or module:function, got {cfg.reward!r}")
     return getattr(importlib.import_module(module), name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# trainable state, old/EMA policy, atomic checkpoints
+# sampling and the losses of one micro-batch
+
+
+class Base:
+    """The frozen reference: the same transformer with the LoRA adapter disabled (full fine-tuning: a frozen copy)."""
+
+    def __init__(self, module, frozen_copy=None):
+        self.module, self.frozen_copy = module, frozen_copy
+
+    @contextlib.contextmanager
+    def reference(self):
+        if self.frozen_copy is not None:
+            live, self.module = self.module, self.frozen_copy
+            try:
+                yield
+            finally:
+                self.module = live
+            return
+        self.module.disable_adapters()
+        try:
+            yield
+        finally:
+            self.module.enable_adapters()
+
+
+def guided_velocity(adapter, model, x, t, cond, null, cfg_scale):
+    """The velocity the sampler integrates: conditional, or v_u + s·(v_c - v_u) against `null` when s != 1."""
+    if cfg_scale == 1.0:
+        return adapter.velocity(model, x, t, cond)
+    both = {k: torch.cat([null[k], cond[k]]) for k in ("encoder_hidden_states", "pooled_projections")}
+    v_u, v_c = adapter.velocity(model, torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+    return v_u + cfg_scale * (v_c - v_u)
+
+
+def rollout(adapter, model, cond, noise, sigmas, cfg_scale, null):
+    """Euler samples x0 (B, C, H, W) on sigmas (K + 1,), classifier-free guided when cfg_scale != 1."""
+    velocity = lambda x, t: guided_velocity(adapter, model, x, t, cond, null, cfg_scale)
+    return ng.euler_sample(velocity, noise, sigmas.to(noise.dtype))
+
+
+def guard_terms(cfg, v, v_ref):
+    """(penalty, stats): the hinge when guard is on; when off, its statistics only (no gradient), for the log.
+
+    DPO's weight is lam·dpo_beta/2: its loss reaches the errors through the factor β/2 (1000 at the official β),
+    so a plain lam would leave the guard a thousand times weaker than under NFT and AWM."""
+    kw = dict(granularity=cfg.granularity, margin=cfg.margin, power=cfg.power, tolerance=cfg.tolerance)
+    if cfg.guard:
+        lam = cfg.lam * abs(cfg.dpo_beta) / 2 if cfg.method == "dpo" else cfg.lam
+        return ng.normguard_penalty(v, v_ref, lam=lam, **kw)
+    with torch.no_grad():
+        _, stats = ng.normguard_penalty(v.detach(), v_ref, lam=0.0, **kw)
+    return torch.zeros((), device=v.device), stats
+
+
+def train_timestep_plan(cfg, sigmas, gen):
+    """The t values each sample is trained at this step (NFT, AWM): NFT the sampler's own (K - 1 of K), AWM a
+    subset of the first 90 % of the sampler's steps."""
+    k = len(sigmas) - 1
+    pool = sigmas[:k] if cfg.method == "nft" else sigmas[: max(1, int(0.9 * k))]
+    n = cfg.train_timesteps or (k - 1 if cfg.method == "nft" else min(6, len(pool)))
+    if n > len(pool):
+        raise ValueError(f"train_timesteps: {n} asked for, but the {cfg.method} pool has {len(pool)} sampler steps")
+    return pool[torch.randperm(len(pool), generator=gen)[:n].to(pool.device)]
+
+
+def micro_batches(cfg, batch, sigmas, gen):
+    """The losses of one optimiser step, each `fn(cfg, adapter, model, base, old, gen) -> (loss, stats)`.
+
+    The one place where DPO and the sample methods differ in what they train on: NFT and AWM train every rollout
+    sample at each of the method's train timesteps; DPO trains one (best, worst) pair per prompt group, at a
+    logit-normal t drawn per pair. A micro-batch holds at most train_batch_size samples (DPO: pairs)."""
+    x0, cond, bs = batch.x0, batch.cond, cfg.train_batch_size
+    if cfg.method == "dpo":
+        groups = batch.rewards.view(cfg.prompts_per_step, cfg.group_size)
+        first = torch.arange(cfg.prompts_per_step, device=x0.device) * cfg.group_size
+        pairs = zip((first + groups.argmax(1)).split(bs), (first + groups.argmin(1)).split(bs))
+        pair_cond = lambda w: {k: torch.cat([v[w], v[w]]) for k, v in cond.items()}  # one prompt per group
+        return [functools.partial(pair_loss, x_w=x0[w], x_l=x0[lo], cond=pair_cond(w)) for w, lo in pairs]
+    chunks = torch.arange(len(x0), device=x0.device).split(bs)
+    plan = train_timestep_plan(cfg, sigmas, gen)
+    part = lambda i, t: dict(x0=x0[i], cond={k: v[i] for k, v in cond.items()}, adv=batch.adv[i], t_value=t)
+    return [functools.partial(sample_loss, **part(i, t)) for t in plan for i in chunks]
+
+
+def sample_loss(cfg, adapter, model, base, old, gen, x0, cond, adv, t_value):
+    """NFT or AWM + guard on samples x0 (B, C, H, W) with advantages adv (B,) at one train timestep."""
+    t = t_value.expand(len(x0)).to(x0.device)
+    eps = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
+    x_t, u = ng.forward_process(x0, eps, t)
+    with torch.no_grad():  # before the policy forward: swapping the old weights in writes to the parameters
+        with base.reference():
+            v_ref = adapter.velocity(base.module, x_t, t, cond)
+        v_extra = None
+        if old is not None:
+            with old.swapped_in():
+                v_extra = adapter.velocity(base.module, x_t, t, cond)
+    v = adapter.velocity(model, x_t, t, cond)
+    if cfg.method == "nft":
+        kw = dict(beta=cfg.nft_beta, adv_clip=cfg.adv_clip, kl_weight=cfg.kl_weight)
+        loss, stats = ng.nft_loss(v, v_extra, v_ref, x_t, x0, t, adv, **kw)
+    else:  # one optimiser step per rollout batch: the pre-update policy is v itself, detached (ratio 1, no forward)
+        kw = dict(weighting=cfg.awm_weighting, adv_clip=cfg.adv_clip, ref_weight=cfg.kl_weight, v_ema=v_extra)
+        kw["ema_weight"] = cfg.awm_ema_weight if v_extra is not None else 0.0
+        loss, stats = ng.awm_loss(v, v.detach(), v_ref, u, t, adv, **kw)
+    penalty, g = guard_terms(cfg, v, v_ref)
+    return loss + penalty, {**stats, "hinge": g["hinge"], "active_frac": g["active_frac"], "guard": penalty.detach()}
+
+
+def pair_loss(cfg, adapter, model, base, old, gen, x_w, x_l, cond):
+    """Diffusion-DPO + guard on winner/loser pairs (B, C, H, W) sharing noise and a logit-normal t (B,)."""
+    t = torch.sigmoid(torch.randn(len(x_w), generator=gen)).to(x_w.device)
+    eps = torch.randn(x_w.shape, generator=gen).to(x_w.device, x_w.dtype)  # shared by winner and loser
+    (xt_w, u_w), (xt_l, u_l) = ng.forward_process(x_w, eps, t), ng.forward_process(x_l, eps, t)
+    xt, tt = torch.cat([xt_w, xt_l]), torch.cat([t, t])
+    with torch.no_grad(), base.reference():
+        v_ref = adapter.velocity(base.module, xt, tt, cond)
+    v = adapter.velocity(model, xt, tt, cond)
+    (v_w, v_l), (r_w, r_l) = v.chunk(2), v_ref.chunk(2)
+    loss, stats = ng.dpo_loss(v_w, v_l, r_w, r_l, u_w, u_l, beta=cfg.dpo_beta)
+    if cfg.dpo_guard == "both":
+        (p_w, s_w), (p_l, s_l) = guard_terms(cfg, v_w, r_w), guard_terms(cfg, v_l, r_l)
+        penalty, g = (p_w + p_l) / 2, {k: (s_w[k] + s_l[k]) / 2 for k in s_w}
+    else:
+        penalty, g = guard_terms(cfg, v_w, r_w) if cfg.dpo_guard == "winner" else guard_terms(cfg, v_l, r_l)
+    return loss + penalty, {**stats, "hinge": g["hinge"], "active_frac": g["active_frac"], "guard": penalty.detach()}
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the run: setup, resume, then per step rollouts, update, log, checkpoint, eval
+
+
+def train(cfg, model_path=None):
+    """Run cfg; returns the final metrics dict (also written to out_dir/metrics.json). accelerate's state is
+    process-wide: runs in one process must share mixed_precision."""
+    from tqdm import tqdm
+
+    check_config(cfg)
+    run = Run(cfg, model_path or resolve_model_path(cfg))  # setup; the path first: a wrong one fails in seconds
+    run.resume()
+    if run.main and not run.counter.step:  # the reference itself: the baseline every later eval is read against
+        run.evaluate(0)
+    bar = tqdm(range(run.counter.step, cfg.steps), initial=run.counter.step, total=cfg.steps, disable=not run.main)
+    for step in bar:
+        t0 = time.time()
+        batch = run.rollouts(step)
+        stats = run.update(batch, step)
+        run.log_step(step, batch, stats, time.time() - t0)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            run.last_good = save_checkpoint(run.accelerator, run.ckpt_root, step + 1, cfg.checkpoints_keep)
+        if run.main and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            run.evaluate(step + 1)
+        run.accelerator.wait_for_everyone()
+    return run.finish()
+
+
+def resolve_model_path(cfg):
+    return registered(cfg.preset).adapter.resolve_path(cfg)
+
+
+@dataclass
+class Rollouts:
+    x0: torch.Tensor  # (B, C, H, W) this process's samples, groups of group_size contiguous
+    cond: dict  # their conditioning, batched
+    rewards: torch.Tensor  # (B,) this process's rewards
+    adv: torch.Tensor  # (B,) group advantages
+    all_rewards: torch.Tensor  # every process's rewards, for the log
+
+
+class Run:
+    """One training run: setup in __init__, then the loop's steps as methods (train() calls them in order)."""
+
+    def __init__(self, cfg, path):
+        """Accelerator, model (LoRA through peft, or full fine-tuning), optimiser, old/EMA policy, reward, prompts."""
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        self.cfg, self.out_dir, self.model_path = cfg, Path(cfg.out_dir), path
+        self.ckpt_root = self.out_dir / "checkpoints"
+        self.last_good, self.log, self.evals, self.last_step = None, None, [], {}  # see resume, evaluate, log_step
+        self.train_prompts = read_prompts(cfg.train_prompts, cfg.preset)
+        self.eval_prompts = read_prompts(cfg.eval_prompts, cfg.preset)
+        project, trackers = ProjectConfiguration(project_dir=str(self.out_dir)), cfg.report_to or None
+        kw = dict(project_config=project, step_scheduler_with_optimizer=False)
+        acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers, **kw)
+        self.accelerator, self.main, device = acc, acc.is_main_process, acc.device
+        weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+        torch.manual_seed(cfg.seed)
+        self.adapter = registered(cfg.preset).adapter(cfg, path, device, weight_dtype)
+        frozen_copy = make_trainable(cfg, self.adapter.transformer, device, weight_dtype)
+        self.params = trainable_params(self.adapter.transformer)
+        opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+        register_trainable_only_hooks(acc)
+        self.model, self.opt, self.sched = acc.prepare(self.adapter.transformer, opt, sched)
+        self.base = Base(acc.unwrap_model(self.model), frozen_copy)  # no-grad forwards skip the DDP wrapper
+        self.old = None  # NFT's old / AWM's EMA policy
+        if cfg.method == "nft" or (cfg.method == "awm" and cfg.awm_ema_weight > 0):
+            self.old = PolicyCopy(trainable_params(self.base.module))
+        self.counter = Counter()
+        for state in (self.counter, self.old):
+            if state is not None:
+                acc.register_for_checkpointing(state)
+        self.reward_fn = build_reward(cfg, device)
+        self.sigmas = self.adapter.sigmas(cfg.sample_steps)
+        self.report()
+        if cfg.report_to:
+            acc.init_trackers("normguard", config=dataclasses.asdict(cfg))
+
+    def report(self):
+        """The derived quantities and invariants, before step 1; the resolved config next to the outputs."""
+        cfg, acc, sigmas = self.cfg, self.accelerator, self.sigmas
+        n_proc, per_proc = acc.num_processes, cfg.prompts_per_step * cfg.group_size
+        dummy = Rollouts(torch.zeros(per_proc, 1), {}, torch.zeros(per_proc), torch.zeros(per_proc), None)
+        n_loss = len(micro_batches(cfg, dummy, sigmas, torch.Generator().manual_seed(0)))
+        assert per_proc % cfg.group_size == 0 and len(sigmas) == cfg.sample_steps + 1 and float(sigmas[-1]) == 0.0
+        assert len(self.params) > 0 and all(p.dtype == torch.float32 for p in self.params)
+        if not self.main:
+            return
+        (self.out_dir / "eval").mkdir(parents=True, exist_ok=True)
+        saved = dict(config=dataclasses.asdict(cfg), command=sys.argv, git_revision=git_revision())
+        (self.out_dir / "config.json").write_text(json.dumps({**saved, "model_path": self.model_path}, indent=1))
+        trainable = "full" if cfg.full_finetune else f"LoRA r={cfg.lora_rank}"
+        guard = f"on: lam {cfg.lam}, {cfg.margin}" if cfg.guard else "off"
+        n_params, grid = sum(p.numel() for p in self.params) / 1e6, [round(s, 3) for s in sigmas.tolist()]
+        print(
+            f"device {acc.device} x {n_proc} process(es) | {cfg.mixed_precision} | preset {cfg.preset} | latents "
+            f"{tuple(self.adapter.latent_shape)} | trainable {n_params:.3f} M ({trainable}) | {cfg.method}, guard "
+            f"{guard}\nper step: {cfg.prompts_per_step} prompts x {cfg.group_size} = {per_proc} rollouts per process, "
+            f"{per_proc * n_proc} in all | {cfg.sample_steps} sampler steps, sigmas {grid} "
+            f"| {n_loss} micro-batch losses (train timesteps x micro-batches of <= {cfg.train_batch_size} samples; "
+            f"DPO: pairs) accumulated into 1 optimiser step | {cfg.steps} steps"
+        )
+
+    def resume(self):
+        """Load --resume's checkpoint (if any); open the logs: a fresh run starts them anew, a resumed one appends."""
+        if self.cfg.resume:
+            path = find_checkpoint(self.ckpt_root, self.cfg.resume)
+            self.accelerator.load_state(str(path))
+            if self.main:
+                print(f"resumed from {path} at step {self.counter.step}")
+        if self.main:
+            self.last_good = max(complete_checkpoints(self.ckpt_root), default=None)
+            self.log = open(self.out_dir / "log.jsonl", "a" if self.counter.step else "w")
+            if not self.counter.step:
+                (self.out_dir / "evals.jsonl").write_text("")
+
+    def rollouts(self, step):
+        """On-policy samples of this step's prompts (no grad), their rewards and group advantages."""
+        cfg, acc, adapter, bs = self.cfg, self.accelerator, self.adapter, self.cfg.train_batch_size
+        rank, per_proc = acc.process_index, cfg.prompts_per_step * cfg.group_size
+        gen = step_generator(cfg, step, rank, 0)
+        idx = torch.randint(len(self.train_prompts), (cfg.prompts_per_step,), generator=gen)
+        prompts = [self.train_prompts[i] for i in idx.tolist() for _ in range(cfg.group_size)]
+        noise = torch.randn(per_proc, *adapter.latent_shape, generator=gen).to(acc.device)
+        self.model.eval()
+        x0s, conds, rewards = [], [], []
+        with torch.no_grad(), acc.autocast():
+            for i in range(0, per_proc, bs):
+                cond, part = adapter.encode(prompts[i : i + bs]), prompts[i : i + bs]
+                null = adapter.null_cond(len(part)) if cfg.cfg_scale != 1 else None
+                x0 = rollout(adapter, self.base.module, cond, noise[i : i + bs], self.sigmas, cfg.cfg_scale, null)
+                x0s.append(x0.float())
+                conds.append(cond)
+                rewards.append(self.reward_fn(adapter.decode(x0), part).float())
+        rewards = torch.cat(rewards)
+        all_rewards = acc.gather(rewards)
+        if not bool(torch.isfinite(all_rewards).all()):
+            raise NonFiniteLoss(
+                f"step {step + 1}: the reward returned NaN/Inf; stopped, last good checkpoint: {self.last_good}"
+            )
+        adv = ng.group_advantages(all_rewards, cfg.group_size)[rank * per_proc : (rank + 1) * per_proc]
+        cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+        return Rollouts(torch.cat(x0s), cond, rewards, adv.to(acc.device), all_rewards)
+
+    def update(self, batch, step):
+        """One optimiser step: base loss + guard over the step's micro-batches, gradients accumulated, then AdamW."""
+        cfg, acc = self.cfg, self.accelerator
+        self.model.train()
+        gen = step_generator(cfg, step, acc.process_index, 1)
+        losses, sums, bad = micro_batches(cfg, batch, self.sigmas, gen), {}, ""
+        for i, loss_fn in enumerate(losses):
+            sync = contextlib.nullcontext() if i == len(losses) - 1 else acc.no_sync(self.model)
+            with sync, acc.autocast():
+                try:
+                    loss, stats = loss_fn(cfg, self.adapter, self.model, self.base, self.old, gen)
+                    if not bool(torch.isfinite(loss)):
+                        bad = bad or f"loss is {loss.item()}"
+                except ValueError as e:  # normguard's input checks name a NaN/Inf velocity or target
+                    if "finite" not in str(e):
+                        raise
+                    loss, stats, bad = sum(p.sum() for p in self.params) * 0, {}, bad or str(e)
+                # every process still runs backward: a process that stopped alone would hang the others' all-reduce
+                acc.backward(loss / len(losses))
+            for k, v in {"loss": loss.detach(), **stats}.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / len(losses)
+        if acc.reduce(torch.tensor([float(bool(bad))], device=acc.device), "sum").item() > 0:
+            bad = bad or "non-finite loss on another process"
+            raise NonFiniteLoss(
+                f"step {step + 1}: {bad}; stopped before the update, last good checkpoint: {self.last_good}"
+            )
+        grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.old is not None:  # NFT's old policy / AWM's EMA: decay = min(rate * step, max), once per rollout batch
+            self.old.update(min(cfg.ema_decay_rate * step, 0.5 if cfg.method == "nft" else 0.3))
+        self.counter.step = step + 1
+        return {**sums, "grad_norm": float(grad_norm)}
+
+    def log_step(self, step, batch, stats, seconds):
+        """One fixed-format line per step (the reward process-averaged) to the terminal, log.jsonl and trackers."""
+        from tqdm import tqdm
+
+        r = batch.all_rewards
+        line = {"step": step + 1, "reward_mean": r.mean().item(), "reward_std": r.std().item(), **stats}
+        line.update(lr=self.sched.get_last_lr()[0], step_time=seconds)
+        self.last_step = line
+        if self.main:
+            skip = ("loss", "norm_ratio", "active_frac", "hinge", "grad_norm")
+            extra = " ".join(f"{k} {v:.4g}" for k, v in stats.items() if k not in skip)
+            tqdm.write(
+                f"step {step + 1:6d} | reward {line['reward_mean']:.4f} +- {line['reward_std']:.4f} | loss "
+                f"{line['loss']:.5f} ({extra}) | hinge {line['hinge']:.3g} active {line['active_frac']:.3f} | "
+                f"norm ratio {line['norm_ratio']:.4f} | {line['step_time']:.2f} s"
+            )
+            self.log.write(json.dumps(line) + "\n")
+            self.log.flush()
+        self.accelerator.log(line, step=step + 1)
+
+    @torch.no_grad()
+    def evaluate(self, step):
+        """Reward at the full and few-step samplers on fixed prompts and seeds (the rollouts' CFG), the per-timestep
+        norm-ratio profile along the policy's own full-step trajectories, an image grid, the adapter's image
+        metrics; appended to evals.jsonl. Runs on the main process."""
+        from torchvision.utils import save_image
+
+        cfg, adapter, bs, result = self.cfg, self.adapter, self.cfg.train_batch_size, {}
+        self.model.eval()
+        prompts = [p for p in self.eval_prompts for _ in range(cfg.eval_seeds)]
+        noise = torch.randn(
+            len(prompts), *adapter.latent_shape, generator=torch.Generator().manual_seed(cfg.seed + 12345)
+        )
+        noise = noise.to(self.accelerator.device)
+        for name, k in (("full", cfg.sample_steps), ("few", cfg.few_steps)):
+            sigmas, ratios, ts, images, rewards = adapter.sigmas(k), [], [], [], []
+            for i in range(0, len(prompts), bs):
+                cond, part = adapter.encode(prompts[i : i + bs]), prompts[i : i + bs]
+                null = adapter.null_cond(len(part)) if cfg.cfg_scale != 1 else None
+                velocity = self.traced_velocity(cond, null, ratios if name == "full" else None, ts)
+                with self.accelerator.autocast():
+                    x0 = ng.euler_sample(velocity, noise[i : i + bs], sigmas.to(noise.dtype))
+                images.append(adapter.decode(x0).cpu())
+                rewards.append(self.reward_fn(images[-1].to(x0.device), part).float().cpu())
+            images = torch.cat(images)
+            result[f"reward_{name}"] = torch.cat(rewards).mean().item()
+            if name == "full":
+                save_image((images + 1) / 2, self.out_dir / "eval" / f"grid_{step:07d}.png", nrow=cfg.eval_seeds * 4)
+                means, counts = ng.norm_ratio_profile(torch.cat(ratios), torch.cat(ts).clamp(0, 1), cfg.profile_bins)
+                result["norm_ratio"] = torch.cat(ratios).mean().item()
+                result["profile"] = [None if c == 0 else round(m, 5) for m, c in zip(means.tolist(), counts.tolist())]
+            result.update({f"{key}_{name}": v for key, v in adapter.image_metrics(images, prompts).items()})
+        profile = " ".join("  -  " if m is None else f"{m:.3f}" for m in result["profile"])
+        print(
+            f"eval {step:6d} | reward full {result['reward_full']:.4f} few {result['reward_few']:.4f} | norm ratio "
+            f"{result['norm_ratio']:.4f} | per t bin (0 -> 1): {profile}"
+        )
+        self.evals.append({"step": step, **result})
+        self.accelerator.log({f"eval/{k}": v for k, v in self.evals[-1].items() if k != "profile"}, step=step)
+        with open(self.out_dir / "evals.jsonl", "a") as f:
+            f.write(json.dumps(self.evals[-1]) + "\n")
+
+    def traced_velocity(self, cond, null, ratios, ts):
+        """The policy's sampling velocity; with `ratios` a list, it also records ‖v_θ‖/‖v_ref‖ and t at each call:
+        the drift along the policy's own trajectory."""
+
+        def velocity(x, t):
+            v = guided_velocity(self.adapter, self.base.module, x, t, cond, null, self.cfg.cfg_scale)
+            if ratios is not None:
+                with self.base.reference():
+                    v_ref = guided_velocity(self.adapter, self.base.module, x, t, cond, null, self.cfg.cfg_scale)
+                ratios.append(ng.norm_ratio(v, v_ref))
+                ts.append(t.float())
+            return v
+
+        return velocity
+
+    def finish(self):
+        """The LoRA export and metrics.json (main process); returns the metrics."""
+        metrics = {
+            "steps": self.counter.step,
+            "last_step": self.last_step,
+            "eval": self.evals[-1] if self.evals else None,
+        }
+        if self.main:
+            export_lora(self.cfg, self.adapter, self.base.module, self.out_dir)
+            (self.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            self.log.close()
+        self.accelerator.end_training()
+        return metrics
+
+
+def make_trainable(cfg, transformer, device, weight_dtype):
+    """LoRA (float32 adapters on frozen weights of weight_dtype), or all weights in float32 plus a frozen copy for
+    the reference, which is returned (None for LoRA: its reference is the adapter switched off)."""
+    frozen_copy = None
+    if cfg.full_finetune:
+        import copy
+
+        frozen_copy = copy.deepcopy(transformer).to(device, weight_dtype).requires_grad_(False).eval()
+        transformer.to(device, torch.float32).requires_grad_(True)
+    else:
+        from peft import LoraConfig
+
+        transformer.to(device).requires_grad_(False)
+        if weight_dtype != torch.float32:
+            transformer.to(weight_dtype)
+        targets = cfg.lora_targets.split(",")
+        lora = LoraConfig(
+            r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian", target_modules=targets
+        )
+        transformer.add_adapter(lora)
+        for p in transformer.parameters():
+            if p.requires_grad:  # LoRA weights train in float32 whatever the frozen weights' dtype
+                p.data = p.data.float()
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return frozen_copy
+
+
+def read_prompts(path, preset):
+    if not path:
+        return list(registered(preset).prompts)
+    if not os.path.isfile(path):
+        raise ValueError(f"prompt file: expected a text file with one prompt per line, got {path!r}")
+    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompt file {path!r}: no prompts (expected one per line)")
+    return prompts
+
+
+def step_generator(cfg, step, rank, stream):
+    """A generator seeded by (seed, step, process, stream): rollouts and train noise do not depend on RNG history,
+    so a resumed run draws exactly what the uninterrupted run drew."""
+    return torch.Generator().manual_seed(((cfg.seed * 1_000_003 + step) * 1009 + rank) * 7 + stream)
+
+
+def git_revision():
+    here = Path(__file__).resolve().parent
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=here)
+        return done.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# trainable state, old/EMA policy, atomic checkpoints, the LoRA export
+
+
+def trainable_params(model):
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 class PolicyCopy:
@@ -440,7 +918,7 @@ def _fsync_dir(path):
 
 
 def _fsync_tree(path):
-    for root, dirs, files in os.walk(path):
+    for root, _, files in os.walk(path):
         for name in files:
             with open(os.path.join(root, name), "rb") as f:
                 os.fsync(f.fileno())
@@ -473,8 +951,15 @@ def complete_checkpoints(ckpt_root):
     return [p for p in Path(ckpt_root).glob("checkpoint-*") if (p / "COMPLETE").is_file()]
 
 
-def trainable_params(model):
-    return [p for p in model.parameters() if p.requires_grad]
+def find_checkpoint(ckpt_root, resume):
+    """The folder --resume names: the newest complete checkpoint for 'latest', else the folder given."""
+    found = sorted(complete_checkpoints(ckpt_root)) if resume == "latest" else [Path(resume)]
+    if not found or not (found[-1] / "COMPLETE").is_file():
+        raise ValueError(
+            f"resume: expected 'latest' with a complete checkpoint under {ckpt_root} or a checkpoint "
+            f"folder holding COMPLETE, got {resume!r}"
+        )
+    return found[-1]
 
 
 def register_trainable_only_hooks(accelerator):
@@ -483,8 +968,8 @@ def register_trainable_only_hooks(accelerator):
 
     def save_hook(models, weights, output_dir):
         for model in models:
-            named = {n: p.detach().cpu().contiguous() for n, p in accelerator.unwrap_model(model).named_parameters()
-                     if p.requires_grad}
+            named = accelerator.unwrap_model(model).named_parameters()
+            named = {n: p.detach().cpu().contiguous() for n, p in named if p.requires_grad}
             if accelerator.is_main_process:
                 save_file(named, os.path.join(output_dir, "trainable.safetensors"))
         weights.clear()  # accelerate would save the whole state dict otherwise
@@ -500,435 +985,30 @@ def register_trainable_only_hooks(accelerator):
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# sampling and the training step
-
-
-def guided_velocity(adapter, model, x, t, cond, null, cfg_scale):
-    """The velocity the sampler integrates: conditional, or v_u + s·(v_c - v_u) against `null` when s != 1."""
-    if cfg_scale == 1.0:
-        return adapter.velocity(model, x, t, cond)
-    both = {k: torch.cat([null[k], cond[k]]) for k in ("encoder_hidden_states", "pooled_projections")}
-    v_u, v_c = adapter.velocity(model, torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-    return v_u + cfg_scale * (v_c - v_u)
-
-
-def rollout(adapter, model, cond, noise, sigmas, cfg_scale, null):
-    """Euler samples x0 (B, C, H, W) on sigmas (K + 1,), classifier-free guided when cfg_scale != 1."""
-    return ng.euler_sample(lambda x, t: guided_velocity(adapter, model, x, t, cond, null, cfg_scale), noise,
-                           sigmas.to(noise.dtype))
-
-
-def guard_terms(cfg, v, v_ref):
-    """(penalty, stats): the hinge when guard is on; when off, its statistics only (no gradient), for the log.
-
-    DPO's weight is lam·dpo_beta/2: its loss reaches the errors through the factor β/2 (1000 at the official β),
-    so a plain lam would leave the guard a thousand times weaker than under NFT and AWM."""
-    kw = dict(granularity=cfg.granularity, margin=cfg.margin, power=cfg.power, tolerance=cfg.tolerance)
-    if cfg.guard:
-        lam = cfg.lam * abs(cfg.dpo_beta) / 2 if cfg.method == "dpo" else cfg.lam
-        return ng.normguard_penalty(v, v_ref, lam=lam, **kw)
-    with torch.no_grad():
-        _, stats = ng.normguard_penalty(v.detach(), v_ref, lam=0.0, **kw)
-    return torch.zeros((), device=v.device), stats
-
-
-def train_timestep_plan(cfg, sigmas, gen):
-    """The t values each sample is trained at this step: NFT the sampler's own (K - 1 of K), AWM a subset of the
-    first 90 % of the sampler's steps, DPO logit-normal (returned as None: drawn per pair)."""
-    k = len(sigmas) - 1
-    if cfg.method == "dpo":
-        return None
-    pool = sigmas[:k] if cfg.method == "nft" else sigmas[:max(1, int(0.9 * k))]
-    n = cfg.train_timesteps or (k - 1 if cfg.method == "nft" else min(6, len(pool)))
-    if n > len(pool):
-        raise ValueError(f"train_timesteps: {n} asked for, but the {cfg.method} pool has {len(pool)} sampler steps")
-    return pool[torch.randperm(len(pool), generator=gen)[:n].to(pool.device)]
-
-
-def micro_batch_loss(cfg, adapter, model, base, old, x0, cond, adv, t_value, gen, pairs=None):
-    """Base loss + guard on one micro-batch at one train timestep. Returns (loss, stats dict of floats-to-be)."""
-    device = x0.device
-    if cfg.method == "dpo":
-        x_w, x_l = pairs
-        t = torch.sigmoid(torch.randn(len(x_w), generator=gen)).to(device)  # logit-normal
-        eps = torch.randn(x_w.shape, generator=gen).to(device, x_w.dtype)  # shared by winner and loser
-        (xt_w, u_w), (xt_l, u_l) = ng.forward_process(x_w, eps, t), ng.forward_process(x_l, eps, t)
-        xt, tt = torch.cat([xt_w, xt_l]), torch.cat([t, t])
-        with torch.no_grad(), base.reference():
-            v_ref = adapter.velocity(base.module, xt, tt, cond)
-        v = adapter.velocity(model, xt, tt, cond)
-        (v_w, v_l), (r_w, r_l) = v.chunk(2), v_ref.chunk(2)
-        loss, stats = ng.dpo_loss(v_w, v_l, r_w, r_l, u_w, u_l, beta=cfg.dpo_beta)
-        if cfg.dpo_guard == "both":
-            (p_w, s_w), (p_l, s_l) = guard_terms(cfg, v_w, r_w), guard_terms(cfg, v_l, r_l)
-            penalty, g = (p_w + p_l) / 2, {k: (s_w[k] + s_l[k]) / 2 for k in s_w}
-        else:
-            penalty, g = guard_terms(cfg, v_w, r_w) if cfg.dpo_guard == "winner" else guard_terms(cfg, v_l, r_l)
-        return loss + penalty, {**stats, "hinge": g["hinge"], "active_frac": g["active_frac"],
-                                "guard": penalty.detach()}
-    t = t_value.expand(len(x0)).to(device)
-    eps = torch.randn(x0.shape, generator=gen).to(device, x0.dtype)
-    x_t, u = ng.forward_process(x0, eps, t)
-    with torch.no_grad():  # before the policy forward: swapping the old weights in writes to the parameters
-        with base.reference():
-            v_ref = adapter.velocity(base.module, x_t, t, cond)
-        v_extra = None
-        if old is not None:
-            with old.swapped_in():
-                v_extra = adapter.velocity(base.module, x_t, t, cond)
-    v = adapter.velocity(model, x_t, t, cond)
-    if cfg.method == "nft":
-        loss, stats = ng.nft_loss(v, v_extra, v_ref, x_t, x0, t, adv, beta=cfg.nft_beta, adv_clip=cfg.adv_clip,
-                                  kl_weight=cfg.kl_weight)
-    else:  # one optimiser step per rollout batch: the pre-update policy is v itself, detached (ratio 1, no forward)
-        loss, stats = ng.awm_loss(v, v.detach(), v_ref, u, t, adv, weighting=cfg.awm_weighting,
-                                  adv_clip=cfg.adv_clip, ref_weight=cfg.kl_weight, v_ema=v_extra,
-                                  ema_weight=cfg.awm_ema_weight if v_extra is not None else 0.0)
-    penalty, g = guard_terms(cfg, v, v_ref)
-    return loss + penalty, {**stats, "hinge": g["hinge"], "active_frac": g["active_frac"], "guard": penalty.detach()}
-
-
-class Base:
-    """The frozen reference: the same transformer with the LoRA adapter disabled (full fine-tuning: a frozen copy)."""
-
-    def __init__(self, module, frozen_copy=None):
-        self.module, self.frozen_copy = module, frozen_copy
-
-    @contextlib.contextmanager
-    def reference(self):
-        if self.frozen_copy is not None:
-            live, self.module = self.module, self.frozen_copy
-            try:
-                yield
-            finally:
-                self.module = live
-            return
-        self.module.disable_adapters()
-        try:
-            yield
-        finally:
-            self.module.enable_adapters()
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the run
-
-
-def read_prompts(path, preset):
-    if not path:
-        return list(DEFAULT_PROMPTS[preset])
-    if not os.path.isfile(path):
-        raise ValueError(f"prompt file: expected a text file with one prompt per line, got {path!r}")
-    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"prompt file {path!r}: no prompts (expected one per line)")
-    return prompts
-
-
-def step_generator(cfg, step, rank, stream):
-    """A generator seeded by (seed, step, process, stream): rollouts and train noise do not depend on RNG history,
-    so a resumed run draws exactly what the uninterrupted run drew."""
-    return torch.Generator().manual_seed(((cfg.seed * 1_000_003 + step) * 1009 + rank) * 7 + stream)
-
-
-def git_revision():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-@torch.no_grad()
-def evaluate(cfg, adapter, base, reward_fn, eval_prompts, step, out_dir, accelerator):
-    """Reward at the full and few-step samplers on fixed prompts and seeds (the rollouts' CFG), the per-timestep
-    norm-ratio profile along the policy's own full-step trajectories, an image grid. Runs on the main process."""
-    from torchvision.utils import save_image
-
-    prompts = [p for p in eval_prompts for _ in range(cfg.eval_seeds)]
-    noise = torch.randn(len(prompts), *adapter.latent_shape, generator=torch.Generator().manual_seed(cfg.seed + 12345))
-    noise, bs, result = noise.to(accelerator.device), cfg.train_batch_size, {}
-    for name, k in (("full", cfg.sample_steps), ("few", cfg.few_steps)):
-        sigmas, ratios, ts, images, rewards = adapter.sigmas(k), [], [], [], []
-        for i in range(0, len(prompts), bs):
-            cond = adapter.encode(prompts[i:i + bs])
-            null = adapter.null_cond(len(prompts[i:i + bs])) if cfg.cfg_scale != 1 else None
-
-            def velocity(x, t):
-                v = guided_velocity(adapter, base.module, x, t, cond, null, cfg.cfg_scale)
-                if name == "full":  # drift along the policy's own trajectory: its velocity vs the reference's
-                    with base.reference():
-                        ratios.append(ng.norm_ratio(v, guided_velocity(adapter, base.module, x, t, cond, null,
-                                                                       cfg.cfg_scale)))
-                    ts.append(t.float())
-                return v
-
-            with accelerator.autocast():
-                x0 = ng.euler_sample(velocity, noise[i:i + bs], sigmas.to(noise.dtype))
-            images.append(adapter.decode(x0).cpu())
-            rewards.append(reward_fn(images[-1].to(x0.device), prompts[i:i + bs]).float().cpu())
-        images = torch.cat(images)
-        result[f"reward_{name}"] = torch.cat(rewards).mean().item()
-        if name == "full":
-            save_image((images + 1) / 2, out_dir / "eval" / f"grid_{step:07d}.png", nrow=cfg.eval_seeds * 4)
-            means, counts = ng.norm_ratio_profile(torch.cat(ratios), torch.cat(ts).clamp(0, 1), cfg.profile_bins)
-            result["norm_ratio"] = torch.cat(ratios).mean().item()
-            result["profile"] = [None if c == 0 else round(m, 5) for m, c in zip(means.tolist(), counts.tolist())]
-        if cfg.preset == "digits" and len(prompts) >= 10:  # quality the reward cannot see (digits' judges)
-            labels = torch.tensor([int(p) for p in prompts])
-            cache = {"cache_dir": cfg.cache_dir} if cfg.cache_dir else {}
-            quality = adapter.digits.quality_metrics(images, labels, **cache)
-            result.update({f"{key}_{name}": value for key, value in quality.items()})
-    profile = " ".join("  -  " if m is None else f"{m:.3f}" for m in result["profile"])
-    print(f"eval {step:6d} | reward full {result['reward_full']:.4f} few {result['reward_few']:.4f} | norm ratio "
-          f"{result['norm_ratio']:.4f} | per t bin (0 -> 1): {profile}")
-    return result
-
-
-def train(cfg):
-    """Run cfg; returns the final metrics dict (also written to out_dir/metrics.json). accelerate's state is
-    process-wide: runs in one process must share mixed_precision."""
-    check_config(cfg)
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-    from tqdm import tqdm
-
-    path = resolve_model_path(cfg)  # before anything heavy: a wrong path fails in seconds
-    train_prompts = read_prompts(cfg.train_prompts, cfg.preset)
-    eval_prompts = read_prompts(cfg.eval_prompts, cfg.preset)
-    out_dir = Path(cfg.out_dir)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=cfg.report_to or None,
-                              project_config=ProjectConfiguration(project_dir=str(out_dir)),
-                              step_scheduler_with_optimizer=False)
-    device, main = accelerator.device, accelerator.is_main_process
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
-    torch.manual_seed(cfg.seed)
-
-    # model: the pipeline's own classes; LoRA through peft (diffusers' add_adapter) or full fine-tuning
-    adapter = Adapter(cfg, path, device, weight_dtype)
-    transformer = adapter.transformer
-    frozen_copy = None
-    if cfg.full_finetune:
-        import copy
-
-        frozen_copy = copy.deepcopy(transformer).to(device, weight_dtype).requires_grad_(False).eval()
-        transformer.to(device, torch.float32).requires_grad_(True)
-    else:
-        from peft import LoraConfig
-
-        transformer.to(device).requires_grad_(False)
-        if weight_dtype != torch.float32:
-            transformer.to(weight_dtype)
-        transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
-                                           target_modules=cfg.lora_targets.split(",")))
-        for p in transformer.parameters():
-            if p.requires_grad:  # LoRA weights train in float32 whatever the frozen weights' dtype
-                p.data = p.data.float()
-    if cfg.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    params = trainable_params(transformer)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    register_trainable_only_hooks(accelerator)
-    model, opt, sched = accelerator.prepare(transformer, opt, sched)
-    base = Base(accelerator.unwrap_model(model), frozen_copy)  # no-grad forwards skip the DDP wrapper
-    old = None
-    if cfg.method == "nft" or (cfg.method == "awm" and cfg.awm_ema_weight > 0):
-        old = PolicyCopy(trainable_params(base.module))
-    counter = Counter()
-    accelerator.register_for_checkpointing(counter)
-    if old is not None:
-        accelerator.register_for_checkpointing(old)
-    reward_fn = build_reward(cfg, adapter, device)
-
-    # derived quantities and invariants, before step 1
-    n_proc, per_proc = accelerator.num_processes, cfg.prompts_per_step * cfg.group_size
-    sigmas = adapter.sigmas(cfg.sample_steps)
-    n_t = 1 if cfg.method == "dpo" else len(train_timestep_plan(cfg, sigmas, torch.Generator().manual_seed(0)))
-    n_train = cfg.prompts_per_step if cfg.method == "dpo" else per_proc
-    n_micro = math.ceil(n_train / cfg.train_batch_size)
-    assert per_proc % cfg.group_size == 0 and len(sigmas) == cfg.sample_steps + 1 and float(sigmas[-1]) == 0.0
-    assert len(params) > 0 and all(p.dtype == torch.float32 for p in params)
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "eval").mkdir(exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "command": sys.argv,
-                                                         "git_revision": git_revision(), "model_path": path}, indent=1))
-        print(f"device {device} x {n_proc} process(es) | {cfg.mixed_precision} | preset {cfg.preset} | latents "
-              f"{tuple(adapter.latent_shape)} | trainable {sum(p.numel() for p in params) / 1e6:.3f} M "
-              f"({'full' if cfg.full_finetune else f'LoRA r={cfg.lora_rank}'}) | {cfg.method}, guard "
-              f"{'on: lam ' + str(cfg.lam) + ', ' + cfg.margin if cfg.guard else 'off'}\n"
-              f"per step: {cfg.prompts_per_step} prompts x {cfg.group_size} = {per_proc} rollouts per process, "
-              f"{per_proc * n_proc} in all | {cfg.sample_steps} sampler steps, sigmas "
-              f"{[round(s, 3) for s in sigmas.tolist()]} | {n_t} train timestep(s) x {n_micro} micro-batch(es) of "
-              f"<= {cfg.train_batch_size} {'pairs' if cfg.method == 'dpo' else 'samples'} accumulated into 1 "
-              f"optimiser step | {cfg.steps} steps")
-    if cfg.report_to:
-        accelerator.init_trackers("normguard", config={k: v for k, v in dataclasses.asdict(cfg).items()})
-
-    ckpt_root = out_dir / "checkpoints"
-    if cfg.resume:
-        found = sorted(complete_checkpoints(ckpt_root)) if cfg.resume == "latest" else [Path(cfg.resume)]
-        if not found or not (found[-1] / "COMPLETE").is_file():
-            raise ValueError(f"resume: expected 'latest' with a complete checkpoint under {ckpt_root} or a checkpoint "
-                             f"folder holding COMPLETE, got {cfg.resume!r}")
-        accelerator.load_state(str(found[-1]))
-        if main:
-            print(f"resumed from {found[-1]} at step {counter.step}")
-    last_good = max(complete_checkpoints(ckpt_root), default=None) if main else None
-
-    # a fresh run starts its logs anew; a resumed one appends to them
-    log = open(out_dir / "log.jsonl", "a" if counter.step else "w") if main else None
-    evals, stats_log = [], {}
-    if main and not counter.step:
-        (out_dir / "evals.jsonl").write_text("")
-
-    def run_eval(step):
-        model.eval()
-        ev = {"step": step, **evaluate(cfg, adapter, base, reward_fn, eval_prompts, step, out_dir, accelerator)}
-        evals.append(ev)
-        accelerator.log({f"eval/{k}": v for k, v in ev.items() if k != "profile"}, step=step)
-        with open(out_dir / "evals.jsonl", "a") as f:
-            f.write(json.dumps(ev) + "\n")
-
-    if main and not counter.step:  # the reference itself: the baseline every later eval is read against
-        run_eval(0)
-    bar = tqdm(range(counter.step, cfg.steps), initial=counter.step, total=cfg.steps, disable=not main, desc="train")
-    for step in bar:
-        t0 = time.time()
-        rank = accelerator.process_index
-        gen = step_generator(cfg, step, rank, 0)
-        idx = torch.randint(len(train_prompts), (cfg.prompts_per_step,), generator=gen)
-        prompts = [train_prompts[i] for i in idx.tolist() for _ in range(cfg.group_size)]
-        noise = torch.randn(per_proc, *adapter.latent_shape, generator=gen).to(device)
-
-        # on-policy rollouts and rewards (no grad); groups are contiguous per process
-        model.eval()
-        x0s, conds, rewards = [], [], []
-        with torch.no_grad(), accelerator.autocast():
-            for i in range(0, per_proc, cfg.train_batch_size):
-                cond = adapter.encode(prompts[i:i + cfg.train_batch_size])
-                null = adapter.null_cond(len(prompts[i:i + cfg.train_batch_size])) if cfg.cfg_scale != 1 else None
-                x0 = rollout(adapter, base.module, cond, noise[i:i + cfg.train_batch_size], sigmas, cfg.cfg_scale, null)
-                x0s.append(x0.float())
-                conds.append(cond)
-                rewards.append(reward_fn(adapter.decode(x0), prompts[i:i + cfg.train_batch_size]).float())
-        x0, rewards = torch.cat(x0s), torch.cat(rewards)
-        cond_all = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
-        all_rewards = accelerator.gather(rewards)
-        if not bool(torch.isfinite(all_rewards).all()):
-            raise NonFiniteLoss(f"step {step + 1}: the reward returned NaN/Inf; stopped, last good checkpoint: "
-                                f"{last_good}")
-        adv = ng.group_advantages(all_rewards, cfg.group_size)[rank * per_proc:(rank + 1) * per_proc].to(device)
-
-        # the update: base loss + guard, accumulated over train timesteps and micro-batches, one optimiser step
-        model.train()
-        tgen = step_generator(cfg, step, rank, 1)
-        plan = train_timestep_plan(cfg, sigmas, tgen)
-        if cfg.method == "dpo":
-            g = rewards.view(cfg.prompts_per_step, cfg.group_size)
-            base_idx = torch.arange(cfg.prompts_per_step, device=device) * cfg.group_size
-            win, lose = base_idx + g.argmax(1), base_idx + g.argmin(1)
-            items = [(win[i:i + cfg.train_batch_size], lose[i:i + cfg.train_batch_size])
-                     for i in range(0, cfg.prompts_per_step, cfg.train_batch_size)]
-            plan = [None]
-        else:
-            items = [torch.arange(i, min(i + cfg.train_batch_size, per_proc), device=device)
-                     for i in range(0, per_proc, cfg.train_batch_size)]
-        n_back, done, sums, bad = len(items) * len(plan), 0, {}, ""
-        for t_value in plan:
-            for item in items:
-                done += 1
-                if cfg.method == "dpo":
-                    w, l = item
-                    c = {k: torch.cat([v[w], v[w]]) for k, v in cond_all.items() if k != "labels"}
-                    args = dict(x0=x0[w], cond=c, adv=None, pairs=(x0[w], x0[l]))
-                else:
-                    c = {k: v[item] for k, v in cond_all.items() if k != "labels"}
-                    args = dict(x0=x0[item], cond=c, adv=adv[item])
-                sync = contextlib.nullcontext() if done == n_back else accelerator.no_sync(model)
-                with sync, accelerator.autocast():
-                    try:
-                        loss, st = micro_batch_loss(cfg, adapter, model, base, old, t_value=t_value, gen=tgen, **args)
-                        if not bool(torch.isfinite(loss)):
-                            bad = bad or f"loss is {loss.item()}"
-                    except ValueError as e:  # normguard's input checks name a NaN/Inf velocity or target
-                        if "finite" not in str(e):
-                            raise
-                        loss, st, bad = sum(p.sum() for p in params) * 0, {}, bad or str(e)
-                    # every process still runs backward: a process that stopped alone would hang the others' all-reduce
-                    accelerator.backward(loss / n_back)
-                for k, v in {"loss": loss.detach(), **st}.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) / n_back
-        if accelerator.reduce(torch.tensor([float(bool(bad))], device=device), "sum").item() > 0:
-            raise NonFiniteLoss(f"step {step + 1}: {bad or 'non-finite loss on another process'}; stopped before the "
-                                f"update, last good checkpoint: {last_good}")
-        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if old is not None:  # NFT's old policy / AWM's EMA: decay = min(rate * step, max), once per rollout batch
-            old.update(min(cfg.ema_decay_rate * step, 0.5 if cfg.method == "nft" else 0.3))
-        counter.step = step + 1
-
-        # one log line per step (process-averaged where it matters: the reward)
-        line = {"step": step + 1, "reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
-                **{k: v for k, v in sums.items()}, "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0],
-                "step_time": time.time() - t0}
-        stats_log = line
-        if main:
-            extra = " ".join(f"{k} {v:.4g}" for k, v in sums.items()
-                             if k not in ("loss", "norm_ratio", "active_frac", "hinge"))
-            tqdm.write(f"step {step + 1:6d} | reward {line['reward_mean']:.4f} +- {line['reward_std']:.4f} | loss "
-                       f"{line['loss']:.5f} ({extra}) | hinge {line['hinge']:.3g} active {line['active_frac']:.3f} | "
-                       f"norm ratio {line['norm_ratio']:.4f} | {line['step_time']:.2f} s")
-            log.write(json.dumps(line) + "\n")
-            log.flush()
-        accelerator.log(line, step=step + 1)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            last_good = save_checkpoint(accelerator, ckpt_root, step + 1, cfg.checkpoints_keep)
-        if main and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-            run_eval(step + 1)
-        accelerator.wait_for_everyone()
-
-    metrics = {"steps": counter.step, "last_step": stats_log, "eval": evals[-1] if evals else None}
-    if main:
-        export_lora(cfg, adapter, base.module, out_dir)
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        log.close()
-    accelerator.end_training()
-    return metrics
-
-
 def export_lora(cfg, adapter, transformer, out_dir):
-    """The LoRA in diffusers' format: `pipe.load_lora_weights(out_dir / "lora")` (full fine-tuning: the transformer)."""
+    """The LoRA in the family pipeline's format, rank and alpha included: `pipe.load_lora_weights(out_dir / "lora")`
+    (full fine-tuning: the transformer's save_pretrained)."""
     if cfg.full_finetune:
         transformer.save_pretrained(str(out_dir / "transformer"))
         return
     from peft.utils import get_peft_model_state_dict
 
     layers = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(transformer).items()}
-    if adapter.pipe is None:
-        from diffusers import StableDiffusion3Pipeline as cls  # digits: the SD3 format, loadable into its transformer
-    else:
-        cls = type(adapter.pipe)
-    cls.save_lora_weights(str(out_dir / "lora"), transformer_lora_layers=layers,  # rank and alpha travel along
-                          transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
+    meta = transformer.peft_config["default"].to_dict()
+    adapter.pipeline_class().save_lora_weights(
+        str(out_dir / "lora"), transformer_lora_layers=layers, transformer_lora_adapter_metadata=meta
+    )
 
 
-def main(argv=None):
-    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+def main(argv=None, preset="sd3"):
+    """The command line; `preset` applies when --preset is not given (a testbed's script passes its own)."""
+    cfg = cli.checked(parse_args, sys.argv[1:] if argv is None else argv, preset)
+    path = cli.checked(resolve_model_path, cfg)
     try:
-        metrics = train(cfg)
+        return train(cfg, path)
     except NonFiniteLoss as e:
         sys.exit(f"stopped: {e}")
-    return metrics
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

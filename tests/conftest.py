@@ -1,4 +1,5 @@
-"""Suite-wide settings: no model hub, the repo root importable, deterministic CPU math."""
+"""Suite-wide settings: no model hub, the repo root importable, deterministic CPU math, one shared digits cache."""
+
 import os
 import sys
 from pathlib import Path
@@ -19,3 +20,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+DIGITS_TEST_STEPS = 400  # pretraining steps of the suite's digits reference (the experiment's is 2000)
+
+
+@pytest.fixture(scope="session")
+def digits_cache(tmp_path_factory):
+    """One digits cache for the whole session, in a temp dir (no file from an earlier run is trusted): the reference
+    pretrained once with DIGITS_TEST_STEPS, and the reward and judge classifiers, trained on first use, shared by
+    every test that needs them. Returns (cache dir, reference path)."""
+    import digits
+
+    cache = str(tmp_path_factory.mktemp("digits_cache"))
+    return cache, digits.get_reference(cache, "cpu", steps=DIGITS_TEST_STEPS, progress=False)

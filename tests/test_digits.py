@@ -1,9 +1,11 @@
-"""digits.py: the splits, the label encoder, the reference it pretrains, the reward proxy and the quality judges.
+"""digits.py (the splits, the label encoder, the reference it pretrains, the reward proxy, the quality judges) and
+digits_experiment.py (the runs, their reuse, the verdicts).
 
-Everything is built in a fresh cache per module run (no file from an earlier run is trusted). The reference here
-is pretrained with a short budget (TEST_STEPS, ~20 s on 2 cores); the testbed is sound only if even that budget
-gives digits a judge it has never met recognises far above chance.
+Everything is built in the session's fresh digits cache (conftest.digits_cache: no file from an earlier run is
+trusted). The reference there is pretrained with a short budget (DIGITS_TEST_STEPS); the testbed is sound only if
+even that budget gives digits a judge it has never met recognises far above chance.
 """
+
 import json
 import math
 from pathlib import Path
@@ -12,19 +14,18 @@ import pytest
 import torch
 
 import digits as dg
+import digits_experiment as dx
 import normguard as ng
 
-TEST_STEPS = 400  # pretraining steps for the test reference (the experiment uses 2000)
+
+@pytest.fixture(scope="module")
+def cache(digits_cache):
+    return digits_cache[0]
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("digits_cache"))
-
-
-@pytest.fixture(scope="module")
-def reference(cache):
-    path = dg.get_reference(cache, "cpu", steps=TEST_STEPS, progress=False)
+def reference(digits_cache):
+    path = digits_cache[1]
     return path, dg.load_reference(path)
 
 
@@ -75,8 +76,13 @@ def test_reward_fn_contract_and_it_prefers_the_right_digit(cache):
     assert r.shape == (len(y),) and ((r >= 0) & (r <= 1)).all()
     wrong = dg.reward_fn(x, (y + 1) % 10, cache_dir=cache)
     assert r.mean() > 0.5 > wrong.mean() * 5  # a classifier it has never seen these digits with still agrees
-    meta = json.loads(json.dumps(dict(__import__("safetensors").safe_open(
-        str(Path(cache) / "reward_classifier.safetensors"), "pt").metadata())))
+    meta = json.loads(
+        json.dumps(
+            dict(
+                __import__("safetensors").safe_open(str(Path(cache) / "reward_classifier.safetensors"), "pt").metadata()
+            )
+        )
+    )
     assert meta["split"] == "reward" and float(meta["heldout_accuracy"]) > 0.9
     for bad, match in [(x[:, 0], "images"), (x.reshape(-1, 1, 4, 16), "images"), (x[:0], "images")]:
         with pytest.raises(ValueError, match=match):
@@ -90,6 +96,7 @@ def test_reward_fn_contract_and_it_prefers_the_right_digit(cache):
         dg.reward_fn(nan, y, cache_dir=cache)
 
 
+@pytest.mark.experiment
 def test_reward_is_hackable_off_the_manifold_and_the_judges_see_it(cache):
     """Sign-gradient ascent on the reward pushes real digits to a higher reward than any real digit gets on
     average, while the reward-independent judges say the images got worse: the hack the RL runs can find."""
@@ -106,11 +113,13 @@ def test_reward_is_hackable_off_the_manifold_and_the_judges_see_it(cache):
     assert q1["fd"] > 2 * q0["fd"] and q1["disc_acc"] > q0["disc_acc"] + 0.1
 
 
+@pytest.mark.experiment
 def test_quality_metrics_contract_and_real_digits_beat_noise(cache):
     x, y = dg.load_split("judge")  # real digits the metrics' reference set (held-out) does not contain
     real = dg.quality_metrics(x[:300], y[:300], cache_dir=cache)
-    noise = dg.quality_metrics(torch.rand(300, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1,
-                               y[:300], cache_dir=cache)
+    noise = dg.quality_metrics(
+        torch.rand(300, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1, y[:300], cache_dir=cache
+    )
     assert set(real) == {"judge_acc", "fd", "disc_acc"} and all(isinstance(v, float) for v in real.values())
     assert real["judge_acc"] > 0.9 and noise["judge_acc"] < 0.3
     assert 0 <= real["fd"] < noise["fd"] / 10
@@ -126,7 +135,10 @@ def test_frechet_distance_matches_the_closed_form_for_gaussians():
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(20000, 4, generator=gen, dtype=torch.float64)
     z = (z - z.mean(0)) / z.std(0)  # unit sample moments, so the formula holds up to the cov's tiny off-diagonals
-    s1, s2 = torch.tensor([1.0, 2.0, 0.5, 1.0], dtype=torch.float64), torch.tensor([2.0, 1.0, 0.5, 3.0], dtype=torch.float64)
+    s1, s2 = (
+        torch.tensor([1.0, 2.0, 0.5, 1.0], dtype=torch.float64),
+        torch.tensor([2.0, 1.0, 0.5, 3.0], dtype=torch.float64),
+    )
     mu = torch.tensor([1.0, 0.0, -1.0, 2.0], dtype=torch.float64)
     expected = (mu**2).sum() + ((s1 - s2) ** 2).sum()
     assert abs(dg.frechet_distance(z * s1 + mu, z * s2) - expected.item()) < 0.05
@@ -156,6 +168,7 @@ def test_reference_is_a_diffusers_folder_and_pretraining_is_deterministic(tmp_pa
         dg.get_reference(tmp_path / "c", "cpu", steps=0)
 
 
+@pytest.mark.experiment
 def test_reference_generates_digits_the_judge_recognises_well_above_chance(reference, cache):
     """The testbed is sound: even the short-budget reference draws the prompted digit, as judged by the CNN judge
     (trained on real digits only, never on a generated one; it never sees the reward MLP). Chance is 0.1; we
@@ -171,6 +184,7 @@ def test_reference_generates_digits_the_judge_recognises_well_above_chance(refer
     assert images.abs().max() < 3  # pixel space stays near [-1, 1]: no blow-up in the sampler
 
 
+@pytest.mark.experiment
 def test_reference_velocity_follows_the_diffusers_convention(reference):
     """On a real digit x0, the trained velocity at x_t points along ε - x0 (cosine well above 0) at mid t."""
     _, (transformer, encoder) = reference
@@ -189,23 +203,36 @@ def test_reference_velocity_follows_the_diffusers_convention(reference):
 # the experiment: train_full.py's digits preset, run per (method, variant, seed)
 
 
+def smoke_args(digits_cache, out, *extra):
+    """The experiment's --smoke on the session's reference: its pretraining budget, so it is reused, not rebuilt."""
+    cache, path = digits_cache
+    steps = json.loads((Path(path) / "pretrain.json").read_text())["steps"]
+    return ["--smoke", f"--cache_dir={cache}", f"--out_dir={out}", f"--pretrain_steps={steps}", *extra]
+
+
 @pytest.fixture(scope="module")
-def smoke(cache, tmp_path_factory):
+def smoke(digits_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("digits_smoke")
-    return out, dg.main(["--smoke", f"--cache_dir={cache}", f"--out_dir={out}"])
+    return out, dx.main(smoke_args(digits_cache, out))
 
 
 def test_smoke_run_writes_every_output_and_a_verdict_per_claim(smoke):
     import train_full as tf
 
     out, metrics = smoke
-    for name in ("metrics.json", "config.json", "digits.png", "grids/reference_full.png", "grids/nft_guard_seed0_few.png",
-                 "grids/dpo_none_seed0_rescale.png"):
+    for name in (
+        "metrics.json",
+        "config.json",
+        "digits.png",
+        "grids/reference_full.png",
+        "grids/nft_guard_seed0_few.png",
+        "grids/dpo_none_seed0_rescale.png",
+    ):
         assert (out / name).is_file(), name
     saved = json.loads((out / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
     assert [line[:3] for line in saved["verdicts"]] == ["(1)", "(2)", "(3)", "(4)", "(5)"]
-    for m in dg.METHODS:
-        for v in dg.VARIANTS:
+    for m in dx.METHODS:
+        for v in dx.VARIANTS:
             run = saved["runs"][m][v][0]
             assert 0 <= run["full"]["reward"] <= 1 and run["full"]["ratio"] > 0
             assert len(run["profile"]) == tf.Config().profile_bins
@@ -216,46 +243,55 @@ def test_smoke_run_writes_every_output_and_a_verdict_per_claim(smoke):
 
 
 def test_every_run_is_a_train_full_run(smoke):
-    """Each (method, variant, seed) folder is what `python train_full.py --preset=digits` writes, with the
-    experiment's per-run settings in its config.json."""
+    """Each (method, variant, seed) folder is what train_full with the digits preset (`python digits.py`) writes,
+    with the experiment's per-run settings in its config.json."""
     out, _ = smoke
-    for m in dg.METHODS:
-        for v in dg.VARIANTS:
+    for m in dx.METHODS:
+        for v in dx.VARIANTS:
             folder = out / "runs" / f"{m}_{v}_seed0"
-            for name in ("config.json", "log.jsonl", "evals.jsonl", "metrics.json", "train.log", "result.pt",
-                         "lora/pytorch_lora_weights.safetensors"):
+            for name in (
+                "config.json",
+                "log.jsonl",
+                "evals.jsonl",
+                "metrics.json",
+                "train.log",
+                "result.pt",
+                "lora/pytorch_lora_weights.safetensors",
+            ):
                 assert (folder / name).is_file(), folder / name
             saved = json.loads((folder / "config.json").read_text())["config"]
             assert saved["preset"] == "digits" and saved["method"] == m and saved["guard"] == (v == "guard")
-            assert saved["lr"] == (dg.Config.dpo_lr if m == "dpo" else 1e-3)
+            assert saved["lr"] == (dx.Config.dpo_lr if m == "dpo" else 1e-3)
             assert "step      2 | reward" in (folder / "train.log").read_text()
 
 
-def test_an_interrupted_experiment_reuses_finished_runs_and_reruns_changed_ones(smoke, cache):
+def test_an_interrupted_experiment_reuses_finished_runs_and_reruns_changed_ones(smoke, digits_cache):
     out, first = smoke
     result = out / "runs" / "dpo_guard_seed0" / "result.pt"
     stamp = result.stat().st_mtime_ns
-    again = dg.main(["--smoke", f"--cache_dir={cache}", f"--out_dir={out}", "--methods=dpo"])
+    again = dx.main(smoke_args(digits_cache, out, "--methods=dpo", "--jobs=1"))  # jobs=1: in this process
     assert result.stat().st_mtime_ns == stamp  # same train_full config: read back, not retrained
-    assert dg.json_safe(again["runs"]["dpo"]) == dg.json_safe(first["runs"]["dpo"])  # profile bins may be NaN
-    changed = dg.main(["--smoke", f"--cache_dir={cache}", f"--out_dir={out}", "--methods=dpo", "--lam=0.5"])
+    assert dx.json_safe(again["runs"]["dpo"]) == dx.json_safe(first["runs"]["dpo"])  # profile bins may be NaN
+    changed = dx.main(smoke_args(digits_cache, out, "--methods=dpo", "--lam=0.5", "--jobs=1"))
     assert result.stat().st_mtime_ns != stamp
     assert changed["train_config"]["lam"] == 0.5
 
 
-def test_the_exported_lora_loads_as_the_trained_policy(smoke, cache):
+def test_the_exported_lora_loads_as_the_trained_policy(smoke, digits_cache):
     """load_trained (diffusers' load_lora_adapter, then fuse) gives the same velocity as the unfused adapter, and
     not the reference's: the experiment evaluates what training produced."""
     from diffusers import SD3Transformer2DModel
 
     out, metrics = smoke
     ref_path = metrics["reference_path"]
-    tcfg = dg.train_config(dg.parse_args(["--smoke", f"--cache_dir={cache}", f"--out_dir={out}"]), "nft", "guard", 0,
-                           ref_path)
-    fused = dg.load_trained(tcfg, ref_path)
+    tcfg = dx.train_config(dx.parse_args(smoke_args(digits_cache, out)), "nft", "guard", 0, ref_path)
+    fused = dx.load_trained(tcfg, ref_path)
     unfused = SD3Transformer2DModel.from_pretrained(str(Path(ref_path) / "transformer"))
-    unfused.load_lora_adapter(str(out / "runs" / "nft_guard_seed0" / "lora"),
-                              weight_name="pytorch_lora_weights.safetensors", prefix="transformer")
+    unfused.load_lora_adapter(
+        str(out / "runs" / "nft_guard_seed0" / "lora"),
+        weight_name="pytorch_lora_weights.safetensors",
+        prefix="transformer",
+    )
     ref_t, encoder = dg.load_reference(ref_path)
     x, labels = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(6)
     t = torch.full((6,), 0.6)
@@ -267,30 +303,30 @@ def test_the_exported_lora_loads_as_the_trained_policy(smoke, cache):
 
 def test_early_stopping_control_interpolates_the_unguarded_path():
     none = {"reward": [0.5, 0.7, 0.9], "fd": [10.0, 30.0, 50.0]}
-    assert dg.early_stopping_control(none, {"reward": [0.5, 0.8], "fd": [10.0, 25.0]}) == pytest.approx(15.0)
-    assert dg.early_stopping_control(none, {"reward": [0.5, 0.4], "fd": [10.0, 12.0]}) == pytest.approx(-2.0)
-    assert math.isnan(dg.early_stopping_control(none, {"reward": [0.5, 0.95], "fd": [10.0, 20.0]}))
+    assert dx.early_stopping_control(none, {"reward": [0.5, 0.8], "fd": [10.0, 25.0]}) == pytest.approx(15.0)
+    assert dx.early_stopping_control(none, {"reward": [0.5, 0.4], "fd": [10.0, 12.0]}) == pytest.approx(-2.0)
+    assert math.isnan(dx.early_stopping_control(none, {"reward": [0.5, 0.95], "fd": [10.0, 20.0]}))
 
 
 def test_bad_arguments_name_the_key():
     with pytest.raises(ValueError, match="rl_step"):
-        dg.parse_args(["--rl_step=3"])
+        dx.parse_args(["--rl_step=3"])
     with pytest.raises(ValueError, match="seeds"):
-        dg.parse_args(["--seeds=0,a"])
+        dx.parse_args(["--seeds=0,a"])
     with pytest.raises(ValueError, match="methods"):
-        dg.parse_args(["--methods=nft,ppo"])
+        dx.parse_args(["--methods=nft,ppo"])
     with pytest.raises(ValueError, match="lr"):
-        dg.parse_args(["--lr=fast"])  # a train_full key, checked by train_full's own parser
+        dx.parse_args(["--lr=fast"])  # a train_full key, checked by train_full's own parser
     with pytest.raises(ValueError, match="method"):
-        dg.parse_args(["--method=nft"])  # set per run by the experiment
+        dx.parse_args(["--method=nft"])  # set per run by the experiment
     with pytest.raises(ValueError, match="ckpt_samples"):
-        dg.parse_args(["--ckpt_samples=15"])
+        dx.parse_args(["--ckpt_samples=15"])
 
 
 def test_forwarded_train_full_keys_reach_every_run():
-    cfg = dg.parse_args(["--lam=0.25", "--full_finetune=true", "--seeds=3,4"])
-    assert cfg.train == {"lam": "0.25", "full_finetune": "true"}
-    for method in dg.METHODS:
-        tcfg = dg.train_config(cfg, method, "guard", 4, "")
-        assert tcfg.lam == 0.25 and tcfg.full_finetune and tcfg.seed == 4 and tcfg.steps == dg.TRAIN_DEFAULTS["steps"]
+    cfg = dx.parse_args(["--lam=0.25", "--full_finetune=true", "--seeds=3,4"])
+    assert cfg.train == {"lam": 0.25, "full_finetune": True}  # converted by cli.parse to train_full's types
+    for method in dx.METHODS:
+        tcfg = dx.train_config(cfg, method, "guard", 4, "")
+        assert tcfg.lam == 0.25 and tcfg.full_finetune and tcfg.seed == 4 and tcfg.steps == dx.TRAIN_DEFAULTS["steps"]
         assert tcfg.lr == (cfg.dpo_lr if method == "dpo" else 1e-3)

@@ -1,5 +1,6 @@
 """train_full.py against tiny SD3 and FLUX pipelines of the real diffusers classes, built from constructor configs
 (tiny CLIP/T5 text encoders, tokenizers from in-memory vocabularies), saved with save_pretrained, on CPU."""
+
 import json
 import math
 import os
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cli
 import normguard as ng
 import train_full as tf
 
@@ -23,30 +25,63 @@ def tokenizers():
         vocab.setdefault(c, len(vocab))
         vocab.setdefault(c + "</w>", len(vocab))
     clip = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
-    t5 = T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0) for w in WORDS]
-                     + [(c, -2.0) for c in chars], extra_ids=0)
+    t5 = T5Tokenizer(
+        vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+        + [("▁" + w, -1.0) for w in WORDS]
+        + [(c, -2.0) for c in chars],
+        extra_ids=0,
+    )
     return clip, t5
 
 
 def text_encoders(clip_tok, t5_tok, t5_dim, with_projection):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    kw = dict(vocab_size=len(clip_tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-              num_attention_heads=2, max_position_embeddings=16, projection_dim=16, bos_token_id=0, eos_token_id=1,
-              pad_token_id=1)
+    kw = dict(
+        vocab_size=len(clip_tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        projection_dim=16,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok) + 4, d_model=t5_dim, d_kv=8, d_ff=32, num_layers=1,
-                                 num_heads=2, relative_attention_num_buckets=8))
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tok) + 4,
+            d_model=t5_dim,
+            d_kv=8,
+            d_ff=32,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+        )
+    )
     return cls(CLIPTextConfig(**kw)), cls(CLIPTextConfig(**kw)), t5
 
 
 def tiny_vae():
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-                         up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 8], layers_per_block=1,
-                         latent_channels=4, norm_num_groups=8, sample_size=16, shift_factor=0.06,
-                         scaling_factor=1.5, use_quant_conv=False, use_post_quant_conv=False)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        block_out_channels=[8, 8],
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+        shift_factor=0.06,
+        scaling_factor=1.5,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +91,30 @@ def sd3_path(tmp_path_factory):
     torch.manual_seed(0)
     clip_tok, t5_tok = tokenizers()
     te, te2, te3 = text_encoders(clip_tok, t5_tok, 32, True)
-    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
-                                        caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=16)
-    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-                                    vae=tiny_vae(), text_encoder=te, tokenizer=clip_tok, text_encoder_2=te2,
-                                    tokenizer_2=clip_tok, text_encoder_3=te3, tokenizer_3=t5_tok)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        caption_projection_dim=16,
+        pooled_projection_dim=32,
+        pos_embed_max_size=16,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=tiny_vae(),
+        text_encoder=te,
+        tokenizer=clip_tok,
+        text_encoder_2=te2,
+        tokenizer_2=clip_tok,
+        text_encoder_3=te3,
+        tokenizer_3=t5_tok,
+    )
     path = tmp_path_factory.mktemp("tiny_sd3")
     pipe.save_pretrained(path)
     return str(path)
@@ -74,12 +127,28 @@ def flux_path(tmp_path_factory):
     torch.manual_seed(0)
     clip_tok, t5_tok = tokenizers()
     te, _, t5 = text_encoders(clip_tok, t5_tok, 16, False)
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                         pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=[2, 2, 4])
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        pooled_projection_dim=16,
+        guidance_embeds=True,
+        axes_dims_rope=[2, 2, 4],
+    )
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
-    pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=tiny_vae(), text_encoder=te,
-                        tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok)
+    pipe = FluxPipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=tiny_vae(),
+        text_encoder=te,
+        tokenizer=clip_tok,
+        text_encoder_2=t5,
+        tokenizer_2=t5_tok,
+    )
     path = tmp_path_factory.mktemp("tiny_flux")
     pipe.save_pretrained(path)
     return str(path)
@@ -93,8 +162,18 @@ def prompt_file(tmp_path_factory):
 
 
 def run(path, out, *extra, preset="sd3"):
-    return tf.main([f"--preset={preset}", "--smoke", f"--pretrained_model_name_or_path={path}", "--reward=jpeg",
-                    f"--out_dir={out}", *extra])
+    """A --smoke run, rewarded by JPEG size unless `extra` names a reward (the command line refuses a key twice)."""
+    reward = [] if any(arg.startswith("--reward=") for arg in extra) else ["--reward=jpeg"]
+    return tf.main(
+        [
+            f"--preset={preset}",
+            "--smoke",
+            f"--pretrained_model_name_or_path={path}",
+            *reward,
+            f"--out_dir={out}",
+            *extra,
+        ]
+    )
 
 
 @pytest.mark.parametrize("method", tf.METHODS)
@@ -128,20 +207,42 @@ def test_flux_each_method(flux_path, tmp_path, method):
 def test_rollout_matches_the_pipeline(sd3_path, flux_path, preset):
     """The adapters' conventions (timestep scale, sigmas with shift or dynamic mu, FLUX packing and guidance) are
     pinned by the pipeline itself: our Euler rollout from the same noise equals pipe(..., output_type="latent")."""
-    cfg = tf.parse_args([f"--preset={preset}", "--smoke", f"--pretrained_model_name_or_path="
-                         f"{sd3_path if preset == 'sd3' else flux_path}", "--sample_steps=4"])
-    ad = tf.Adapter(cfg, cfg.pretrained_model_name_or_path, torch.device("cpu"), torch.float32)
+    cfg = tf.parse_args(
+        [
+            f"--preset={preset}",
+            "--smoke",
+            f"--pretrained_model_name_or_path={sd3_path if preset == 'sd3' else flux_path}",
+            "--sample_steps=4",
+        ]
+    )
+    ad = tf.registered(preset).adapter(cfg, cfg.pretrained_model_name_or_path, torch.device("cpu"), torch.float32)
     noise = torch.randn(2, *ad.latent_shape, generator=torch.Generator().manual_seed(3))
     prompts = ["a red cat", "a blue car"]
     with torch.no_grad():
         ours = tf.rollout(ad, ad.transformer, ad.encode(prompts), noise, ad.sigmas(4), 1.0, None)
         if preset == "sd3":
-            theirs = ad.pipe(prompts, num_inference_steps=4, guidance_scale=1.0, latents=noise, height=16, width=16,
-                             max_sequence_length=16, output_type="latent").images
+            theirs = ad.pipe(
+                prompts,
+                num_inference_steps=4,
+                guidance_scale=1.0,
+                latents=noise,
+                height=16,
+                width=16,
+                max_sequence_length=16,
+                output_type="latent",
+            ).images
         else:
             packed = ad.pipe._pack_latents(noise, 2, *ad.latent_shape)
-            theirs = ad.pipe(prompts, num_inference_steps=4, guidance_scale=cfg.flux_guidance, latents=packed,
-                             height=16, width=16, max_sequence_length=16, output_type="latent").images
+            theirs = ad.pipe(
+                prompts,
+                num_inference_steps=4,
+                guidance_scale=cfg.flux_guidance,
+                latents=packed,
+                height=16,
+                width=16,
+                max_sequence_length=16,
+                output_type="latent",
+            ).images
             theirs = ad.pipe._unpack_latents(theirs, 16, 16, ad.pipe.vae_scale_factor)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
@@ -215,7 +316,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sd3_path, tmp_path, m
     assert m["steps"] == 2
 
 
-def test_bad_arguments_fail_fast_with_clear_messages(tmp_path):
+def test_bad_arguments_fail_fast_with_clear_messages(tmp_path, monkeypatch):
     import time
 
     with pytest.raises(ValueError, match="--lora_rnak=4.*expected --smoke or --key=value"):
@@ -223,9 +324,17 @@ def test_bad_arguments_fail_fast_with_clear_messages(tmp_path):
     with pytest.raises(ValueError, match="pretrained_model_name_or_path: required"):
         tf.parse_args(["--preset=sd3"])
     with pytest.raises(ValueError, match="group_size"):
-        tf.parse_args(["--preset=digits", "--group_size=1"])
-    for path, match in ((tmp_path / "nothing_here", "no folder"), (tmp_path, "has no model_index.json"),
-                        ("nobody-xyz/no-such-model", "cannot reach")):
+        tf.parse_args(["--preset=sd3", "--pretrained_model_name_or_path=x", "--group_size=1"])
+    monkeypatch.delitem(tf.ADAPTERS, "digits", raising=False)  # as in a fresh `python train_full.py`
+    with pytest.raises(
+        cli.UsageError, match=r"preset: expected one of \['flux', 'sd3'\], got 'digits'; .*`python digits.py`"
+    ):
+        tf.main(["--preset=digits", "--smoke"])
+    for path, match in (
+        (tmp_path / "nothing_here", "no folder"),
+        (tmp_path, "has no model_index.json"),
+        ("nobody-xyz/no-such-model", "cannot reach"),
+    ):
         t0 = time.time()
         with pytest.raises(ValueError, match=f"pretrained_model_name_or_path: .*{match}.*pass"):
             tf.main(["--preset=flux", f"--pretrained_model_name_or_path={path}", f"--out_dir={tmp_path / 'o'}"])
@@ -241,11 +350,12 @@ def test_exported_lora_loads_with_load_lora_weights(sd3_path, tmp_path):
 
     run(sd3_path, tmp_path, "--method=dpo", "--eval_every=100", "--lr=0.05")
     cfg = tf.parse_args(["--preset=sd3", "--smoke", f"--pretrained_model_name_or_path={sd3_path}"])
-    ad = tf.Adapter(cfg, sd3_path, torch.device("cpu"), torch.float32)
+    ad = tf.SD3Adapter(cfg, sd3_path, torch.device("cpu"), torch.float32)
     from peft import LoraConfig
 
-    ad.transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                                          target_modules=cfg.lora_targets.split(",")))
+    ad.transformer.add_adapter(
+        LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_targets.split(","))
+    )
     params = dict(ad.transformer.named_parameters())
     trained = load_file(str(tmp_path / "checkpoints" / "checkpoint-0000002" / "trainable.safetensors"))
     with torch.no_grad():
@@ -275,11 +385,28 @@ def tiny_clip(tmp_path_factory):
 
     clip_tok, _ = tokenizers()
     torch.manual_seed(0)
-    config = CLIPConfig(text_config=dict(vocab_size=len(clip_tok), hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
-                                         bos_token_id=0, eos_token_id=1, pad_token_id=1),
-                        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                           num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(clip_tok),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
     path = tmp_path_factory.mktemp("tiny_clip")
     CLIPModel(config).save_pretrained(path)
     clip_tok.save_pretrained(path)
@@ -297,16 +424,23 @@ def test_pickscore_is_clip_logit_scale_times_cosine(tiny_clip):
     x = (x - torch.tensor(score.MEAN)[:, None, None]) / torch.tensor(score.STD)[:, None, None]
     tok = score.tokenizer(prompts, padding=True, return_tensors="pt")
     with torch.no_grad():
-        logits = CLIPModel.from_pretrained(tiny_clip)(input_ids=tok.input_ids, attention_mask=tok.attention_mask,
-                                                      pixel_values=x).logits_per_image
+        logits = CLIPModel.from_pretrained(tiny_clip)(
+            input_ids=tok.input_ids, attention_mask=tok.attention_mask, pixel_values=x
+        ).logits_per_image
     torch.testing.assert_close(score(images, prompts), logits.diagonal(), rtol=1e-5, atol=1e-5)
 
 
 def test_rewards_cfg_and_full_finetune_in_training(sd3_path, tiny_clip, tmp_path):
     m = run(sd3_path, tmp_path / "pick", "--reward=pickscore", f"--pickscore_model={tiny_clip}", "--cfg_scale=3.0")
     assert math.isfinite(m["last_step"]["reward_mean"]) and m["last_step"]["reward_std"] > 0
-    m = run(sd3_path, tmp_path / "user", "--reward=test_train_full:brightness_reward", "--method=awm",
-            "--full_finetune=true", "--lr=1e-3")
+    m = run(
+        sd3_path,
+        tmp_path / "user",
+        "--reward=test_train_full:brightness_reward",
+        "--method=awm",
+        "--full_finetune=true",
+        "--lr=1e-3",
+    )
     assert math.isfinite(m["last_step"]["loss"]) and (tmp_path / "user" / "transformer" / "config.json").is_file()
     assert m["last_step"]["norm_ratio"] != 1.0  # the first update moved the fully trainable transformer
     with pytest.raises(ValueError, match="reward: expected"):
@@ -319,23 +453,35 @@ def test_guard_weight_per_method():
     v, v_ref = torch.randn(4, 3, 8, 8, generator=gen) * 1.2, torch.randn(4, 3, 8, 8, generator=gen)
     hinge = ng.normguard_penalty(v, v_ref, lam=1.0)[0]
     assert hinge > 0
-    for method, beta, factor in (("nft", 2000.0, 0.5), ("awm", 2000.0, 0.5), ("dpo", 2000.0, 500.0),
-                                 ("dpo", -40.0, 10.0)):
-        cfg = tf.Config(preset="digits", method=method, lam=0.5, dpo_beta=beta)
+    for method, beta, factor in (
+        ("nft", 2000.0, 0.5),
+        ("awm", 2000.0, 0.5),
+        ("dpo", 2000.0, 500.0),
+        ("dpo", -40.0, 10.0),
+    ):
+        cfg = tf.Config(method=method, lam=0.5, dpo_beta=beta)
         torch.testing.assert_close(tf.guard_terms(cfg, v, v_ref)[0], factor * hinge)
-    off = tf.guard_terms(tf.Config(preset="digits", guard=False), v, v_ref)
+    off = tf.guard_terms(tf.Config(guard=False), v, v_ref)
     assert off[0] == 0 and off[1]["hinge"] == hinge  # guard off: the statistics only, for the log
 
 
-def test_digits_preset(tmp_path_factory):
-    """The 8x8-digit SD3 transformer of digits.py (pixel space, label "prompts", classifier reward, quality judges)."""
+def test_digits_preset(digits_cache, tmp_path):
+    """The 8x8-digit SD3 transformer of digits.py (pixel space, label "prompts", classifier reward, quality judges),
+    registered by digits.py and run as `python digits.py --smoke ...` runs it (the session's reference)."""
     import digits
 
-    cache = tmp_path_factory.mktemp("digits_cache")
-    path = digits.get_reference(str(cache), "cpu", steps=20, progress=False)
-    out = tmp_path_factory.mktemp("digits_run")
-    m = tf.main(["--preset=digits", "--smoke", f"--pretrained_model_name_or_path={path}", f"--cache_dir={cache}",
-                 f"--out_dir={out}", "--method=dpo", "--eval_seeds=1"])
+    cache, path = digits_cache
+    m = digits.main(
+        [
+            "--smoke",
+            f"--pretrained_model_name_or_path={path}",
+            f"--cache_dir={cache}",
+            f"--out_dir={tmp_path}",
+            "--method=dpo",
+            "--eval_seeds=1",
+        ]
+    )
+    assert json.loads((tmp_path / "config.json").read_text())["config"]["preset"] == "digits"
     ev = m["eval"]
     assert m["steps"] == 2 and 0 <= ev["reward_full"] <= 1 and 0 <= ev["judge_acc_full"] <= 1
     assert {"fd_few", "disc_acc_few"} <= set(ev)
@@ -348,9 +494,20 @@ def test_two_processes(sd3_path, tmp_path):
     import sys
 
     repo = Path(tf.__file__).resolve().parent
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(repo / "train_full.py"),
-           "--preset=sd3", "--smoke", f"--pretrained_model_name_or_path={sd3_path}", "--reward=jpeg", "--method=nft",
-           f"--out_dir={tmp_path}", "--eval_every=100"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        str(repo / "train_full.py"),
+        "--preset=sd3",
+        "--smoke",
+        f"--pretrained_model_name_or_path={sd3_path}",
+        "--reward=jpeg",
+        "--method=nft",
+        f"--out_dir={tmp_path}",
+        "--eval_every=100",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -364,28 +521,46 @@ def test_two_processes(sd3_path, tmp_path):
 
 def test_bench_guard_adds_no_forward():
     """bench_train_full's exact part: with the guard on, each method runs the same network forwards as without."""
-    import bench_train_full as bench
+    from bench import bench_train_full as bench
 
     cfg, _ = bench.parse_args(["--smoke", "--threads=1"])
     for method in tf.METHODS:
         off, on = bench.measure(cfg, method, False), bench.measure(cfg, method, True)
-        assert on["forwards_per_step"] == off["forwards_per_step"] == (
-            {"grad": 1, "no_grad": 1} if method == "dpo" else {"grad": 1, "no_grad": 2})
+        assert (
+            on["forwards_per_step"]
+            == off["forwards_per_step"]
+            == ({"grad": 1, "no_grad": 1} if method == "dpo" else {"grad": 1, "no_grad": 2})
+        )
         assert on["saved_for_backward_bytes"] > off["saved_for_backward_bytes"] > 0  # the hinge's norms: tiny, not 0
 
 
-@pytest.mark.parametrize("preset", ["sd3", "flux"])
-def test_gpu_defaults_bf16_and_gradient_checkpointing(sd3_path, flux_path, tmp_path, preset):
-    """The GPU path: bf16 autocast over bf16 frozen weights (LoRA in fp32), gradient checkpointing, CFG. In a fresh
-    process, as on a GPU node: accelerate's mixed-precision state is process-wide."""
+def test_gpu_defaults_bf16_and_gradient_checkpointing(sd3_path, flux_path, tmp_path):
+    """The GPU path: bf16 autocast over bf16 frozen weights (LoRA in fp32), gradient checkpointing, CFG, for SD3 and
+    FLUX. In a fresh process, as on a GPU node: accelerate's mixed-precision state is process-wide (one process for
+    both runs, which share bf16, saves an interpreter start)."""
     import subprocess
     import sys
 
-    cmd = [sys.executable, str(Path(tf.__file__).resolve()), f"--preset={preset}", "--smoke", "--method=dpo",
-           f"--pretrained_model_name_or_path={sd3_path if preset == 'sd3' else flux_path}", "--reward=jpeg",
-           "--mixed_precision=bf16", "--gradient_checkpointing=true", "--cfg_scale=2", f"--out_dir={tmp_path}"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    runs = {
+        preset: [
+            f"--preset={preset}",
+            "--smoke",
+            "--method=dpo",
+            f"--pretrained_model_name_or_path={path}",
+            "--reward=jpeg",
+            "--mixed_precision=bf16",
+            "--gradient_checkpointing=true",
+            "--cfg_scale=2",
+            f"--out_dir={tmp_path / preset}",
+        ]
+        for preset, path in (("sd3", sd3_path), ("flux", flux_path))
+    }
+    code = "import json, sys, train_full\nfor argv in json.loads(sys.argv[1]):\n    train_full.main(argv)"
+    cmd = [sys.executable, "-c", code, json.dumps(list(runs.values()))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=Path(tf.__file__).parent)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "| bf16 |" in res.stdout
-    m = json.loads((tmp_path / "metrics.json").read_text())
-    assert math.isfinite(m["last_step"]["loss"]) and math.isfinite(m["eval"]["norm_ratio"])
+    assert res.stdout.count("| bf16 |") == 2
+    for preset in runs:
+        m = json.loads((tmp_path / preset / "metrics.json").read_text())
+        assert math.isfinite(m["last_step"]["loss"]) and math.isfinite(m["eval"]["norm_ratio"]), preset
