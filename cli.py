@@ -11,6 +11,7 @@
   without a traceback. Other exceptions keep theirs.
 Imports only the standard library.
 """
+
 import dataclasses
 import inspect
 import re

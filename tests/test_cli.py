@@ -1,4 +1,5 @@
 """The shared command line: conversions, one-line errors, --help from the dataclass comments."""
+
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -23,8 +24,9 @@ class Other:
 
 
 def test_values_take_the_type_of_the_default():
-    (over,), flags = cli.parse(["--steps=7", "--lr=2e-2", "--name=x", "--plot=false", "--smoke"], [Toy],
-                               flags={"smoke": "tiny"})
+    (over,), flags = cli.parse(
+        ["--steps=7", "--lr=2e-2", "--name=x", "--plot=false", "--smoke"], [Toy], flags={"smoke": "tiny"}
+    )
     assert over == {"steps": 7, "lr": 0.02, "name": "x", "plot": False} and flags == {"smoke"}
 
 
@@ -35,11 +37,18 @@ def test_a_key_goes_to_the_first_class_that_allows_it():
     assert a == {} and b == {"steps": 1}
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--stepz=1"], "'--stepz=1'"), (["steps=1"], "'steps=1'"), (["--steps"], "'--steps'"),
-    (["--steps=1.5"], "--steps: expected an int, got '1.5'"), (["--plot=yes"], "--plot: expected true or false"),
-    (["--lr=fast"], "--lr: expected a float"), (["--steps=1", "--steps=2"], "--steps: given twice"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--stepz=1"], "'--stepz=1'"),
+        (["steps=1"], "'steps=1'"),
+        (["--steps"], "'--steps'"),
+        (["--steps=1.5"], "--steps: expected an int, got '1.5'"),
+        (["--plot=yes"], "--plot: expected true or false"),
+        (["--lr=fast"], "--lr: expected a float"),
+        (["--steps=1", "--steps=2"], "--steps: given twice"),
+    ],
+)
 def test_bad_arguments_name_the_argument(argv, words):
     with pytest.raises(cli.UsageError, match=words.replace("[", r"\[")):
         cli.parse(argv, [Toy])
@@ -51,8 +60,13 @@ def test_help_lists_every_key_with_default_and_comment(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert text.startswith("What it does.")
-    for line in ("--steps=3  (int)  # optimiser steps", "--lr=0.001  (float)", "--name=run  (str)  # output name",
-                 "--beta=0.5  (float)  # a key of the second class", "--smoke  tiny sizes"):
+    for line in (
+        "--steps=3  (int)  # optimiser steps",
+        "--lr=0.001  (float)",
+        "--name=run  (str)  # output name",
+        "--beta=0.5  (float)  # a key of the second class",
+        "--smoke  tiny sizes",
+    ):
         assert line in text
 
 
@@ -65,11 +79,17 @@ def test_checked_turns_value_errors_into_usage_errors():
 
 
 def test_run_prints_one_line_and_exits_2():
-    code = ("import cli\n"
-            "def main(argv):\n"
-            "    raise cli.UsageError('--lr: expected a float, got \\'x\\'')\n"
-            "cli.run(main, [])\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=str(__import__("pathlib").Path(cli.__file__).parent))
+    code = (
+        "import cli\n"
+        "def main(argv):\n"
+        "    raise cli.UsageError('--lr: expected a float, got \\'x\\'')\n"
+        "cli.run(main, [])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=str(__import__("pathlib").Path(cli.__file__).parent),
+    )
     assert done.returncode == 2
     assert done.stderr.strip() == "error: --lr: expected a float, got 'x'"

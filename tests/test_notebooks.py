@@ -3,6 +3,7 @@
 Notebooks that are never run rot: each one is converted with jupytext and run top to bottom by nbclient on the
 python3 kernel, from the notebooks/ folder (where Jupyter would start it), with its figures sent to a temp dir.
 """
+
 from pathlib import Path
 
 import jupytext
@@ -23,9 +24,15 @@ def test_notebook_runs_clean(path, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     notebook = jupytext.read(path)
     # raises CellExecutionError, with the failing cell and its traceback, on the first error
-    NotebookClient(notebook, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
-    errors = [out for cell in notebook.cells if cell.cell_type == "code"
-              for out in cell.get("outputs", []) if out.get("output_type") == "error"]
+    NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    ).execute()
+    errors = [
+        out
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for out in cell.get("outputs", [])
+        if out.get("output_type") == "error"
+    ]
     assert not errors, errors
     assert any(tmp_path.rglob("*.png")), f"{path.name} saved no figure under NORMGUARD_NOTEBOOK_OUT"
