@@ -1,25 +1,32 @@
-"""The evidence behind every experiment here: statistics over seeds, the five verdict rules, the early-stopping
-control, the results table, strict JSON and the shared figures. Written once, used by toy_2d.py and digits.py.
+"""The evidence behind every experiment here: statistics over seeds, the verdict rules of docs/protocol.md, the
+early-stopping control, the reward-quality frontiers, the results table, strict JSON and the shared figures.
+Written once, used by toy_2d.py and the digits experiment.
 
 The data every function reads, per method (nft, awm, dpo) and variant ("none": base loss, "guard": + NormGuard):
 
     runs[method][variant]  a list, one per seed, of evaluations: {"full": {...}, "few": {...}, "profile": [...]}
                            and, for "none" only, "rescale" and "rescale_few" (the same model sampled with
-                           v <- v·‖v_ref‖/‖v‖ at every step). Each phase holds "ratio" (mean ‖v_θ‖/‖v_ref‖ along
-                           the model's own trajectories; absent under rescale, where it is 1 by construction),
-                           "reward" and the quality metric (Quality.key); "profile" is that ratio per bin of t.
+                           v <- v·‖v_ref‖/‖v‖ at every step). Each phase holds "reward", the quality metric
+                           (Quality.key), and along the model's own trajectories "ratio" (mean of per-point
+                           ‖v_θ‖/‖v_ref‖) and "rms_ratio" (√mean‖v_θ‖² / √mean‖v_ref‖²), both absent under
+                           rescale, where they are 1 by construction; "profile" is the ratio per bin of t.
+    null_runs[method]["none"]  the same for the shuffled-reward control (rewards permuted across the batch).
     adjoint[method]        a list, one per seed, of the un-guarded model's {"total_mean", "total_std",
-                           "frac_positive"} of Σ_k dR/dα_k (ng.velocity_scale_sensitivity).
+                           "frac_positive"} of Σ_k dR/dα_k (ng.velocity_scale_sensitivity); adjoint_reference the
+                           reference's, one per seed on that seed's noise (or one dict for every seed).
     histories[method][variant]  a list, one per seed, of checkpoint curves {"step", "reward", <quality key>, ...}.
+    paths[method][family]  a list, one per seed, of [(reward, quality), ...] from the reference to the official
+                           un-guarded run through the family's members (see frontier).
 
-Seed s of both variants of a method draws the same rollout noise, so differences over seeds are paired. A
-difference counts as significantly positive when its paired mean exceeds two standard errors; with one seed
-that is "positive", which the verdict lines flag as indicative only. Imports only torch and the standard
-library (matplotlib inside the plotting functions).
+Seed s of every variant and family draws the same noise, so differences over seeds are paired. Statistics: a
+paired t interval and one-sided t-test per method, Holm across methods (docs/protocol.md). Imports torch and the
+standard library; scipy (its t distribution) and matplotlib inside the functions that need them.
 """
 
+import dataclasses
 import json
 import math
+import statistics
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +35,12 @@ import torch
 
 VARIANTS = ("none", "guard")
 METHOD_COLORS = {"nft": "tab:blue", "awm": "tab:orange", "dpo": "tab:green"}
+ALPHA = 0.05  # one-sided level of every test, family-wise across the methods of one claim (Holm)
+PAPER_RANGE = (1.05, 1.15)  # claim 1: the inflation the paper reports
+KEEP_GAIN = 0.7  # claim 4: the guard keeps at least this share of the un-guarded reward gain
+EQUIVALENCE_MARGIN = 0.2  # claim 3: a standardised mean sensitivity inside ±0.2 is "no coherent signal"
+LEVELS = (0.5, 0.75, 0.9)  # frontier: matched reward r_ref + f·(un-guarded gain) at these f
+PRIMARY_LEVEL = 0.75
 
 
 @dataclass(frozen=True)
@@ -80,25 +93,82 @@ def paired_diff(a, b):
     return [x - y for x, y in zip(a, b)]
 
 
-def significantly_positive(d):
-    """The rule for "a difference counts": paired mean over seeds > 2 standard errors (std / sqrt(n)).
-
-    n counts every entry given, NaN included. With one seed the standard error is 0: positive is enough.
-    """
-    m, s = mean_std(d)
-    return m > 2 * s / math.sqrt(max(len(d), 1)) if not math.isnan(m) else False
-
-
-def verdict_word(ok):
-    """One word for a claim from its per-method outcomes."""
-    if not ok:
-        return "NOT TESTED"
-    return "REPRODUCED" if all(ok) else ("PARTLY reproduced" if any(ok) else "NOT reproduced")
-
-
 def collect(runs, method, variant, phase, key):
     """Per-seed values of one metric: [evaluation[phase][key] for each seed of runs[method][variant]]."""
     return [r[phase][key] for r in runs[method][variant]]
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Per-seed differences d (> 0: the claim's direction): n, mean, two-sided 95 % t interval [lo, hi], and the
+    one-sided p value of mean > 0 (paired t-test). One seed gives no interval and p = 1: no test is possible."""
+
+    n: int
+    mean: float
+    lo: float
+    hi: float
+    p: float
+
+    def text(self, digits=3):
+        if self.n < 2:
+            return f"{self.mean:+.{digits}f} (1 seed: no test)"
+        return f"{self.mean:+.{digits}f} [{self.lo:+.{digits}f}, {self.hi:+.{digits}f}]"
+
+
+def paired(d):
+    """The paired summary of per-seed differences d. A NaN is an error: the caller decides what it means."""
+    from scipy.special import stdtr, stdtrit  # Student t's CDF and its inverse
+
+    x = [float(v) for v in d]
+    if not x or not all(math.isfinite(v) for v in x):
+        raise ValueError(f"d: expected one finite difference per seed, got {x}")
+    n, mean = len(x), math.fsum(x) / len(x)
+    if n == 1:
+        return Paired(1, mean, math.nan, math.nan, 1.0)
+    se = statistics.stdev(x) / math.sqrt(n)
+    if se == 0:  # every seed gave the same difference: the interval collapses, the sign decides
+        return Paired(n, mean, mean, mean, 0.0 if mean > 0 else 1.0)
+    half = float(stdtrit(n - 1, 0.975)) * se
+    return Paired(n, mean, mean - half, mean + half, float(stdtr(n - 1, -mean / se)))
+
+
+def holm(pvalues, alpha=ALPHA):
+    """{name: passed} by Holm's step-down procedure: with p sorted ascending, the i-th (from 0) passes when
+    p <= alpha / (m - i) and every smaller one passed. Family-wise error <= alpha under any dependence."""
+    passed = {k: False for k in pvalues}
+    for i, k in enumerate(sorted(pvalues, key=pvalues.get)):
+        if pvalues[k] > alpha / (len(pvalues) - i):
+            break
+        passed[k] = True
+    return passed
+
+
+def equivalence_p(d, margin):
+    """Two one-sided tests that the mean of d lies inside (-margin, margin): the larger of the two p values."""
+    return max(paired([v + margin for v in d]).p, paired([margin - v for v in d]).p)
+
+
+def verdict_word(passed):
+    """One phrase for a claim from {method: passed}: REPRODUCED (all), PARTLY reproduced (naming those that
+    pass), NOT reproduced (none), NOT TESTED (no method could test it)."""
+    if not passed:
+        return "NOT TESTED"
+    winners = [m for m, ok in passed.items() if ok]
+    if len(winners) == len(passed):
+        return "REPRODUCED"
+    return f"PARTLY reproduced ({', '.join(winners)})" if winners else "NOT reproduced"
+
+
+def at_reward(rewards, qualities, target):
+    """Quality along a path of points (rewards[i], qualities[i]) at its first crossing of `target`, linear in
+    reward between the two points around it; NaN if the path never reaches `target`."""
+    for i, r in enumerate(rewards):
+        if r >= target:
+            if i == 0:
+                return qualities[0]
+            w = (target - rewards[i - 1]) / (r - rewards[i - 1])
+            return qualities[i - 1] + w * (qualities[i] - qualities[i - 1])
+    return math.nan
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -106,144 +176,202 @@ def collect(runs, method, variant, phase, key):
 
 
 def early_stopping_control(history_none, history_guard, quality):
-    """Quality of the guarded run vs the un-guarded run's own checkpoints at the guarded run's final reward.
+    """Quality of the guarded run against the un-guarded run's own checkpoints at the guarded run's final reward.
 
-    Walk the un-guarded checkpoints (the first one: the reference) to the first whose reward reaches the guarded
-    run's final reward and interpolate the quality there linearly in reward. Returns quality.gain of the guarded
-    run over that matched checkpoint (> 0: the guard beats stopping the un-guarded run early), or NaN when the
-    un-guarded run never reaches that reward (no early stop matches it; the verdict counts these).
+    Walk the un-guarded checkpoints (the first: the reference) to the first whose reward reaches the guarded
+    run's final reward and interpolate quality there, linear in reward. If the un-guarded run never reaches it,
+    the comparator is its checkpoint of highest reward, the closest any early stop comes: such a seed is counted,
+    not dropped. Returns (quality.gain of the guarded run over the comparator, > 0: guard better; reached?).
     """
     key = quality.key
     target, q_guard = history_guard["reward"][-1], history_guard[key][-1]
     r, q = history_none["reward"], history_none[key]
-    for c in range(len(r)):
-        if r[c] >= target:
-            if c == 0:
-                return quality.gain([q_guard], [q[0]])[0]
-            w = (target - r[c - 1]) / (r[c] - r[c - 1])
-            return quality.gain([q_guard], [q[c - 1] + w * (q[c] - q[c - 1])])[0]
-    return float("nan")
+    matched = at_reward(r, q, target)
+    reached = not math.isnan(matched)
+    if not reached:
+        matched = q[max(range(len(r)), key=r.__getitem__)]
+    return quality.gain([q_guard], [matched])[0], reached
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the verdicts: one rule per claim of the paper, fixed before any result was seen
+# the verdicts (docs/protocol.md): one one-sided p value per method and claim, Holm across the methods
 
 
-def claim_inflation(runs, m):
-    """(1) RL inflates the norm: the un-guarded norm ratio along the policy's own trajectories is above 1."""
-    r = collect(runs, m, "none", "full", "ratio")
-    return significantly_positive([x - 1 for x in r]), f"{m} {mean_std(r)[0]:.3f}±{mean_std(r)[1]:.3f}"
+def claim_inflation(runs, null_runs, m, key):
+    """(1) The un-guarded norm ratio exceeds 1, and exceeds the shuffled-reward control's on the same seed (both
+    must hold: p is the larger of the two). Returns (p, does the interval meet the paper's 5-15 %?, text)."""
+    ratio = collect(runs, m, "none", "full", key)
+    above_one = paired([r - 1 for r in ratio])
+    lo, hi = 1 + above_one.lo, 1 + above_one.hi
+    in_range = above_one.n > 1 and not (hi < PAPER_RANGE[0] or lo > PAPER_RANGE[1])
+    text = f"{m} {1 + above_one.mean:.3f} [{lo:.3f}, {hi:.3f}]"
+    if not null_runs or m not in null_runs:
+        return 1.0, in_range, text + " (no shuffled-reward control run: untested)"
+    above_null = paired(paired_diff(ratio, collect(null_runs, m, "none", "full", key)))
+    return max(above_one.p, above_null.p), in_range, text + f", minus shuffled-reward control {above_null.text()}"
 
 
 def claim_rescale(runs, m, quality):
-    """(2) rescaling at inference does not help: the guarded model beats the rescaled one on reward or quality."""
+    """(2) Pareto, guarded vs the rescaled un-guarded model: better on reward or on quality (Bonferroni over the
+    two axes) and not significantly worse on the other. Returns (p, text)."""
     q = quality.key
-    dr = paired_diff(collect(runs, m, "guard", "full", "reward"), collect(runs, m, "none", "rescale", "reward"))
-    guard_q, rescaled_q = collect(runs, m, "guard", "full", q), collect(runs, m, "none", "rescale", q)
-    ok = significantly_positive(dr) or significantly_positive(quality.gain(guard_q, rescaled_q))
-    dq = mean_std(paired_diff(guard_q, rescaled_q))[0]
-    return ok, f"{m} guard−rescaled: reward {mean_std(dr)[0]:+.3f}, {quality.label} {dq:+.{quality.digits + 1}f}"
+    d_reward = paired_diff(collect(runs, m, "guard", "full", "reward"), collect(runs, m, "none", "rescale", "reward"))
+    d_quality = quality.gain(collect(runs, m, "guard", "full", q), collect(runs, m, "none", "rescale", q))
+    reward, qual = paired(d_reward), paired(d_quality)
+    other = d_quality if reward.p <= qual.p else d_reward
+    worse_elsewhere = paired([-x for x in other]).p <= ALPHA
+    p = 1.0 if worse_elsewhere else min(1.0, 2 * min(reward.p, qual.p))
+    return p, f"{m} guard − rescaled: reward {reward.text()}, {quality.label} better by {qual.text(quality.digits)}"
 
 
-def claim_adjoint(adjoint, m):
-    """(3) no coherent first-order magnitude signal: |mean dR/dα| < 0.5·std across samples, on every seed."""
-    snr = [abs(a["total_mean"]) / a["total_std"] for a in adjoint[m]]
-    positive = mean_std([a["frac_positive"] for a in adjoint[m]])[0]
-    return all(x < 0.5 for x in snr), f"{m} |mean|/std {mean_std(snr)[0]:.2f}, positive {positive:.0%}"
+def claim_adjoint(adjoint, adjoint_reference, m):
+    """(3) No coherent first-order signal: the standardised mean sensitivity δ = mean(dR/dα) / sd(dR/dα) of the
+    trained model is equivalent to 0 within ±EQUIVALENCE_MARGIN (TOST). Returns (p, text), δ at the reference too."""
+    delta = [a["total_mean"] / a["total_std"] for a in adjoint[m]]
+    refs = adjoint_reference if isinstance(adjoint_reference, list) else [adjoint_reference] * len(delta)
+    delta_ref = [a["total_mean"] / a["total_std"] for a in refs]
+    after, change = paired(delta), paired(paired_diff(delta, delta_ref))
+    text = f"{m} δ {after.text(2)} (reference {statistics.fmean(delta_ref):+.2f}, change {change.text(2)})"
+    return equivalence_p(delta, EQUIVALENCE_MARGIN), text
 
 
-def claim_keeps_reward(runs, m, quality, few_steps, r0):
-    """(4) the guard keeps >= 70 % of the reward gain and improves quality; (4b) by more at few steps.
+def claim_keeps_reward(runs, m, quality, r0):
+    """(4) The guard improves quality over the un-guarded run and keeps >= KEEP_GAIN of its reward gain, tested as
+    non-inferiority r_guard - r_none + (1 - KEEP_GAIN)·(r_none - r0) > 0. Returns (p, quality gains, text)."""
+    q = quality.key
+    r_none, r_guard = collect(runs, m, "none", "full", "reward"), collect(runs, m, "guard", "full", "reward")
+    gains = quality.gain(collect(runs, m, "guard", "full", q), collect(runs, m, "none", "full", q))
+    keeps = paired([g - n + (1 - KEEP_GAIN) * (n - r0) for g, n in zip(r_guard, r_none)])
+    kept = (statistics.fmean(r_guard) - r0) / (statistics.fmean(r_none) - r0)
+    better = paired(gains)
+    text = f"{m} reward gain kept {kept:.0%}, {quality.label} better by {better.text(quality.digits)}"
+    return max(better.p, keeps.p), gains, text
 
-    Returns (ok, ok_few, text)."""
-    q, d = quality.key, quality.digits
-    gain_n = mean_std(collect(runs, m, "none", "full", "reward"))[0] - r0
-    gain_g = mean_std(collect(runs, m, "guard", "full", "reward"))[0] - r0
-    kept = gain_g / gain_n if gain_n > 0 else float("nan")
-    dq_full = quality.gain(collect(runs, m, "guard", "full", q), collect(runs, m, "none", "full", q))
-    dq_few = quality.gain(collect(runs, m, "guard", "few", q), collect(runs, m, "none", "few", q))
-    ok = gain_n > 0 and kept >= 0.7 and significantly_positive(dq_full)
-    ok_few = ok and significantly_positive(paired_diff(dq_few, dq_full))
-    full, few = (quality.sign * mean_std(x)[0] for x in (dq_full, dq_few))  # back to guard − none, as printed
-    return (
-        ok,
-        ok_few,
-        f"{m} reward gain kept {kept:.0%}, Δ{quality.label} {full:+.{d}f} (at {few_steps} steps {few:+.{d}f})",
-    )
+
+def claim_few_steps(runs, m, quality, gains_full):
+    """(4b) The guard's quality gain at the few-step sampler exceeds its gain at full steps. Returns (p, text)."""
+    q = quality.key
+    gains_few = quality.gain(collect(runs, m, "guard", "few", q), collect(runs, m, "none", "few", q))
+    more = paired(paired_diff(gains_few, gains_full))
+    return more.p, f"{m} few-step gain minus full-step gain {more.text(quality.digits)}"
 
 
 def claim_not_early_stopping(control, m, quality):
-    """(5) not early stopping: the guarded run beats the un-guarded run's checkpoints at matched reward.
-
-    A seed whose un-guarded run never reaches the guarded reward (NaN) has no early stop to match; if that holds
-    for every seed the claim stands, otherwise the matched seeds decide (one matched seed: its sign)."""
-    d = control[m]
-    defined = [x for x in d if not math.isnan(x)]
-    unreached = len(d) - len(defined)
-    if len(defined) == 0:
-        ok = unreached > 0
-    else:
-        ok = significantly_positive(defined) if len(defined) > 1 else defined[0] > 0
-    delta = quality.sign * mean_std(d)[0]  # back to guard − matched checkpoint, as printed
-    text = (
-        f"{m} Δ{quality.label} at matched reward {delta:+.{quality.digits}f} ({len(defined)} matched, "
-        f"{unreached} never reached)"
+    """(5) The guarded run beats the un-guarded run's own checkpoints at matched reward, every seed counted."""
+    deltas, reached = zip(*control[m])
+    better = paired(deltas)
+    unreached = len(deltas) - sum(reached)
+    return better.p, (
+        f"{m} {quality.label} better by {better.text(quality.digits)} ({unreached} of {len(deltas)} seeds never "
+        "reached the guarded reward: compared at their best checkpoint)"
     )
-    return ok, text
 
 
-def verdicts(runs, reference_eval, adjoint, adjoint_reference, control, quality, few_steps):
-    """One line per claim of the paper, reproduced or not, with the numbers it rests on. Returns (lines, flags).
+def verdicts(
+    runs, reference_eval, adjoint, adjoint_reference, control, quality, few_steps, null_runs=None, ratio_key="rms_ratio"
+):
+    """One line per claim of the paper with the numbers it rests on. Returns (lines, flags).
 
-    runs, adjoint: see the module docstring; reference_eval: the reference's evaluation ({"full": {"reward", ...}});
-    adjoint_reference: its {"total_mean", "total_std"}; control: {method: [early_stopping_control per seed]};
-    few_steps: the few-step sampler's step count, for the text. A method whose un-guarded run gained no reward
-    (mean gain <= 0.01 or not significant) did not learn: it cannot test any claim and is set apart. Quality
-    differences are printed as guard − other in the metric's own units; the rules read them through quality.gain.
+    Each claim gives a one-sided p value per method; Holm across the methods decides which pass (family-wise
+    α = ALPHA). A method whose un-guarded run gained no reward (one-sided test) cannot test any claim and is set
+    apart. Differences print as mean [95 % interval] over seeds; quality differences as "better by", signed by
+    the metric's direction. See the module docstring for the inputs and docs/protocol.md for the rules.
     """
-    methods = list(runs)
     r0 = reference_eval["full"]["reward"]
-    gains = {m: [x - r0 for x in collect(runs, m, "none", "full", "reward")] for m in methods}
-    skipped = [m for m in methods if not (mean_std(gains[m])[0] > 0.01 and significantly_positive(gains[m]))]
-    methods = [m for m in methods if m not in skipped]
-    note = "".join(
-        f"; {m} not tested (un-guarded reward gain {mean_std(gains[m])[0]:+.3f}: it did not learn)" for m in skipped
-    )
-    if len(next(iter(runs.values()))["none"]) == 1:
-        note += " [1 seed: no error bars, indicative only]"
-    flags = {"not_tested": skipped}
+    gained = {m: paired([r - r0 for r in collect(runs, m, "none", "full", "reward")]).p <= ALPHA for m in runs}
+    methods = [m for m, ok in gained.items() if ok]
+    note = "".join(f"; {m} set aside: its un-guarded run gained no reward" for m, ok in gained.items() if not ok)
+    flags, lines = {"not_tested": [m for m, ok in gained.items() if not ok]}, []
 
-    def claim(name, results, sep="; "):  # record the per-method outcomes, join the per-method texts
-        flags[name] = {m: ok for m, (ok, _) in zip(methods, results)}
-        return [ok for ok, _ in results], sep.join(text for _, text in results)
+    def judge(name, claim, results, extra="", word=verdict_word):
+        flags[name] = passed = holm({m: r[0] for m, r in results.items()})
+        texts = "; ".join(r[-1] for r in results.values()) or "no method to test"
+        lines.append(f"({name}) {claim}: {word(passed)} — {texts}{extra}{note}")
+        return passed
 
-    ok, text = claim("1", [claim_inflation(runs, m) for m in methods], sep=", ")
-    lines = [
-        f"(1) RL inflates the velocity norm: {verdict_word(ok)} — un-guarded ‖v_θ‖/‖v_ref‖ "
-        + text
-        + " (1.000 = no drift; paper: 1.05-1.15)"
-        + note
-    ]
-    ok, text = claim("2", [claim_rescale(runs, m, quality) for m in methods])
-    lines.append(f"(2) inference-time rescale does not help: {verdict_word(ok)} — " + text + note)
-    ok, text = claim("3", [claim_adjoint(adjoint, m) for m in methods])
-    snr_ref = abs(adjoint_reference["total_mean"]) / adjoint_reference["total_std"]
-    lines.append(
-        f"(3) no coherent first-order magnitude signal: {verdict_word(ok)} — "
-        + text
-        + f"; reference |mean|/std {snr_ref:.2f} (rule: < 0.5)"
-        + note
+    inflation = {m: claim_inflation(runs, null_runs, m, ratio_key) for m in methods}
+    flags["1_in_paper_range"] = in_range = {m: r[1] for m, r in inflation.items()}
+
+    def inflation_word(passed):  # an inflation whose interval misses the paper's range counts for "partly" only
+        if passed and all(passed.values()) and all(in_range.values()):
+            return "REPRODUCED"
+        winners = [m + ("" if in_range[m] else ": outside 5-15 %") for m, ok in passed.items() if ok]
+        return f"PARTLY reproduced ({', '.join(winners)})" if winners else verdict_word(passed)
+
+    judge("1", f"RL inflates the velocity norm ({ratio_key})", inflation, " (paper: 1.05-1.15)", inflation_word)
+    judge("2", "inference-time rescale does not help", {m: claim_rescale(runs, m, quality) for m in methods})
+    judge(
+        "3",
+        "no coherent first-order magnitude signal",
+        {m: claim_adjoint(adjoint, adjoint_reference, m) for m in methods},
+        f" (rule: δ within ±{EQUIVALENCE_MARGIN})",
     )
-    results = [claim_keeps_reward(runs, m, quality, few_steps, r0) for m in methods]
-    ok, text = claim("4", [(ok, text) for ok, _, text in results])
-    ok_few, _ = claim("4_few", [(ok_few, text) for _, ok_few, text in results])
-    lines.append(
-        f"(4) guard keeps reward and improves quality: {verdict_word(ok)}; more so at few steps: "
-        f"{verdict_word(ok_few)} — " + text + note
-    )
-    ok, text = claim("5", [claim_not_early_stopping(control, m, quality) for m in methods])
-    lines.append(f"(5) not an early-stopping effect: {verdict_word(ok)} — " + text + note)
+    keeps = {m: claim_keeps_reward(runs, m, quality, r0) for m in methods}
+    passed = judge("4", "guard keeps reward and improves quality", keeps)
+    few = {m: claim_few_steps(runs, m, quality, keeps[m][1]) for m in methods if passed[m]}
+    judge("4b", f"more so at {few_steps} steps", few)
+    judge("5", "not an early-stopping effect", {m: claim_not_early_stopping(control, m, quality) for m in methods})
     return lines, flags
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the frontiers: quality at matched reward, family against family
+
+
+def quality_at_level(per_seed, f):
+    """Each seed's path read at r* = r_ref + f·(r_official - r_ref). Returns (values, seeds whose crossing lies
+    between the reference and the family's first member: an interpolation, not a measured run)."""
+    values, interpolated = [], 0
+    for path in per_seed:
+        r, q = zip(*path)
+        target = r[0] + f * (r[-1] - r[0])
+        values.append(at_reward(r, q, target))
+        interpolated += next((i for i, x in enumerate(r) if x >= target), None) == 1
+    return values, interpolated
+
+
+def frontier(paths, quality, levels=LEVELS, primary=PRIMARY_LEVEL):
+    """Quality at matched reward along each family's path, the guard against every other family.
+
+    paths[method][family]: one path per seed, [(reward, quality), ...] from the reference's point through the
+    family's members (strongest effect first) to the official un-guarded run's point, which every family of a
+    seed shares. At each level f every path is read at its first crossing of r* (quality_at_level); the guard's
+    difference to each family (> 0: the guard is better) gets a 95 % interval over seeds, and at the primary
+    level Holm across the families of a method decides which differences count. Returns (lines, summary),
+    summary[method][f][family] = {"mean", "vs_guard": Paired or None, "passed": bool or None, "interpolated"}.
+    """
+    lines, summary = [], {}
+    pick_best = max if quality.higher_is_better else min
+    for m, families in paths.items():
+        summary[m] = {}
+        for f in levels:
+            at = {fam: quality_at_level(per_seed, f) for fam, per_seed in families.items()}
+            rows = {
+                fam: {
+                    "mean": statistics.fmean(values),
+                    "vs_guard": None if fam == "guard" else paired(quality.gain(at["guard"][0], values)),
+                    "interpolated": interpolated,
+                }
+                for fam, (values, interpolated) in at.items()
+            }
+            passed = holm({k: row["vs_guard"].p for k, row in rows.items() if row["vs_guard"]}) if f == primary else {}
+            parts = []
+            for fam, row in rows.items():
+                row["passed"] = passed.get(fam)
+                part = f"{fam} {row['mean']:.{quality.digits}f}"
+                if row["vs_guard"]:
+                    part += f" (guard better by {row['vs_guard'].text(quality.digits)}"
+                    part += (", significant after Holm)" if row["passed"] else ")") if f == primary else ")"
+                if row["interpolated"]:
+                    part += f" [interpolated from the reference in {row['interpolated']} seeds]"
+                parts.append(part)
+            summary[m][f] = rows
+            best = pick_best(rows, key=lambda k: rows[k]["mean"])
+            tag = " (primary)" if f == primary else ""
+            lines.append(
+                f"{m} at {f:.0%} of the un-guarded gain{tag}: best {best}; {quality.label}: " + "; ".join(parts)
+            )
+    return lines, summary
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -284,6 +412,8 @@ def format_table(runs, reference_eval, columns):
 
 def json_safe(obj):
     """NaN and ±inf -> None, tuples -> lists, dict keys -> str, recursively: what strict JSON can hold."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return json_safe(dataclasses.asdict(obj))
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
@@ -381,3 +511,17 @@ def plot_reward_quality(ax, runs, reference_eval, quality, steps):
         title=f"reward vs quality: {steps[0]} steps (filled), {steps[1]} (hollow)",
     )
     ax.legend(fontsize=6, ncol=2)
+
+
+def plot_frontier(ax, paths, quality, title):
+    """One method's frontier: each family's path, mean over seeds point by point, reward against quality; the
+    guard's line is bold. paths: {family: [per-seed [(reward, quality), ...]]} (one method of frontier's input)."""
+    for family, per_seed in paths.items():
+        points = torch.tensor(per_seed, dtype=torch.float64).mean(0)
+        bold = family == "guard"
+        ax.plot(
+            points[:, 0], points[:, 1], marker="o", ms=3, lw=2.5 if bold else 1.2, label=family, zorder=3 if bold else 2
+        )
+    better = "higher" if quality.higher_is_better else "lower"
+    ax.set(xlabel="reward (proxy)", ylabel=f"{quality.label} ({better} = better)", title=title)
+    ax.legend(fontsize=7)
