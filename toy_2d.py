@@ -1,26 +1,20 @@
 """NormGuard on a 2D flow: RL inflates the velocity norm, and the one-sided hinge stops it — or the toy says not.
 
-    python toy_2d.py               # the headline: every method un-guarded, guarded and on shuffled rewards
-    python toy_2d.py --frontier    # the guard against KL, lower lr, early stopping and rescaling (docs/protocol.md)
+    python toy_2d.py               # the headline: each method un-guarded, guarded and on shuffled rewards (~1 min)
+    python toy_2d.py --frontier    # the guard against a stronger KL, a lower lr, early stopping, rescaling (~7 min)
     python toy_2d.py --smoke       # tiny sizes, for tests
 
-Top to bottom:
-1. the world: a ring of Gaussians whose density is known in closed form (the "true image distribution"), and a
-   classifier-style reward, P(target modes | x). Like a learned reward model it grows more confident the farther
-   x moves from the other modes, also off the data's support: a policy can raise it by overshooting.
-2. the model: a small velocity MLP, pretrained by flow matching in the diffusers convention, frozen as reference.
-3. RL: arms × seeds models, one batched ensemble. An arm is a method (DiffusionNFT, AWM, Diffusion-DPO, every
-   loss from normguard.py) with its knobs (guard, λ, margin, KL weight, learning rate, shuffled rewards); every
-   arm of seed s sees the same rollout and training noise, so differences between arms are paired by seed.
-4. evaluation: reward, quality and the norm ratio along each policy's own trajectories, at full and few Euler
-   steps and at checkpoints (one fixed noise batch for all), the inference-time rescale and the adjoint
-   diagnostic; then evidence.py judges each claim of the paper, or traces the frontiers, by docs/protocol.md.
-Quality is what the reward cannot see: the sliced Wasserstein distance to the ideal reward-tilted distribution
-p(x)·exp(r(x)/τ)/Z (the verdicts' endpoint), the mean log-density under the true ring and the fraction of samples
-on its support.
+Top to bottom: the world (a ring of Gaussians with a closed-form density, and a classifier-style reward that, like
+a learned reward model, grows more confident off the data's support: a policy can raise it by overshooting); the
+velocity MLP, pretrained by flow matching in the diffusers convention and frozen as the reference; RL of arms ×
+seeds models as one batched ensemble, an arm being a method (DiffusionNFT, AWM, Diffusion-DPO: every loss from
+normguard.py) with its knobs, every arm of seed s on the same rollout and training noise (paired by seed);
+sampling, reward, quality and the norm ratio along each policy's own trajectories; then evidence.py judges each
+claim of the paper, or traces the frontiers, by the rules of docs/protocol.md. Quality is what the reward cannot
+see: the sliced Wasserstein distance to the ideal tilted target p(x)·exp(r(x)/τ)/Z (the endpoint), the mean
+log-density under the ring and the fraction of samples on its support.
 """
 
-import copy
 import dataclasses
 import math
 import sys
@@ -82,10 +76,8 @@ class Config:
     nft_beta: float = 1.0
     dpo_beta: float = 2000.0
     kl_weight: float = 1e-4  # NFT's and AWM's KL-to-reference weight (the official 1e-4)
-    # NormGuard: ng.normguard_penalty per sample, squared. The margin departs from the core's default (relative):
-    # in 2D the reference velocity nearly vanishes where the ring's modes pull x_t equally (|v_ref| < 0.07 for 10 %
-    # of training points at t = 0.7), and the relative hinge's gradient, 2·lam·(|v| - |v_ref|) / |v_ref|^2, explodes
-    # there. Image latents, with 10^4-10^5 dims, have no such points. --margin=relative runs the core's default.
+    # NormGuard, squared hinge per sample. Absolute margin, not the core's relative default: in 2D |v_ref| nearly
+    # vanishes where the modes pull x_t equally, and the relative hinge's gradient (∝ 1/|v_ref|^2) explodes there
     margin: str = "absolute"  # absolute: |v| - |v_ref|; relative: |v|/|v_ref| - 1
     power: int = 2  # 2: squared hinge, 1: plain hinge
     lam: float = 0.1  # DPO's guard uses lam * dpo_beta / 2 (both branches): its loss gradient carries that factor
@@ -110,13 +102,10 @@ FLAGS = {"smoke": f"tiny sizes, for tests ({SMOKE})", "frontier": "the frontier 
 def check_config(cfg):
     """A ValueError naming the first key whose value the run cannot use, and what it expects."""
     targets = [int(k) for k in cfg.target_modes.split(",") if k.isdigit()]
+    ok_targets = len(set(targets)) == len(cfg.target_modes.split(",")) < cfg.n_modes > max(targets, default=0)
     rules = [
         ("methods", all(m in METHODS for m in cfg.methods.split(",")), f"a comma-separated subset of {METHODS}"),
-        (
-            "target_modes",
-            len(set(targets)) == len(cfg.target_modes.split(",")) < cfg.n_modes > max(targets, default=0),
-            f"distinct indices in [0, {cfg.n_modes}) leaving a non-target mode",
-        ),
+        ("target_modes", ok_targets, f"distinct indices in [0, {cfg.n_modes}) leaving a non-target mode"),
         ("margin", cfg.margin in ("relative", "absolute"), "relative or absolute"),
         ("power", cfg.power in (1, 2), "1 or 2"),
         ("group_size", cfg.group_size >= 2 and cfg.group_size % 2 == 0, "an even int >= 2 (DPO pairs best and worst)"),
@@ -155,12 +144,8 @@ def sample_data(cfg, n, generator):
 
 def log_density(cfg, x):
     """log p(x) of the ring, x (..., 2) -> (...)."""
-    sq = ((x[..., None, :] - mode_centers(cfg)) ** 2).sum(-1)
-    return (
-        torch.logsumexp(-sq / (2 * cfg.mode_std**2), -1)
-        - math.log(cfg.n_modes)
-        - math.log(2 * math.pi * cfg.mode_std**2)
-    )
+    sq, var = ((x[..., None, :] - mode_centers(cfg)) ** 2).sum(-1), cfg.mode_std**2
+    return torch.logsumexp(-sq / (2 * var), -1) - math.log(cfg.n_modes * 2 * math.pi * var)
 
 
 def reward(cfg, x):
@@ -233,11 +218,9 @@ class Ensemble(nn.Module):
         super().__init__()
         dims = [2 + cfg.temb_dim] + [cfg.hidden] * cfg.depth + [2]
         self.cfg = cfg
-        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
-        for d_in, d_out in zip(dims[:-1], dims[1:]):
-            bound = 1 / math.sqrt(d_in)
-            self.weights.append(nn.Parameter(torch.empty(num_models, d_in, d_out).uniform_(-bound, bound)))
-            self.biases.append(nn.Parameter(torch.empty(num_models, 1, d_out).uniform_(-bound, bound)))
+        init = lambda d_in, *shape: nn.Parameter(torch.empty(num_models, *shape).uniform_(-1, 1) / math.sqrt(d_in))
+        self.weights = nn.ParameterList(init(i, i, o) for i, o in zip(dims[:-1], dims[1:]))
+        self.biases = nn.ParameterList(init(i, 1, o) for i, o in zip(dims[:-1], dims[1:]))
 
     def forward(self, x, t, models=slice(None)):
         h = torch.cat([x, time_embedding(t, self.cfg.temb_dim)], -1)
@@ -246,11 +229,12 @@ class Ensemble(nn.Module):
             h = F.silu(h) if i < len(self.weights) - 1 else h
         return h
 
-    def replicate(self, num_models):
-        """An ensemble of num_models copies of model 0 (every RL run starts from the reference)."""
-        clone = copy.deepcopy(self)
-        clone.weights = nn.ParameterList([nn.Parameter(w[:1].detach().repeat(num_models, 1, 1)) for w in self.weights])
-        clone.biases = nn.ParameterList([nn.Parameter(b[:1].detach().repeat(num_models, 1, 1)) for b in self.biases])
+    def replicate(self, num_models, models=(0,)):
+        """An ensemble of num_models copies of `models`, cycled (every RL run starts from the reference)."""
+        clone = Ensemble(self.cfg, num_models)
+        with torch.no_grad():
+            for p, q in zip(clone.parameters(), self.parameters()):
+                p.copy_(q[list(models)].repeat(num_models // len(models), 1, 1))
         return clone
 
     @torch.no_grad()
@@ -314,39 +298,38 @@ class Arm:
 
 def arms(cfg, frontier=False):
     """Per method: "none", "guard" (at lam, margin) and "null" (shuffled rewards); or, for the frontier, "none"
-    and every member of the method's families (GRIDS, DPO_GRIDS)."""
-    knobs = {
-        "guard": lambda a, v: replace(a, guard=True, lam=v, margin="absolute"),
-        "guard_relative": lambda a, v: replace(a, guard=True, lam=v, margin="relative"),
-        "kl": lambda a, v: replace(a, kl_weight=v),
-        "lower_lr": lambda a, v: replace(a, lr_scale=a.lr_scale * v),
-    }
+    and every member of the method's families (GRIDS, DPO_GRIDS), in grid order."""
     out = []
     for m in cfg.methods.split(","):
-        none = Arm(m, "none", False, cfg.lam, cfg.margin, cfg.kl_weight, cfg.dpo_lr / cfg.rl_lr if m == "dpo" else 1)
+        lr = cfg.dpo_lr / cfg.rl_lr if m == "dpo" else 1.0
+        none = Arm(m, "none", lam=cfg.lam, margin=cfg.margin, kl_weight=cfg.kl_weight, lr_scale=lr)
+        knobs = {
+            "guard": lambda v: dict(guard=True, lam=v, margin="absolute"),
+            "guard_relative": lambda v: dict(guard=True, lam=v, margin="relative"),
+            "kl": lambda v: dict(kl_weight=v),
+            "lower_lr": lambda v, lr=lr: dict(lr_scale=lr * v),
+        }
         out.append(none)
         if not frontier:
             out += [replace(none, name="guard", guard=True), replace(none, name="null", shuffle_rewards=True)]
-            continue
-        for family, grid in (DPO_GRIDS if m == "dpo" else GRIDS).items():
-            out += [replace(knobs[family](none, v), name=f"{family} {v:g}") for v in grid]
+        for family, grid in (DPO_GRIDS if m == "dpo" else GRIDS).items() if frontier else ():
+            out += [replace(none, name=f"{family} {v:g}", **knobs[family](v)) for v in grid]
     return out
 
 
 def draw_noise(cfg, generators):
     """One step's rollout and training noise per seed, stacked (seeds, ...): every arm of seed s uses row s."""
-    N = cfg.groups * cfg.group_size
-
-    def one(g):
-        return {
+    N, K = cfg.groups * cfg.group_size, cfg.sample_steps
+    draws = [
+        {
             "rollout": torch.randn(N, 2, generator=g),
             "perm": torch.randperm(N, generator=g),  # the null arm's shuffle
-            "t_index": torch.randint(cfg.sample_steps, (N,), generator=g),  # NFT/AWM: the sampler's own timesteps
+            "t_index": torch.randint(K, (N,), generator=g),  # NFT and AWM train on the sampler's own timesteps
             "eps": torch.randn(N, 2, generator=g),
             "logit_t": torch.randn(N // 2, generator=g),  # DPO: logit-normal t, one per (winner, loser) row
         }
-
-    draws = [one(g) for g in generators]
+        for g in generators
+    ]
     return {k: torch.stack([d[k] for d in draws]) for k in draws[0]}
 
 
@@ -363,9 +346,7 @@ def dpo_loss(cfg, arm, policy, ref, sl, x0, rewards, noise):
     """Diffusion-DPO on the best vs the worst sample of every group, each pair noised G/2 times; both guarded."""
     M, G = rewards.shape[0], cfg.group_size
     r, xg = rewards.reshape(M, -1, G), x0.reshape(M, -1, G, 2)
-    pick = lambda i: (
-        torch.gather(xg, 2, i[..., None, None].expand(-1, -1, 1, 2)).squeeze(2).repeat_interleave(G // 2, 1)
-    )
+    pick = lambda i: xg.gather(2, i[..., None, None].expand(-1, -1, 1, 2)).squeeze(2).repeat_interleave(G // 2, 1)
     x_w, x_l, t = pick(r.argmax(-1)), pick(r.argmin(-1)), torch.sigmoid(noise["logit_t"])
     n, eps = t.shape[1], noise["eps"][:, : t.shape[1]].reshape(-1, 2)
     (xt_w, u_w), (xt_l, u_l) = (ng.forward_process(x.reshape(-1, 2), eps, t.reshape(-1)) for x in (x_w, x_l))
@@ -389,9 +370,8 @@ def nft_awm_loss(cfg, arm, policy, old, ref, sl, x0, rewards, noise):
         v_ref = reference_fn(ref)(x_t, t.reshape(-1))
         v_old = old(x_t.reshape(M, N, 2), t, sl).reshape(-1, 2) if arm.method == "nft" else v.detach()
     if arm.method == "nft":
-        loss = ng.nft_loss(
-            v, v_old, v_ref, x_t, x0.reshape(-1, 2), t.reshape(-1), adv, beta=cfg.nft_beta, kl_weight=arm.kl_weight
-        )[0]
+        kw = dict(beta=cfg.nft_beta, kl_weight=arm.kl_weight)
+        loss = ng.nft_loss(v, v_old, v_ref, x_t, x0.reshape(-1, 2), t.reshape(-1), adv, **kw)[0]
     else:  # one update per rollout batch: the pre-update policy is v itself (rho = 1)
         loss = ng.awm_loss(v, v_old, v_ref, u, t.reshape(-1), adv, ref_weight=arm.kl_weight)[0]
     return loss + hinge(cfg, arm, v, v_ref, arm.lam)
@@ -413,36 +393,31 @@ def adam_step_per_model_lr(opt, model, lr_scale):
 def train(cfg, ref, arm_list, fixed, progress=True):
     """RL fine-tune every arm on every seed from the reference, as one ensemble. Returns (ensemble, curves).
 
-    Curves, one per model: {"step", "reward", "sw", "logp", "support", "ratio", "rms_ratio"}, one value per
+    Curves, one per model: {"step", "reward", "sw", "logp", "support", "ratio", "rms_ratio"}, a value per
     checkpoint (step 0, then every eval_every steps), measured as the final full-step evaluation (same `fixed`).
     """
-    S, A = cfg.seeds, len(arm_list)
-    policy, old = ref.replicate(A * S), ref.replicate(A * S).requires_grad_(False)
+    S, M = cfg.seeds, len(arm_list) * cfg.seeds
+    policy, old = ref.replicate(M), ref.replicate(M).requires_grad_(False)
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.rl_lr)
     lr_scale = torch.tensor([arm.lr_scale for arm in arm_list]).repeat_interleave(S)
     generators = [torch.Generator().manual_seed(1000 * (cfg.seed + s)) for s in range(S)]
-    curves = [{"step": []} for _ in range(A * S)]
+    curves, grid = [{"step": []} for _ in range(M)], ng.flow_timesteps(cfg.sample_steps)
 
     def checkpoint(step):
-        for curve, score in zip(
-            curves, sample_and_score(cfg, velocity_fn(policy), A * S, ref, cfg.sample_steps, fixed)[0]
-        ):
-            curve["step"].append(step)
-            for key, value in score.items():
+        for curve, score in zip(curves, sample_and_score(cfg, velocity_fn(policy), M, ref, cfg.sample_steps, fixed)[0]):
+            for key, value in {"step": step, **score}.items():
                 curve.setdefault(key, []).append(value)
 
     checkpoint(0)
     for step in tqdm(range(1, cfg.rl_steps + 1), desc="rl", disable=not progress, leave=False):
         noise = draw_noise(cfg, generators)
         with torch.no_grad():
-            x0 = ng.euler_sample(
-                velocity_fn(policy), noise["rollout"].repeat(A, 1, 1), ng.flow_timesteps(cfg.sample_steps)
-            )
+            x0 = ng.euler_sample(velocity_fn(policy), noise["rollout"].repeat(len(arm_list), 1, 1), grid)
             rewards = reward(cfg, x0)
         loss = 0.0
         for a, arm in enumerate(arm_list):  # the core's losses are batch means: times S, each model its own gradient
-            sl, r = slice(a * S, (a + 1) * S), arm_rewards(arm, rewards[a * S : (a + 1) * S], noise["perm"])
-            args = (cfg, arm, policy, ref, sl, x0[sl], r, noise)
+            sl = slice(a * S, (a + 1) * S)
+            args = (cfg, arm, policy, ref, sl, x0[sl], arm_rewards(arm, rewards[sl], noise["perm"]), noise)
             loss = loss + S * (dpo_loss(*args) if arm.method == "dpo" else nft_awm_loss(*args[:3], old, *args[3:]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -462,49 +437,38 @@ def train(cfg, ref, arm_list, fixed, progress=True):
 def evaluation_inputs(cfg):
     """What every evaluation shares: the noise it samples from, the ideal tilted sample, the SW directions."""
     gen = torch.Generator().manual_seed(cfg.eval_seed)
-    noise = torch.randn(cfg.eval_samples, 2, generator=gen)
-    ideal = sample_tilted(cfg, cfg.eval_samples, gen)
-    return {
-        "noise": noise,
-        "ideal": ideal,
-        "directions": F.normalize(torch.randn(cfg.sw_projections, 2, generator=gen), dim=1),
-    }
+    noise, ideal = torch.randn(cfg.eval_samples, 2, generator=gen), sample_tilted(cfg, cfg.eval_samples, gen)
+    return {"noise": noise, "ideal": ideal, "dirs": F.normalize(torch.randn(cfg.sw_projections, 2, generator=gen))}
 
 
 def trajectory_ratios(v_ref_fn, states, vels):
     """Norm ratios at the policy's own states, states and vels (K, M, n, 2) as ng.euler_sample returns them (K
     uniform steps from t = 1). Returns (per point ‖v_θ‖/‖v_ref‖ (K, M, n); per model √mean‖v_θ‖² / √mean‖v_ref‖²
     over the K·n points (M,), robust where ‖v_ref‖ nears 0)."""
-    t = ng.flow_timesteps(states.shape[0])[:-1][:, None, None].expand(states.shape[:3])
-    v_ref = v_ref_fn(states, t)
+    v_ref = v_ref_fn(states, ng.flow_timesteps(states.shape[0])[:-1][:, None, None].expand(states.shape[:3]))
     ratio = ng.norm_ratio(vels.reshape(-1, 2), v_ref.reshape(-1, 2)).reshape(states.shape[:3])
     return ratio, (vels.square().sum(-1).mean((0, 2)) / v_ref.square().sum(-1).mean((0, 2))).sqrt()
 
 
-def scores(cfg, x, fixed):
-    """Reward and quality of samples x (M, n, 2), per model: {"reward", "sw", "logp", "support"} -> (M,)."""
-    return {
+def scores(cfg, x, fixed, **more):
+    """Reward and quality of samples x (M, n, 2), and any more (M,) values: a dict of floats per model."""
+    values = {
         "reward": reward(cfg, x).mean(-1),
-        "sw": sliced_wasserstein(x, fixed["ideal"], fixed["directions"]),
+        "sw": sliced_wasserstein(x, fixed["ideal"], fixed["dirs"]),
         "logp": log_density(cfg, x).mean(-1),
         "support": on_support(cfg, x).mean(-1),
+        **more,
     }
-
-
-def rows(values):
-    """{key: (M,) tensor} -> M dicts of floats."""
     return [dict(zip(values, row)) for row in zip(*(v.tolist() for v in values.values()))]
 
 
 @torch.no_grad()
 def sample_and_score(cfg, velocity, M, ref, steps, fixed):
     """Sample M models (velocity: x (M, n, 2), t (M,) -> (M, n, 2)) from the fixed noise with `steps` Euler steps.
-
-    Returns (per model {**scores, "ratio", "rms_ratio"} as floats, the samples (M, n, 2), the per-point ratios
-    (K, M, n))."""
+    Returns (scores with "ratio" and "rms_ratio", per model; samples (M, n, 2); per-point ratios (K, M, n))."""
     x, states, vels = ng.euler_sample(velocity, fixed["noise"].expand(M, -1, -1), ng.flow_timesteps(steps), True)
     ratio, rms = trajectory_ratios(reference_fn(ref), states, vels)
-    return rows({**scores(cfg, x, fixed), "ratio": ratio.mean((0, 2)), "rms_ratio": rms}), x, ratio
+    return scores(cfg, x, fixed, ratio=ratio.mean((0, 2)), rms_ratio=rms), x, ratio
 
 
 def rescaled(policy, ref, models, s):
@@ -525,17 +489,15 @@ def evaluate(cfg, policy, ref, arm_list, fixed, scales=(1.0,)):
     evals, reference, samples = [{} for _ in range(M)], {}, {"ideal": fixed["ideal"][:600]}
     none = [i for i in range(M) if arm_list[i // cfg.seeds].name == "none"]
     for phase, steps in (("full", cfg.sample_steps), ("few", cfg.few_steps)):
-        scores, x, ratio = sample_and_score(cfg, velocity_fn(policy), M, ref, steps, fixed)
-        for ev, score in zip(evals, scores):
+        scored, x, ratio = sample_and_score(cfg, velocity_fn(policy), M, ref, steps, fixed)
+        for ev, score in zip(evals, scored):
             ev[phase] = score
         for s in scales if phase == "full" else (1.0,):
             key = f"rescale_{s:g}" if s != 1 else {"full": "rescale", "few": "rescale_few"}[phase]
-            for i, score in zip(
-                none, sample_and_score(cfg, rescaled(policy, ref, none, s), len(none), ref, steps, fixed)[0]
-            ):
+            scored_rescaled = sample_and_score(cfg, rescaled(policy, ref, none, s), len(none), ref, steps, fixed)[0]
+            for i, score in zip(none, scored_rescaled):
                 evals[i][key] = score
-        reference[phase], x_ref, _ = sample_and_score(cfg, velocity_fn(ref), 1, ref, steps, fixed)
-        reference[phase] = reference[phase][0]
+        (reference[phase],), x_ref, _ = sample_and_score(cfg, velocity_fn(ref), 1, ref, steps, fixed)
         if phase == "full":
             t = ng.flow_timesteps(steps)[:-1].repeat_interleave(ratio.shape[2])
             for i, ev in enumerate(evals):
@@ -546,36 +508,29 @@ def evaluate(cfg, policy, ref, arm_list, fixed, scales=(1.0,)):
 
 def adjoint_diagnostic(cfg, policy, ref, arm_list):
     """dR/dα_k for v_k -> (1 + α_k)·v_k (ng.velocity_scale_sensitivity) of every un-guarded model, and of the
-    reference once per seed on that seed's noise (so the per-seed change after RL is paired).
-
-    Returns ({method: per seed {"total_mean", "total_std", "frac_positive"}}, [the reference's, per seed]), the
-    statistics over samples of the uniform scaling Σ_k dR/dα_k."""
-    S, n = cfg.seeds, cfg.adjoint_samples
-    idx = [i for i in range(len(arm_list) * S) if arm_list[i // S].name == "none"]
-    M = len(idx) + S
-    model = ref.replicate(M)
-    with torch.no_grad():
-        for p, w, r in zip(model.parameters(), policy.parameters(), ref.parameters()):
-            p.copy_(torch.cat([w.detach()[idx], r.detach().expand(S, -1, -1)]))
+    reference once per seed on that seed's noise (so the per-seed change after RL is paired). Returns
+    ({method: per seed stats}, [the reference's stats per seed]): "total_mean", "total_std", "frac_positive" over
+    samples of the uniform scaling Σ_k dR/dα_k."""
+    S, n, grid = cfg.seeds, cfg.adjoint_samples, ng.flow_timesteps(cfg.sample_steps)
     gens = [torch.Generator().manual_seed(1000 * (cfg.seed + s) + 2) for s in range(S)]
-    noise = torch.stack([torch.randn(n, 2, generator=g) for g in gens]).repeat(M // S, 1, 1).reshape(-1, 2)
-    v_flat = lambda x, t: model(x.reshape(M, n, 2), t.reshape(M, n)).reshape(-1, 2)  # one α per sample
-    grad = ng.velocity_scale_sensitivity(v_flat, lambda x: reward(cfg, x), noise, ng.flow_timesteps(cfg.sample_steps))[
-        0
-    ]
-    total = grad.sum(-1).reshape(M, n)
-    stats = {
-        "total_mean": total.mean(1),
-        "total_std": total.std(1, unbiased=False),
-        "frac_positive": (total > 0).float().mean(1),
-    }
-    rows = [{k: v[j].item() for k, v in stats.items()} for j in range(M)]
+    noise = torch.stack([torch.randn(n, 2, generator=g) for g in gens])
+
+    def stats(model, M):  # model m runs on seed m % S's noise, flattened: one α per sample
+        v = lambda x, t: model(x.reshape(M, n, 2), t.reshape(M, n)).reshape(-1, 2)
+        x = noise.repeat(M // S, 1, 1).reshape(-1, 2)
+        total = ng.velocity_scale_sensitivity(v, lambda x0: reward(cfg, x0), x, grid)[0].sum(-1).reshape(M, n)
+        out = dict(total_mean=total.mean(1), total_std=total.std(1, unbiased=False))
+        out["frac_positive"] = (total > 0).float().mean(1)
+        return [dict(zip(out, row)) for row in zip(*(value.tolist() for value in out.values()))]
+
+    idx = [i for i in range(len(arm_list) * S) if arm_list[i // S].name == "none"]
+    rows = stats(policy.replicate(len(idx), idx), len(idx))
     methods = [arm.method for arm in arm_list if arm.name == "none"]
-    return {m: rows[k * S : (k + 1) * S] for k, m in enumerate(methods)}, rows[-S:]
+    return {m: rows[k * S : (k + 1) * S] for k, m in enumerate(methods)}, stats(ref.replicate(S), S)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the experiments: the headline verdicts and the frontiers
+# the experiments: the headline verdicts, the frontiers
 
 
 def by_arm(cfg, arm_list, per_model):
@@ -586,151 +541,103 @@ def by_arm(cfg, arm_list, per_model):
     return out
 
 
-def train_and_evaluate(cfg, frontier, progress):
-    """Pretrain the reference, train the arms, evaluate them. Returns a dict of everything run and frontier read."""
-    t0 = time.time()
-    ref, pre_loss = make_reference(cfg)
-    arm_list, fixed = arms(cfg, frontier), evaluation_inputs(cfg)
-    policy, curves = train(cfg, ref, arm_list, fixed, progress)
-    evals, reference, samples = evaluate(cfg, policy, ref, arm_list, fixed, RESCALES if frontier else (1.0,))
-    return {
-        "ref": ref, "policy": policy, "arms": arm_list, "fixed": fixed, "samples": samples, "pretrain_loss": pre_loss,
-        "evals": by_arm(cfg, arm_list, evals), "histories": by_arm(cfg, arm_list, curves), "reference": reference,
-        "wall_time_s": {"pretrain+rl+eval": time.time() - t0},
-    }  # fmt: skip
-
-
-def columns(cfg):
-    """The results table's columns (evidence.format_table)."""
-    few = cfg.few_steps
-    return [
-        E.Column("full", "rms_ratio", "rms ratio"),
-        E.Column("full", "ratio", "mean ratio"),
-        E.Column("full", "reward", "reward"),
-        E.Column("full", "sw", "SW→tilted"),
-        E.Column("full", "logp", "log p", 2, 3),
-        E.Column("full", "support", "support"),
-        E.Column("few", "reward", f"reward@{few}"),
-        E.Column("few", "sw", f"SW@{few}"),
-    ]
-
-
-def save(cfg, out_dir, name, metrics):
-    """config.json (resolved config, command, code version) and <name>.json, strict JSON."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {"config": dataclasses.asdict(cfg), "command": sys.argv, "git_revision": E.git_revision()}
-    E.write_json(out / "config.json", config, indent=2)
-    E.write_json(out / f"{name}.json", {**config, **metrics})
-
-
-def run(cfg, progress=True, out_dir=None):
-    """The headline experiment in memory; with out_dir, also config.json, metrics.json and toy_2d.png there.
-
-    Returns {"metrics": everything measured (JSON-able; runs, null_runs, histories, adjoint as evidence.py reads
-    them), "reference": the reference as a VelocityMLP, "models": {method: {arm: [VelocityMLP per seed]}},
-    "samples": {"models": (M, 600, 2) in model order, "reference", "ideal"}}."""
-    t0 = time.time()
-    out = train_and_evaluate(cfg, False, progress)
-    by, histories = out["evals"], out["histories"]
-    adjoint, adjoint_ref = adjoint_diagnostic(cfg, out["policy"], out["ref"], out["arms"])
-    runs = {m: {v: by[m][v] for v in E.VARIANTS} for m in by}
-    null_runs = {m: {"none": by[m]["null"]} for m in by}
-    control = {
-        m: [E.early_stopping_control(n, g, QUALITY) for n, g in zip(*(histories[m][v] for v in E.VARIANTS))] for m in by
-    }
-    lines, flags = E.verdicts(runs, out["reference"], adjoint, adjoint_ref, control, QUALITY, cfg.few_steps, null_runs)
-    metrics = {
-        "config": dataclasses.asdict(cfg),
-        "pretrain_loss": out["pretrain_loss"],
-        "reference": out["reference"],
-        "ideal_tilted": rows(scores(cfg, out["fixed"]["ideal"][None], out["fixed"]))[0],
-        "runs": runs,
-        "null_runs": null_runs,
-        "adjoint": adjoint,
-        "adjoint_reference": adjoint_ref,
-        "early_stopping_control": control,
-        "histories": histories,
-        "table": E.format_table(runs, out["reference"], columns(cfg)),
-        "verdicts": lines,
-        "verdict_flags": flags,
-        "wall_time_s": {**out["wall_time_s"], "total": time.time() - t0},
-    }
-    models = by_arm(cfg, out["arms"], [out["policy"].model(i) for i in range(len(out["arms"]) * cfg.seeds)])
-    result = {"metrics": metrics, "reference": out["ref"].model(0), "models": models, "samples": out["samples"]}
-    if out_dir is not None:
-        save(cfg, out_dir, "metrics", metrics)
-        if cfg.plot:
-            plot(cfg, result, Path(out_dir) / "toy_2d.png")
-    return result
-
-
 def frontier_paths(evals, history_none, reference):
     """One method's paths (docs/protocol.md): {family: per seed [(reward, quality), ...]}, each from the reference
     through the family's members, strongest effect first, to the official un-guarded run ("none")."""
     point = lambda phase: (phase["reward"], phase[QUALITY.key])
-    start, seeds = point(reference["full"]), range(len(evals["none"]))
-    official = [point(ev["full"]) for ev in evals["none"]]
-    members = {}
+    members = {}  # family -> per member, per seed
     for name, per_seed in evals.items():
         if " " in name:
             members.setdefault(name.split()[0], []).append([point(ev["full"]) for ev in per_seed])
-    members["early_stop"] = [list(zip(*(h[k][1:-1] for k in ("reward", QUALITY.key)))) for h in history_none]
-    members["early_stop"] = list(map(list, zip(*members["early_stop"])))  # (member, seed) like the others
-    members["rescale"] = [
-        [point(ev["rescale" if s == 1 else f"rescale_{s:g}"]) for ev in evals["none"]] for s in RESCALES
-    ]
-    return {fam: [[start, *(m[s] for m in ms), official[s]] for s in seeds] for fam, ms in members.items()}
+    checkpoints = [list(zip(h["reward"], h[QUALITY.key]))[1:-1] for h in history_none]  # inner: step 0 and the end
+    members["early_stop"] = [list(c) for c in zip(*checkpoints)]  # are the reference and the official run
+    rescale = ["rescale" if s == 1 else f"rescale_{s:g}" for s in RESCALES]
+    members["rescale"] = [[point(ev[key]) for ev in evals["none"]] for key in rescale]
+    ends = [(point(reference["full"]), point(ev["full"])) for ev in evals["none"]]
+    return {f: [[start, *(m[s] for m in ms), end] for s, (start, end) in enumerate(ends)] for f, ms in members.items()}
 
 
-def run_frontier(cfg, progress=True, out_dir=None):
-    """The frontiers: every family of docs/protocol.md trained and evaluated from the same reference with paired
-    seeds, then evidence.frontier. With out_dir, frontier.json and frontier_<method>.png there. Returns metrics."""
+def columns(cfg):
+    """The results table's columns (evidence.format_table)."""
+    few = [E.Column("few", "reward", f"reward@{cfg.few_steps}"), E.Column("few", "sw", f"SW@{cfg.few_steps}")]
+    keys = [("rms_ratio", "rms ratio", 3), ("ratio", "mean ratio", 3), ("reward", "reward", 3), ("sw", "SW→tilted", 3)]
+    return [E.Column("full", *k) for k in keys + [("logp", "log p", 2), ("support", "support", 3)]] + few
+
+
+def run(cfg, frontier=False, progress=True, out_dir=None):
+    """The headline experiment (or, with frontier, the frontiers) in memory; with out_dir, also its JSON (config,
+    command, git revision, metrics) and figures there.
+
+    Returns {"metrics": everything measured (JSON-able; runs, null_runs, histories, adjoint, paths as evidence.py
+    reads them), "reference": the reference as a VelocityMLP, "models": {method: {arm: [VelocityMLP per seed]}},
+    "samples": {"models": (M, 600, 2) in model order, "reference", "ideal"}}."""
     t0 = time.time()
-    out = train_and_evaluate(cfg, True, progress)
-    paths = {m: frontier_paths(out["evals"][m], out["histories"][m]["none"], out["reference"]) for m in out["evals"]}
-    lines, summary = E.frontier(paths, QUALITY)
+    ref, pretrain_loss = make_reference(cfg)
+    arm_list, fixed = arms(cfg, frontier), evaluation_inputs(cfg)
+    policy, curves = train(cfg, ref, arm_list, fixed, progress)
+    evals, reference, samples = evaluate(cfg, policy, ref, arm_list, fixed, RESCALES if frontier else (1.0,))
+    by, histories = by_arm(cfg, arm_list, evals), by_arm(cfg, arm_list, curves)
     metrics = {
-        "paths": paths,
-        "frontier": lines,
-        "summary": summary,
-        "reference": out["reference"],
-        "runs": out["evals"],
-        "histories": out["histories"],
-        "wall_time_s": {**out["wall_time_s"], "total": time.time() - t0},
+        "pretrain_loss": pretrain_loss,
+        "reference": reference,
+        "ideal_tilted": scores(cfg, fixed["ideal"][None], fixed)[0],
     }
+    if frontier:
+        paths = {m: frontier_paths(by[m], histories[m]["none"], reference) for m in by}
+        lines, summary = E.frontier(paths, QUALITY)
+        metrics.update(paths=paths, frontier=lines, summary=summary, runs=by, histories=histories)
+    else:
+        runs, null_runs = {m: {v: by[m][v] for v in E.VARIANTS} for m in by}, {m: {"none": by[m]["null"]} for m in by}
+        histories = {m: {v: histories[m][v] for v in E.VARIANTS} for m in by}
+        adjoint, adjoint_ref = adjoint_diagnostic(cfg, policy, ref, arm_list)
+        control = {m: [E.early_stopping_control(*pair, QUALITY) for pair in zip(*histories[m].values())] for m in by}
+        lines, flags = E.verdicts(runs, reference, adjoint, adjoint_ref, control, QUALITY, cfg.few_steps, null_runs)
+        metrics.update(
+            runs=runs, null_runs=null_runs, histories=histories, adjoint=adjoint, adjoint_reference=adjoint_ref
+        )
+        metrics.update(
+            early_stopping_control=control,
+            table=E.format_table(runs, reference, columns(cfg)),
+            verdicts=lines,
+            verdict_flags=flags,
+        )
+    metrics["wall_time_s"] = time.time() - t0
+    models = by_arm(cfg, arm_list, [policy.model(i) for i in range(len(arm_list) * cfg.seeds)])
+    result = {"metrics": metrics, "reference": ref.model(0), "models": models, "samples": samples}
     if out_dir is not None:
-        save(cfg, out_dir, "frontier", metrics)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        info = {"config": dataclasses.asdict(cfg), "command": sys.argv, "git_revision": E.git_revision()}
+        E.write_json(Path(out_dir) / "config.json", info, indent=2)
+        E.write_json(Path(out_dir) / ("frontier.json" if frontier else "metrics.json"), {**info, **metrics})
         if cfg.plot:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-
-            for m, families in paths.items():
-                fig, ax = plt.subplots(figsize=(6, 4.5))
-                E.plot_frontier(ax, families, QUALITY, f"{m}: reward vs {QUALITY.label}, {cfg.seeds} seeds")
-                fig.tight_layout()
-                fig.savefig(Path(out_dir) / f"frontier_{m}.png", dpi=110)
-                plt.close(fig)
-    return metrics
+            plot(cfg, result, Path(out_dir), frontier)
+    return result
 
 
-def plot(cfg, result, path):
-    """Samples (first seed) over the true density; norm ratio vs t and during RL; reward vs quality; paths."""
+def plot(cfg, result, out, frontier):
+    """frontier_<method>.png per method; or toy_2d.png: samples (first seed) over the true density, norm ratio vs
+    t and during RL, reward vs quality, training paths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     metrics, samples = result["metrics"], result["samples"]
-    lim, g = cfg.radius + 1.6, torch.linspace(-cfg.radius - 1.6, cfg.radius + 1.6, 200)
-    gx, gy = torch.meshgrid(g, g, indexing="xy")
+    if frontier:
+        for m, paths in metrics["paths"].items():
+            fig, ax = plt.subplots(figsize=(6, 4.5))
+            E.plot_frontier(ax, paths, QUALITY, f"{m}: reward vs {QUALITY.label}, mean of {cfg.seeds} seeds")
+            fig.tight_layout()
+            fig.savefig(out / f"frontier_{m}.png", dpi=110)
+            plt.close(fig)
+        return
+    lim = cfg.radius + 1.6
+    gx, gy = torch.meshgrid(torch.linspace(-lim, lim, 200), torch.linspace(-lim, lim, 200), indexing="xy")
     density = log_density(cfg, torch.stack([gx, gy], -1)).exp()
     targets = mode_centers(cfg)[[int(k) for k in cfg.target_modes.split(",")]]
     panels = [("reference", samples["reference"]), ("ideal tilted p·e^{r/τ}", samples["ideal"])]
-    names = [f"{m} {arm}" for m, arms_ in result["models"].items() for arm in arms_]
-    panels += [(f"{name} (seed {cfg.seed})", samples["models"][i * cfg.seeds]) for i, name in enumerate(names)]
+    names = [f"{m} {arm} (seed {cfg.seed})" for m, per_arm in result["models"].items() for arm in per_arm]
+    panels += [(name, samples["models"][i * cfg.seeds]) for i, name in enumerate(names)]
     rows = math.ceil(len(panels) / 4) + 1
     fig, axes = plt.subplots(rows, 4, figsize=(16, 4 * rows))
     for ax, (title, x) in zip(axes.flat, panels):
@@ -745,43 +652,37 @@ def plot(cfg, result, path):
     E.plot_curves(ax_steps, metrics["histories"], "step", "rms_ratio")
     ax_steps.axhline(1, c="k", lw=0.8)
     ax_steps.set(xlabel="RL step", ylabel="√mean‖v_θ‖² / √mean‖v_ref‖²", title="RMS norm ratio during RL")
-    # filled markers: the full step count; hollow: few steps
     E.plot_reward_quality(ax_rq, metrics["runs"], metrics["reference"], QUALITY, (cfg.sample_steps, cfg.few_steps))
     E.plot_curves(ax_path, metrics["histories"], "reward", QUALITY.key)
     ax_path.set(xlabel="reward", ylabel=QUALITY.label, title=f"training path (every {cfg.eval_every} steps)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(out / "toy_2d.png", dpi=110)
     plt.close(fig)
 
 
 def main(argv):
     cfg, frontier = parse_args(argv)
     torch.set_num_threads(cfg.threads)
-    arm_list = arms(cfg, frontier)
+    n_arms = len(arms(cfg, frontier))
     print(
-        f"device cpu | float32 | {torch.get_num_threads()} thread(s) | {len(arm_list)} arms x {cfg.seeds} seeds = "
-        f"{len(arm_list) * cfg.seeds} models trained at once | {cfg.groups}x{cfg.group_size} rollouts/step | "
-        f"{cfg.rl_steps} RL steps | lr {cfg.rl_lr:g} (dpo {cfg.dpo_lr:g}) | {cfg.sample_steps} and {cfg.few_steps} "
-        f"Euler steps | reference seed {cfg.ref_seed}, RL seeds {cfg.seed}-{cfg.seed + cfg.seeds - 1}"
+        f"device cpu | float32 | {torch.get_num_threads()} thread(s) | {n_arms} arms x {cfg.seeds} seeds = "
+        f"{n_arms * cfg.seeds} models trained at once | {cfg.groups}x{cfg.group_size} rollouts/step | {cfg.rl_steps} "
+        f"RL steps | lr {cfg.rl_lr:g} (dpo {cfg.dpo_lr:g}) | {cfg.sample_steps} and {cfg.few_steps} Euler steps | "
+        f"reference seed {cfg.ref_seed}, RL seeds {cfg.seed}-{cfg.seed + cfg.seeds - 1}"
     )
-    if frontier:
-        metrics = run_frontier(cfg, out_dir=cfg.out_dir)
-        print("\n".join(metrics["frontier"]))
-    else:
-        metrics = run(cfg, out_dir=cfg.out_dir)["metrics"]
-        ideal = metrics["ideal_tilted"]
-        print(
-            f"pretrain loss {metrics['pretrain_loss']:.3f} | ideal tilted: reward {ideal['reward']:.3f}, "
-            f"log p {ideal['logp']:.3f}"
-        )
+    metrics = run(cfg, frontier, out_dir=cfg.out_dir)["metrics"]
+    ideal = metrics["ideal_tilted"]
+    print(
+        f"pretrain loss {metrics['pretrain_loss']:.3f} | ideal tilted: reward {ideal['reward']:.3f}, "
+        f"log p {ideal['logp']:.2f}"
+    )
+    if not frontier:
         print(metrics["table"])
-        for m in metrics["null_runs"]:
-            ratio, r = (
-                E.mean_std(E.collect(metrics["null_runs"], m, "none", "full", k))[0] for k in ("rms_ratio", "reward")
-            )
+        for m, null in metrics["null_runs"].items():
+            ratio, r = (sum(e["full"][k] for e in null["none"]) / cfg.seeds for k in ("rms_ratio", "reward"))
             print(f"{m} shuffled-reward control: rms ratio {ratio:.3f}, reward {r:.3f}")
-        print("\n".join(metrics["verdicts"]))
-    print(f"wall time {metrics['wall_time_s']['total']:.1f} s | outputs in {cfg.out_dir}")
+    print("\n".join(metrics["frontier" if frontier else "verdicts"]))
+    print(f"wall time {metrics['wall_time_s']:.1f} s | outputs in {cfg.out_dir}")
 
 
 if __name__ == "__main__":
