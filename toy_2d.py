@@ -607,8 +607,9 @@ def run(cfg, frontier=False, progress=True, out_dir=None):
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         info = {"config": dataclasses.asdict(cfg), "command": sys.argv, "git_revision": E.git_revision()}
-        E.write_json(Path(out_dir) / "config.json", info, indent=2)
         E.write_json(Path(out_dir) / ("frontier.json" if frontier else "metrics.json"), {**info, **metrics})
+        if not frontier:  # the frontier's config lives in frontier.json: both can share one out_dir
+            E.write_json(Path(out_dir) / "config.json", info, indent=2)
         if cfg.plot:
             plot(cfg, result, Path(out_dir), frontier)
     return result
