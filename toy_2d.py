@@ -218,9 +218,11 @@ class Ensemble(nn.Module):
         super().__init__()
         dims = [2 + cfg.temb_dim] + [cfg.hidden] * cfg.depth + [2]
         self.cfg = cfg
-        init = lambda d_in, *shape: nn.Parameter(torch.empty(num_models, *shape).uniform_(-1, 1) / math.sqrt(d_in))
-        self.weights = nn.ParameterList(init(i, i, o) for i, o in zip(dims[:-1], dims[1:]))
-        self.biases = nn.ParameterList(init(i, 1, o) for i, o in zip(dims[:-1], dims[1:]))
+        init = lambda d_in, *shape: nn.Parameter(
+            torch.empty(num_models, *shape).uniform_(-1 / d_in**0.5, 1 / d_in**0.5)
+        )
+        layers = [(init(i, i, o), init(i, 1, o)) for i, o in zip(dims[:-1], dims[1:])]  # weight, bias, layer by layer
+        self.weights, self.biases = (nn.ParameterList(p) for p in zip(*layers))
 
     def forward(self, x, t, models=slice(None)):
         h = torch.cat([x, time_embedding(t, self.cfg.temb_dim)], -1)
