@@ -1,31 +1,25 @@
 """NormGuard on a 2D flow: RL inflates the velocity norm, and the one-sided hinge stops it — or the toy says not.
 
-    python toy_2d.py                       # the default run: ~13 s on a 2-core CPU
-    python toy_2d.py --smoke               # ~1 s, for tests
-    python toy_2d.py --sweep               # how the picture changes with training length and lambda (~75 s)
-    python toy_2d.py --rl_steps=800 --out_dir=runs/toy_2d_800   # twice the training: the drift hurts quality
+    python toy_2d.py               # the headline: each method un-guarded, guarded and on shuffled rewards (~1 min)
+    python toy_2d.py --frontier    # the guard against a stronger KL, a lower lr, early stopping, rescaling (~7 min)
+    python toy_2d.py --smoke       # tiny sizes, for tests
 
-What happens, top to bottom:
-1. the world: a ring of Gaussians whose density is known in closed form (the "true image distribution"), and a
-   classifier-style reward, P(target modes | x). Like a learned reward model it grows more confident the farther
-   x moves from the other modes, also off the data's support: a policy can raise it by overshooting.
-2. the model: a small velocity MLP, pretrained by flow matching in the diffusers convention, frozen as reference.
-3. RL: every (method, variant, seed) — DiffusionNFT, AWM, Diffusion-DPO, each without and with the NormGuard
-   hinge — starts from the reference and trains on-policy with group advantages, every loss from normguard.py.
-   All 30 models run as one batched ensemble (model s computes exactly VelocityMLP with its own weights).
-4. evaluation: the norm ratio ‖v_θ‖/‖v_ref‖ along each policy's own sampling trajectories (overall and per t),
-   reward and quality at full and few Euler steps, the inference-time rescale baseline, the checkpoint curves
-   and the adjoint diagnostic; then evidence.py judges each claim of the paper by a fixed rule.
-Quality is what the reward cannot see: mean log-density under the true ring, the fraction of samples on its
-support, and the sliced Wasserstein distance to the ideal reward-tilted distribution p(x)·exp(r(x)/τ)/Z.
+Top to bottom: the world (a ring of Gaussians with a closed-form density, and a classifier-style reward that, like
+a learned reward model, grows more confident off the data's support: a policy can raise it by overshooting); the
+velocity MLP, pretrained by flow matching in the diffusers convention and frozen as the reference; RL of arms ×
+seeds models as one batched ensemble, an arm being a method (DiffusionNFT, AWM, Diffusion-DPO: every loss from
+normguard.py) with its knobs, every arm of seed s on the same rollout and training noise (paired by seed);
+sampling, reward, quality and the norm ratio along each policy's own trajectories; then evidence.py judges each
+claim of the paper, or traces the frontiers, by the rules of docs/protocol.md. Quality is what the reward cannot
+see: the sliced Wasserstein distance to the ideal tilted target p(x)·exp(r(x)/τ)/Z (the endpoint), the mean
+log-density under the ring and the fraction of samples on its support.
 """
 
-import copy
 import dataclasses
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -38,23 +32,29 @@ import evidence as E
 import normguard as ng
 
 METHODS = ("nft", "awm", "dpo")
-VARIANTS = E.VARIANTS  # "none": the base loss alone, "guard": base loss + NormGuard hinge
-QUALITY = E.Quality("logp", "log p", higher_is_better=True)
+QUALITY = E.Quality("sw", "SW→tilted", higher_is_better=False, digits=3)
+# the frontier families of docs/protocol.md, each member from the strongest effect to the weakest
+GRIDS = {
+    "guard": (0.4, 0.2, 0.1, 0.05, 0.025),  # λ, absolute margin
+    "guard_relative": (0.4, 0.1),  # λ, relative margin
+    "kl": (1.0, 0.1, 0.01, 1e-3),  # β_KL, no guard (official: 1e-4)
+    "lower_lr": (0.25, 0.5),  # learning-rate factor, no guard
+}
+DPO_GRIDS = {"guard": (0.4, 0.1)}
+RESCALES = (0.95, 1.0, 1.05)  # inference: v <- s·v·‖v_ref‖/‖v‖ on the official un-guarded model
 
 
 @dataclass
 class Config:
-    # the world: a ring of Gaussians (its log-density is the quality judge) and the reward proxy
+    # the world: a ring of Gaussians (its log-density is a quality judge) and the reward proxy
     n_modes: int = 8
     radius: float = 2.0
     mode_std: float = 0.2
     # every other mode: moving mass between neighbours needs no longer paths, so a legitimate reward gain does not
     # by itself require larger velocities; overshooting a target mode outward still raises the classifier's confidence
     target_modes: str = "0,2,4,6"  # comma-separated mode indices; mode k sits at angle 2*pi*k/n_modes
-    reward_width: float = (
-        0.6  # softmax of -|x - mu_k|^2/(2 width^2) over modes: wider than mode_std, so confident off the support too
-    )
-    tilt_temp: float = 0.1  # tau of the ideal KL-regularised target p(x)*exp(r(x)/tau)/Z (quality view 3)
+    reward_width: float = 0.6  # softmax over modes of -|x - mu_k|^2/(2 width^2): confident off the support too
+    tilt_temp: float = 0.1  # tau of the ideal KL-regularised target p(x)*exp(r(x)/tau)/Z (the quality endpoint)
     # reference velocity MLP v(x_t, t): input x_t and a sinusoidal embedding of the model timestep 1000*t
     hidden: int = 64
     depth: int = 3  # hidden layers
@@ -65,7 +65,7 @@ class Config:
     ref_seed: int = 0  # the reference is pretrained once with this seed, shared by every RL run
     # RL: on-policy rollouts in groups, one Adam step per rollout batch
     methods: str = "nft,awm,dpo"
-    seeds: int = 5  # RL seeds per (method, variant); seed s uses the same rollout noise in both variants
+    seeds: int = 5  # RL seeds per arm; every arm of seed s draws the same rollout and training noise
     seed: int = 1  # first RL seed
     rl_steps: int = 400
     groups: int = 8  # "prompts" per step (the toy is unconditional: a group is G samples from one noise batch)
@@ -76,19 +76,15 @@ class Config:
     nft_beta: float = 1.0
     dpo_beta: float = 2000.0
     kl_weight: float = 1e-4  # NFT's and AWM's KL-to-reference weight (the official 1e-4)
-    # NormGuard: ng.normguard_penalty per sample, squared. The margin departs from the core's default (relative):
-    # in 2D the reference velocity nearly vanishes where the ring's modes pull x_t equally (|v_ref| < 0.07 for 10 %
-    # of training points at t = 0.7), and the relative hinge's gradient, 2·lam·(|v| - |v_ref|) / |v_ref|^2, explodes
-    # there. Image latents, with 10^4-10^5 dims, have no such points. --margin=relative runs the core's default.
+    # NormGuard, squared hinge per sample. Absolute margin, not the core's relative default: in 2D |v_ref| nearly
+    # vanishes where the modes pull x_t equally, and the relative hinge's gradient (∝ 1/|v_ref|^2) explodes there
     margin: str = "absolute"  # absolute: |v| - |v_ref|; relative: |v|/|v_ref| - 1
     power: int = 2  # 2: squared hinge, 1: plain hinge
-    dpo_guard: str = "both"  # which DPO branch the hinge sees: both (the core's README default), winner or loser
-    lam: float = 0.1  # DPO's guard uses lam * dpo_beta / 2: its loss gradient carries that factor while z is small
-    # evaluation
+    lam: float = 0.1  # DPO's guard uses lam * dpo_beta / 2 (both branches): its loss gradient carries that factor
+    # evaluation: checkpoints and the final evaluation sample the same eval_samples noise points
     eval_samples: int = 1000
     few_steps: int = 3  # Euler steps of the few-step evaluation
-    eval_every: int = 40  # RL steps between checkpoint evaluations (early-stopping control, curves)
-    ckpt_samples: int = 256
+    eval_every: int = 40  # RL steps between checkpoint evaluations (early-stopping control and frontier, curves)
     profile_bins: int = 10  # bins of t for the norm ratio profile
     adjoint_samples: int = 256
     sw_projections: int = 64
@@ -98,24 +94,20 @@ class Config:
     threads: int = 1  # torch intra-op threads: these ops are tiny, so extra threads only add sync cost
 
 
-SMOKE = dict(pretrain_steps=100, rl_steps=6, seeds=2, groups=2, group_size=4, eval_samples=200, ckpt_samples=100)
-SMOKE.update(eval_every=3, adjoint_samples=32, sample_steps=4, few_steps=2, out_dir="runs/toy_2d_smoke")
-FLAGS = {"smoke": f"tiny sizes, for tests ({SMOKE})", "sweep": "training length x0.5-2, then lam/4 and 4 lam"}
+SMOKE = dict(pretrain_steps=100, rl_steps=6, seeds=2, groups=2, group_size=4, eval_samples=200, eval_every=3)
+SMOKE.update(adjoint_samples=32, sample_steps=4, few_steps=2, out_dir="runs/toy_2d_smoke")
+FLAGS = {"smoke": f"tiny sizes, for tests ({SMOKE})", "frontier": "the frontier families of docs/protocol.md"}
 
 
 def check_config(cfg):
     """A ValueError naming the first key whose value the run cannot use, and what it expects."""
     targets = [int(k) for k in cfg.target_modes.split(",") if k.isdigit()]
+    ok_targets = len(set(targets)) == len(cfg.target_modes.split(",")) < cfg.n_modes > max(targets, default=0)
     rules = [
         ("methods", all(m in METHODS for m in cfg.methods.split(",")), f"a comma-separated subset of {METHODS}"),
-        (
-            "target_modes",
-            len(set(targets)) == len(cfg.target_modes.split(",")) < cfg.n_modes > max(targets, default=0),
-            f"distinct indices in [0, {cfg.n_modes}) leaving a non-target mode",
-        ),
+        ("target_modes", ok_targets, f"distinct indices in [0, {cfg.n_modes}) leaving a non-target mode"),
         ("margin", cfg.margin in ("relative", "absolute"), "relative or absolute"),
         ("power", cfg.power in (1, 2), "1 or 2"),
-        ("dpo_guard", cfg.dpo_guard in ("both", "winner", "loser"), "both, winner or loser"),
         ("group_size", cfg.group_size >= 2 and cfg.group_size % 2 == 0, "an even int >= 2 (DPO pairs best and worst)"),
         ("lam", cfg.lam >= 0, "a number >= 0"),
     ]
@@ -129,11 +121,11 @@ def check_config(cfg):
 
 
 def parse_args(argv):
-    """(Config, sweep?) from --key=value overrides and the --smoke and --sweep flags (cli.py)."""
+    """(Config, frontier?) from --key=value overrides and the --smoke and --frontier flags (cli.py)."""
     (overrides,), flags = cli.parse(argv, [Config], flags=FLAGS, doc=__doc__)
     cfg = Config(**{**(SMOKE if "smoke" in flags else {}), **overrides})
     cli.checked(check_config, cfg)
-    return cfg, "sweep" in flags
+    return cfg, "frontier" in flags
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -152,12 +144,8 @@ def sample_data(cfg, n, generator):
 
 def log_density(cfg, x):
     """log p(x) of the ring, x (..., 2) -> (...)."""
-    sq = ((x[..., None, :] - mode_centers(cfg)) ** 2).sum(-1)
-    return (
-        torch.logsumexp(-sq / (2 * cfg.mode_std**2), -1)
-        - math.log(cfg.n_modes)
-        - math.log(2 * math.pi * cfg.mode_std**2)
-    )
+    sq, var = ((x[..., None, :] - mode_centers(cfg)) ** 2).sum(-1), cfg.mode_std**2
+    return torch.logsumexp(-sq / (2 * var), -1) - math.log(cfg.n_modes * 2 * math.pi * var)
 
 
 def reward(cfg, x):
@@ -230,11 +218,11 @@ class Ensemble(nn.Module):
         super().__init__()
         dims = [2 + cfg.temb_dim] + [cfg.hidden] * cfg.depth + [2]
         self.cfg = cfg
-        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
-        for d_in, d_out in zip(dims[:-1], dims[1:]):
-            bound = 1 / math.sqrt(d_in)
-            self.weights.append(nn.Parameter(torch.empty(num_models, d_in, d_out).uniform_(-bound, bound)))
-            self.biases.append(nn.Parameter(torch.empty(num_models, 1, d_out).uniform_(-bound, bound)))
+        init = lambda d_in, *shape: nn.Parameter(
+            torch.empty(num_models, *shape).uniform_(-1 / d_in**0.5, 1 / d_in**0.5)
+        )
+        layers = [(init(i, i, o), init(i, 1, o)) for i, o in zip(dims[:-1], dims[1:])]  # weight, bias, layer by layer
+        self.weights, self.biases = (nn.ParameterList(p) for p in zip(*layers))
 
     def forward(self, x, t, models=slice(None)):
         h = torch.cat([x, time_embedding(t, self.cfg.temb_dim)], -1)
@@ -243,11 +231,12 @@ class Ensemble(nn.Module):
             h = F.silu(h) if i < len(self.weights) - 1 else h
         return h
 
-    def replicate(self, num_models):
-        """An ensemble of num_models copies of model 0 (every RL run starts from the reference)."""
-        clone = copy.deepcopy(self)
-        clone.weights = nn.ParameterList([nn.Parameter(w[:1].detach().repeat(num_models, 1, 1)) for w in self.weights])
-        clone.biases = nn.ParameterList([nn.Parameter(b[:1].detach().repeat(num_models, 1, 1)) for b in self.biases])
+    def replicate(self, num_models, models=(0,)):
+        """An ensemble of num_models copies of `models`, cycled (every RL run starts from the reference)."""
+        clone = Ensemble(self.cfg, num_models)
+        with torch.no_grad():
+            for p, q in zip(clone.parameters(), self.parameters()):
+                p.copy_(q[list(models)].repeat(num_models // len(models), 1, 1))
         return clone
 
     @torch.no_grad()
@@ -292,79 +281,102 @@ def make_reference(cfg):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# RL: one step of every (method, variant, seed) model
+# RL: arms × seeds models; model a·seeds + s is arm a on seed s
 
 
-def layout(cfg):
-    """Model index -> (method, variant, seed index): a contiguous block of 2·seeds models per method."""
-    return [(m, v, s) for m in cfg.methods.split(",") for v in VARIANTS for s in range(cfg.seeds)]
+@dataclass(frozen=True)
+class Arm:
+    """A training recipe: a method and its per-model knobs. An arm trains one model per RL seed."""
+
+    method: str
+    name: str  # "none" (the official loss), "guard", "null", or a frontier member "<family> <value>"
+    guard: bool = False
+    lam: float = 0.1
+    margin: str = "absolute"
+    kl_weight: float = 1e-4  # NFT's kl_weight, AWM's ref_weight
+    lr_scale: float = 1.0  # times rl_lr
+    shuffle_rewards: bool = False  # the null-reward control: rewards permuted across the rollout batch every step
 
 
-def block(cfg, method):
-    """The slice of the ensemble holding a method's models: seeds un-guarded, then seeds guarded."""
-    i = cfg.methods.split(",").index(method) * 2 * cfg.seeds
-    return slice(i, i + 2 * cfg.seeds)
+def arms(cfg, frontier=False):
+    """Per method: "none", "guard" (at lam, margin) and "null" (shuffled rewards); or, for the frontier, "none"
+    and every member of the method's families (GRIDS, DPO_GRIDS), in grid order."""
+    out = []
+    for m in cfg.methods.split(","):
+        lr = cfg.dpo_lr / cfg.rl_lr if m == "dpo" else 1.0
+        none = Arm(m, "none", lam=cfg.lam, margin=cfg.margin, kl_weight=cfg.kl_weight, lr_scale=lr)
+        knobs = {
+            "guard": lambda v: dict(guard=True, lam=v, margin="absolute"),
+            "guard_relative": lambda v: dict(guard=True, lam=v, margin="relative"),
+            "kl": lambda v: dict(kl_weight=v),
+            "lower_lr": lambda v, lr=lr: dict(lr_scale=lr * v),
+        }
+        out.append(none)
+        if not frontier:
+            out += [replace(none, name="guard", guard=True), replace(none, name="null", shuffle_rewards=True)]
+        for family, grid in (DPO_GRIDS if m == "dpo" else GRIDS).items() if frontier else ():
+            out += [replace(none, name=f"{family} {v:g}", **knobs[family](v)) for v in grid]
+    return out
 
 
-def hinge(cfg, v, v_ref, lam):
-    """The NormGuard penalty on the guarded half of a block's flattened rows (the un-guarded half comes first)."""
-    half = len(v) // 2
-    return ng.normguard_penalty(v[half:], v_ref[half:], lam=lam, margin=cfg.margin, power=cfg.power)[0]
+def draw_noise(cfg, generators):
+    """One step's rollout and training noise per seed, stacked (seeds, ...): every arm of seed s uses row s."""
+    N, K = cfg.groups * cfg.group_size, cfg.sample_steps
+    draws = [
+        {
+            "rollout": torch.randn(N, 2, generator=g),
+            "perm": torch.randperm(N, generator=g),  # the null arm's shuffle
+            "t_index": torch.randint(K, (N,), generator=g),  # NFT and AWM train on the sampler's own timesteps
+            "eps": torch.randn(N, 2, generator=g),
+            "logit_t": torch.randn(N // 2, generator=g),  # DPO: logit-normal t, one per (winner, loser) row
+        }
+        for g in generators
+    ]
+    return {k: torch.stack([d[k] for d in draws]) for k in draws[0]}
 
 
-def dpo_loss(cfg, policy, ref, sl, x0, rewards, gen):
-    """Diffusion-DPO on the best vs the worst sample of every group; the guard sees both branches by default.
+def arm_rewards(arm, rewards, perm):
+    """The rewards an arm learns from, (M, N): the null arm's are each model's batch permuted by perm (M, N)."""
+    return rewards.gather(1, perm) if arm.shuffle_rewards else rewards
 
-    The core's losses are batch means of per-sample terms, so flattening the model dim into the batch and
-    multiplying by the number of models gives the sum of the per-model losses: each model gets its own gradient.
-    """
+
+def hinge(cfg, arm, v, v_ref, lam):
+    return ng.normguard_penalty(v, v_ref, lam=lam, margin=arm.margin, power=cfg.power)[0] if arm.guard else 0.0
+
+
+def dpo_loss(cfg, arm, policy, ref, sl, x0, rewards, noise):
+    """Diffusion-DPO on the best vs the worst sample of every group, each pair noised G/2 times; both guarded."""
     M, G = rewards.shape[0], cfg.group_size
     r, xg = rewards.reshape(M, -1, G), x0.reshape(M, -1, G, 2)
-    pick = lambda idx: torch.gather(xg, 2, idx[..., None, None].expand(-1, -1, 1, 2)).squeeze(2)
-    x_w, x_l = pick(r.argmax(-1)).repeat_interleave(G // 2, 1), pick(r.argmin(-1)).repeat_interleave(G // 2, 1)
-    n = x_w.shape[1]  # G/2 draws of (t, eps) per pair keep N rows per model
-    noise = torch.randn(M, n, 2, generator=gen)
-    t = torch.sigmoid(torch.randn(M, n, generator=gen))  # logit-normal t, as in Diffusion-DPO for flows
-    xt_w, u_w = ng.forward_process(x_w.reshape(-1, 2), noise.reshape(-1, 2), t.reshape(-1))
-    xt_l, u_l = ng.forward_process(x_l.reshape(-1, 2), noise.reshape(-1, 2), t.reshape(-1))
+    pick = lambda i: xg.gather(2, i[..., None, None].expand(-1, -1, 1, 2)).squeeze(2).repeat_interleave(G // 2, 1)
+    x_w, x_l, t = pick(r.argmax(-1)), pick(r.argmin(-1)), torch.sigmoid(noise["logit_t"])
+    n, eps = t.shape[1], noise["eps"][:, : t.shape[1]].reshape(-1, 2)
+    (xt_w, u_w), (xt_l, u_l) = (ng.forward_process(x.reshape(-1, 2), eps, t.reshape(-1)) for x in (x_w, x_l))
     v = policy(torch.cat([xt_w.reshape(M, n, 2), xt_l.reshape(M, n, 2)], 1), t.repeat(1, 2), sl)
     v_w, v_l = v[:, :n].reshape(-1, 2), v[:, n:].reshape(-1, 2)
     with torch.no_grad():
-        v_ref_w, v_ref_l = ref(xt_w[None], t.reshape(1, -1))[0], ref(xt_l[None], t.reshape(1, -1))[0]
-    base, stats = ng.dpo_loss(v_w, v_l, v_ref_w, v_ref_l, u_w, u_l, beta=cfg.dpo_beta)
-    lam = cfg.lam * cfg.dpo_beta / 2
-    guard_w, guard_l = hinge(cfg, v_w, v_ref_w, lam), hinge(cfg, v_l, v_ref_l, lam)
-    guard = {"both": (guard_w + guard_l) / 2, "winner": guard_w, "loser": guard_l}[cfg.dpo_guard]
-    return M * base + cfg.seeds * guard, stats
+        v_ref_w, v_ref_l = (reference_fn(ref)(x, t.reshape(-1)) for x in (xt_w, xt_l))
+    loss = ng.dpo_loss(v_w, v_l, v_ref_w, v_ref_l, u_w, u_l, beta=cfg.dpo_beta)[0]
+    lam = arm.lam * cfg.dpo_beta / 2
+    return loss + (hinge(cfg, arm, v_w, v_ref_w, lam) + hinge(cfg, arm, v_l, v_ref_l, lam)) / 2
 
 
-def nft_or_awm_loss(cfg, method, policy, old, ref, sl, x0, rewards, gen):
+def nft_awm_loss(cfg, arm, policy, old, ref, sl, x0, rewards, noise):
     """DiffusionNFT or AWM with group advantages, on the sampler's own timesteps (as DiffusionNFT trains)."""
     M, N = rewards.shape
-    adv = torch.stack([ng.group_advantages(r, cfg.group_size) for r in rewards])  # each model's own batch
-    grid = ng.flow_timesteps(cfg.sample_steps)[:-1]
-    t = grid[torch.randint(len(grid), (M, N), generator=gen)]
-    noise = torch.randn(M, N, 2, generator=gen)
-    x_t, u = ng.forward_process(x0.reshape(-1, 2), noise.reshape(-1, 2), t.reshape(-1))
+    adv = torch.stack([ng.group_advantages(r, cfg.group_size) for r in rewards]).reshape(-1)  # each model's own
+    t = ng.flow_timesteps(cfg.sample_steps)[noise["t_index"]]
+    x_t, u = ng.forward_process(x0.reshape(-1, 2), noise["eps"].reshape(-1, 2), t.reshape(-1))
     v = policy(x_t.reshape(M, N, 2), t, sl).reshape(-1, 2)
     with torch.no_grad():
-        v_ref = ref(x_t[None], t.reshape(1, -1))[0]
-        v_old = old(x_t.reshape(M, N, 2), t, sl).reshape(-1, 2) if method == "nft" else v.detach()
-    if method == "nft":
-        base, stats = ng.nft_loss(
-            v,
-            v_old,
-            v_ref,
-            x_t,
-            x0.reshape(-1, 2),
-            t.reshape(-1),
-            adv.reshape(-1),
-            beta=cfg.nft_beta,
-            kl_weight=cfg.kl_weight,
-        )
+        v_ref = reference_fn(ref)(x_t, t.reshape(-1))
+        v_old = old(x_t.reshape(M, N, 2), t, sl).reshape(-1, 2) if arm.method == "nft" else v.detach()
+    if arm.method == "nft":
+        kw = dict(beta=cfg.nft_beta, kl_weight=arm.kl_weight)
+        loss = ng.nft_loss(v, v_old, v_ref, x_t, x0.reshape(-1, 2), t.reshape(-1), adv, **kw)[0]
     else:  # one update per rollout batch: the pre-update policy is v itself (rho = 1)
-        base, stats = ng.awm_loss(v, v_old, v_ref, u, t.reshape(-1), adv.reshape(-1), ref_weight=cfg.kl_weight)
-    return M * base + cfg.seeds * hinge(cfg, v, v_ref, cfg.lam), stats
+        loss = ng.awm_loss(v, v_old, v_ref, u, t.reshape(-1), adv, ref_weight=arm.kl_weight)[0]
+    return loss + hinge(cfg, arm, v, v_ref, arm.lam)
 
 
 def adam_step_per_model_lr(opt, model, lr_scale):
@@ -380,51 +392,35 @@ def adam_step_per_model_lr(opt, model, lr_scale):
             p.copy_(p0 + (p - p0) * lr_scale.view(-1, *[1] * (p.ndim - 1)))
 
 
-def train(cfg, ref, progress=True):
-    """RL fine-tune every (method, variant, seed) from the reference. Returns (ensemble, checkpoint curves).
+def train(cfg, ref, arm_list, fixed, progress=True):
+    """RL fine-tune every arm on every seed from the reference, as one ensemble. Returns (ensemble, curves).
 
-    Curves, one per model in layout order: {"step", "reward", "logp", "ratio": a value per checkpoint}, each
-    checkpoint on the same fixed noise.
+    Curves, one per model: {"step", "reward", "sw", "logp", "support", "ratio", "rms_ratio"}, a value per
+    checkpoint (step 0, then every eval_every steps), measured as the final full-step evaluation (same `fixed`).
     """
-    runs = layout(cfg)
-    S, N = len(runs), cfg.groups * cfg.group_size
-    gen = torch.Generator().manual_seed(cfg.seed)
-    seed_gens = [torch.Generator().manual_seed(1000 * (cfg.seed + s)) for s in range(cfg.seeds)]
-    seed_of = torch.tensor([s for _, _, s in runs])
-    policy, old = ref.replicate(S), ref.replicate(S).requires_grad_(False)
+    S, M = cfg.seeds, len(arm_list) * cfg.seeds
+    policy, old = ref.replicate(M), ref.replicate(M).requires_grad_(False)
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.rl_lr)
-    lr_scale = torch.tensor([cfg.dpo_lr / cfg.rl_lr if m == "dpo" else 1.0 for m, _, _ in runs])
-    ckpt_noise = torch.randn(cfg.ckpt_samples, 2, generator=torch.Generator().manual_seed(cfg.eval_seed + 1))
-    curves = [{"step": [], "reward": [], "logp": [], "ratio": []} for _ in runs]
-    grid = ng.flow_timesteps(cfg.sample_steps)
+    lr_scale = torch.tensor([arm.lr_scale for arm in arm_list]).repeat_interleave(S)
+    generators = [torch.Generator().manual_seed(1000 * (cfg.seed + s)) for s in range(S)]
+    curves, grid = [{"step": []} for _ in range(M)], ng.flow_timesteps(cfg.sample_steps)
 
     def checkpoint(step):
-        with torch.no_grad():
-            x, states, vels = ng.euler_sample(velocity_fn(policy), ckpt_noise.expand(S, -1, -1), grid, True)
-            ratio = trajectory_ratio(ref, states, vels)
-        values = {"reward": reward(cfg, x).mean(1), "logp": log_density(cfg, x).mean(1), "ratio": ratio.mean((0, 2))}
-        for i, curve in enumerate(curves):
-            curve["step"].append(step)
-            for key, val in values.items():
-                curve[key].append(val[i].item())
+        for curve, score in zip(curves, sample_and_score(cfg, velocity_fn(policy), M, ref, cfg.sample_steps, fixed)[0]):
+            for key, value in {"step": step, **score}.items():
+                curve.setdefault(key, []).append(value)
 
     checkpoint(0)
-    bar = tqdm(range(1, cfg.rl_steps + 1), desc="rl", disable=not progress, leave=False)
-    for step in bar:
-        # rollouts: seed s draws the same noise for every method and both variants (paired comparisons)
-        noise = torch.stack([torch.randn(N, 2, generator=g) for g in seed_gens])[seed_of]
+    for step in tqdm(range(1, cfg.rl_steps + 1), desc="rl", disable=not progress, leave=False):
+        noise = draw_noise(cfg, generators)
         with torch.no_grad():
-            x0 = ng.euler_sample(velocity_fn(policy), noise, grid)
+            x0 = ng.euler_sample(velocity_fn(policy), noise["rollout"].repeat(len(arm_list), 1, 1), grid)
             rewards = reward(cfg, x0)
-        loss, logs = 0.0, []
-        for method in cfg.methods.split(","):
-            sl = block(cfg, method)
-            if method == "dpo":
-                loss_m, stats = dpo_loss(cfg, policy, ref, sl, x0[sl], rewards[sl], gen)
-            else:
-                loss_m, stats = nft_or_awm_loss(cfg, method, policy, old, ref, sl, x0[sl], rewards[sl], gen)
-            loss = loss + loss_m
-            logs.append(f"{method} nr {stats['norm_ratio'].item():.3f}")
+        loss = 0.0
+        for a, arm in enumerate(arm_list):  # the core's losses are batch means: times S, each model its own gradient
+            sl = slice(a * S, (a + 1) * S)
+            args = (cfg, arm, policy, ref, sl, x0[sl], arm_rewards(arm, rewards[sl], noise["perm"]), noise)
+            loss = loss + S * (dpo_loss(*args) if arm.method == "dpo" else nft_awm_loss(*args[:3], old, *args[3:]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         adam_step_per_model_lr(opt, policy, lr_scale)
@@ -433,7 +429,6 @@ def train(cfg, ref, progress=True):
                 p_old.lerp_(p, 1 - min(0.001 * step, 0.5))
         if step % cfg.eval_every == 0 or step == cfg.rl_steps:
             checkpoint(step)
-            bar.set_postfix_str(f"reward {rewards.mean().item():.3f} | " + " | ".join(logs))
     return policy, curves
 
 
@@ -441,260 +436,256 @@ def train(cfg, ref, progress=True):
 # evaluation: sampling, the norm ratio along the policy's own trajectories, quality, the adjoint diagnostic
 
 
-def trajectory_ratio(ref, states, vels):
-    """‖v_θ‖/‖v_ref‖ at the policy's own states: states, vels (K, S, N, 2) -> (K, S, N)."""
-    t = ng.flow_timesteps(states.shape[0])[:-1][:, None, None].expand(states.shape[:3])
-    v_ref = reference_fn(ref)(states, t)
-    return ng.norm_ratio(vels.reshape(-1, 2), v_ref.reshape(-1, 2)).reshape(states.shape[:3])
+def evaluation_inputs(cfg):
+    """What every evaluation shares: the noise it samples from, the ideal tilted sample, the SW directions."""
+    gen = torch.Generator().manual_seed(cfg.eval_seed)
+    noise, ideal = torch.randn(cfg.eval_samples, 2, generator=gen), sample_tilted(cfg, cfg.eval_samples, gen)
+    return {"noise": noise, "ideal": ideal, "dirs": F.normalize(torch.randn(cfg.sw_projections, 2, generator=gen))}
+
+
+def trajectory_ratios(v_ref_fn, states, vels):
+    """Norm ratios at the policy's own states, states and vels (K, M, n, 2) as ng.euler_sample returns them (K
+    uniform steps from t = 1). Returns (per point ‖v_θ‖/‖v_ref‖ (K, M, n); per model √mean‖v_θ‖² / √mean‖v_ref‖²
+    over the K·n points (M,), robust where ‖v_ref‖ nears 0)."""
+    v_ref = v_ref_fn(states, ng.flow_timesteps(states.shape[0])[:-1][:, None, None].expand(states.shape[:3]))
+    ratio = ng.norm_ratio(vels.reshape(-1, 2), v_ref.reshape(-1, 2)).reshape(states.shape[:3])
+    return ratio, (vels.square().sum(-1).mean((0, 2)) / v_ref.square().sum(-1).mean((0, 2))).sqrt()
+
+
+def scores(cfg, x, fixed, **more):
+    """Reward and quality of samples x (M, n, 2), and any more (M,) values: a dict of floats per model."""
+    values = {
+        "reward": reward(cfg, x).mean(-1),
+        "sw": sliced_wasserstein(x, fixed["ideal"], fixed["dirs"]),
+        "logp": log_density(cfg, x).mean(-1),
+        "support": on_support(cfg, x).mean(-1),
+        **more,
+    }
+    return [dict(zip(values, row)) for row in zip(*(v.tolist() for v in values.values()))]
 
 
 @torch.no_grad()
-def evaluate(cfg, policy, ref):
-    """Final metrics of every model on the same noise, at the full and the few-step sampler.
+def sample_and_score(cfg, velocity, M, ref, steps, fixed):
+    """Sample M models (velocity: x (M, n, 2), t (M,) -> (M, n, 2)) from the fixed noise with `steps` Euler steps.
+    Returns (scores with "ratio" and "rms_ratio", per model; samples (M, n, 2); per-point ratios (K, M, n))."""
+    x, states, vels = ng.euler_sample(velocity, fixed["noise"].expand(M, -1, -1), ng.flow_timesteps(steps), True)
+    ratio, rms = trajectory_ratios(reference_fn(ref), states, vels)
+    return scores(cfg, x, fixed, ratio=ratio.mean((0, 2)), rms_ratio=rms), x, ratio
 
-    Returns (one evaluation per model in layout order, as evidence.py reads them; the reference's; the samples
-    {"models": (S, 600, 2), "reference", "ideal"}; the ideal tilted sample's scores).
-    """
-    runs = layout(cfg)
-    gen = torch.Generator().manual_seed(cfg.eval_seed)
-    noise = torch.randn(cfg.eval_samples, 2, generator=gen).expand(len(runs), -1, -1)
-    ideal = sample_tilted(cfg, cfg.eval_samples, gen)
-    directions = F.normalize(torch.randn(cfg.sw_projections, 2, generator=gen), dim=1)
-    unguarded = [i for i, (_, v, _) in enumerate(runs) if v == "none"]
-    v_ref = lambda x, t: reference_fn(ref)(x, t[:, None].expand(x.shape[:2]))
 
-    def rescaled(x, t):  # the inference-time baseline, on the un-guarded models only
-        v = velocity_fn(policy, unguarded)(x, t)
-        return ng.rescale_to_reference(v.reshape(-1, 2), v_ref(x, t).reshape(-1, 2)).reshape(v.shape)
+def rescaled(policy, ref, models, s):
+    """The inference-time baseline on `models` of the ensemble: v <- s·v·‖v_ref‖/‖v‖ at every point."""
 
-    def scores(x):  # x (M, n, 2) -> one dict of floats per model
-        s = {
-            "reward": reward(cfg, x).mean(-1),
-            "logp": log_density(cfg, x).mean(-1),
-            "support": on_support(cfg, x).mean(-1),
-            "sw": sliced_wasserstein(x, ideal, directions),
-        }
-        return [dict(zip(s, row)) for row in zip(*(v.tolist() for v in s.values()))]
+    def velocity(x, t):
+        v, v_ref = velocity_fn(policy, models)(x, t), reference_fn(ref)(x, t[:, None].expand(x.shape[:2]))
+        return s * ng.rescale_to_reference(v.reshape(-1, 2), v_ref.reshape(-1, 2)).reshape(v.shape)
 
-    evals, reference = [{} for _ in runs], {}
+    return velocity
+
+
+def evaluate(cfg, policy, ref, arm_list, fixed, scales=(1.0,)):
+    """Every model's final evaluation at the full and few-step samplers, its norm ratio profile over t, and the
+    un-guarded ("none") models rescaled by each s in scales (phases "rescale", "rescale_few" at s = 1, else
+    "rescale_<s>"). Returns (evaluations in model order, the reference's, samples for the figures)."""
+    M = len(arm_list) * cfg.seeds
+    evals, reference, samples = [{} for _ in range(M)], {}, {"ideal": fixed["ideal"][:600]}
+    none = [i for i in range(M) if arm_list[i // cfg.seeds].name == "none"]
     for phase, steps in (("full", cfg.sample_steps), ("few", cfg.few_steps)):
-        grid = ng.flow_timesteps(steps)
-        x, states, vels = ng.euler_sample(velocity_fn(policy), noise, grid, True)
-        ratio = trajectory_ratio(ref, states, vels)  # (K, S, N)
-        for ev, score, r in zip(evals, scores(x), ratio.mean((0, 2)).tolist()):
-            ev[phase] = {**score, "ratio": r}
-        for i, score in zip(unguarded, scores(ng.euler_sample(rescaled, noise[unguarded], grid))):
-            evals[i]["rescale" if phase == "full" else "rescale_few"] = score
-        x_ref = ng.euler_sample(v_ref, noise[:1], grid)
-        reference[phase] = {"ratio": 1.0, **scores(x_ref)[0]}  # the reference against itself: ratio 1
+        scored, x, ratio = sample_and_score(cfg, velocity_fn(policy), M, ref, steps, fixed)
+        for ev, score in zip(evals, scored):
+            ev[phase] = score
+        for s in scales if phase == "full" else (1.0,):
+            key = f"rescale_{s:g}" if s != 1 else {"full": "rescale", "few": "rescale_few"}[phase]
+            scored_rescaled = sample_and_score(cfg, rescaled(policy, ref, none, s), len(none), ref, steps, fixed)[0]
+            for i, score in zip(none, scored_rescaled):
+                evals[i][key] = score
+        (reference[phase],), x_ref, _ = sample_and_score(cfg, velocity_fn(ref), 1, ref, steps, fixed)
         if phase == "full":
-            t = grid[:-1].repeat_interleave(ratio.shape[2])
-            for s, ev in enumerate(evals):
-                ev["profile"] = ng.norm_ratio_profile(ratio[:, s].reshape(-1), t, cfg.profile_bins)[0].tolist()
-            samples = {"models": x[:, :600], "reference": x_ref[0, :600], "ideal": ideal[:600]}
-    return evals, reference, samples, scores(ideal[None])[0]
+            t = ng.flow_timesteps(steps)[:-1].repeat_interleave(ratio.shape[2])
+            for i, ev in enumerate(evals):
+                ev["profile"] = ng.norm_ratio_profile(ratio[:, i].reshape(-1), t, cfg.profile_bins)[0].tolist()
+            samples.update(models=x[:, :600], reference=x_ref[0, :600])
+    return evals, reference, samples
 
 
-def adjoint_diagnostic(cfg, policy, ref):
-    """dR/dα_k for v_k -> (1 + α_k)·v_k of every un-guarded model and the reference (ng.velocity_scale_sensitivity).
+def adjoint_diagnostic(cfg, policy, ref, arm_list):
+    """dR/dα_k for v_k -> (1 + α_k)·v_k (ng.velocity_scale_sensitivity) of every un-guarded model, and of the
+    reference once per seed on that seed's noise (so the per-seed change after RL is paired). Returns
+    ({method: per seed stats}, [the reference's stats per seed]): "total_mean", "total_std", "frac_positive" over
+    samples of the uniform scaling Σ_k dR/dα_k."""
+    S, n, grid = cfg.seeds, cfg.adjoint_samples, ng.flow_timesteps(cfg.sample_steps)
+    gens = [torch.Generator().manual_seed(1000 * (cfg.seed + s) + 2) for s in range(S)]
+    noise = torch.stack([torch.randn(n, 2, generator=g) for g in gens])
 
-    Returns (per model in layout order: a dict for an un-guarded one, None for a guarded one; the reference's
-    dict): mean and std over samples of the uniform scaling Σ_k dR/dα_k, the fraction of samples where it is
-    positive, and the per-step means and stds.
-    """
-    gen = torch.Generator().manual_seed(cfg.eval_seed + 2)
-    idx = [i for i, (_, v, _) in enumerate(layout(cfg)) if v == "none"]
-    M, n = len(idx) + 1, cfg.adjoint_samples
-    model = ref.replicate(M)
-    with torch.no_grad():
-        for p, w, r in zip(model.parameters(), policy.parameters(), ref.parameters()):
-            p.copy_(torch.cat([w.detach()[idx], r.detach()]))
-    noise = torch.randn(n, 2, generator=gen).repeat(M, 1)  # flat (M·n, 2): one α per sample, as the diagnostic needs
-    v_flat = lambda x, t: model(x.reshape(M, n, 2), t.reshape(M, n)).reshape(-1, 2)
-    grid = ng.flow_timesteps(cfg.sample_steps)
-    grad = ng.velocity_scale_sensitivity(v_flat, lambda x: reward(cfg, x), noise, grid)[0].reshape(M, n, -1)
-    total = grad.sum(-1)
-    stats = {
-        "total_mean": total.mean(1),
-        "total_std": total.std(1, unbiased=False),
-        "frac_positive": (total > 0).float().mean(1),
-        "step_mean": grad.mean(1),
-        "step_std": grad.std(1, unbiased=False),
-    }
-    rows = [{k: v[j].tolist() for k, v in stats.items()} for j in range(M)]
-    return [rows[idx.index(i)] if i in idx else None for i in range(len(layout(cfg)))], rows[-1]
+    def stats(model, M):  # model m runs on seed m % S's noise, flattened: one α per sample
+        v = lambda x, t: model(x.reshape(M, n, 2), t.reshape(M, n)).reshape(-1, 2)
+        x = noise.repeat(M // S, 1, 1).reshape(-1, 2)
+        total = ng.velocity_scale_sensitivity(v, lambda x0: reward(cfg, x0), x, grid)[0].sum(-1).reshape(M, n)
+        out = dict(total_mean=total.mean(1), total_std=total.std(1, unbiased=False))
+        out["frac_positive"] = (total > 0).float().mean(1)
+        return [dict(zip(out, row)) for row in zip(*(value.tolist() for value in out.values()))]
+
+    idx = [i for i in range(len(arm_list) * S) if arm_list[i // S].name == "none"]
+    rows = stats(policy.replicate(len(idx), idx), len(idx))
+    methods = [arm.method for arm in arm_list if arm.name == "none"]
+    return {m: rows[k * S : (k + 1) * S] for k, m in enumerate(methods)}, stats(ref.replicate(S), S)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the experiment: train, evaluate, judge, save
+# the experiments: the headline verdicts, the frontiers
 
 
-def by_run(cfg, per_model):
-    """{method: {variant: [per_model[i] for each seed]}} from a list in layout order."""
-    runs = layout(cfg)
-    return {
-        m: {v: [per_model[runs.index((m, v, s))] for s in range(cfg.seeds)] for v in VARIANTS}
-        for m in cfg.methods.split(",")
-    }
+def by_arm(cfg, arm_list, per_model):
+    """{method: {arm name: [per_model[i] for each seed]}} from a list in model order."""
+    out = {}
+    for a, arm in enumerate(arm_list):
+        out.setdefault(arm.method, {})[arm.name] = per_model[a * cfg.seeds : (a + 1) * cfg.seeds]
+    return out
+
+
+def frontier_paths(evals, history_none, reference):
+    """One method's paths (docs/protocol.md): {family: per seed [(reward, quality), ...]}, each from the reference
+    through the family's members, strongest effect first, to the official un-guarded run ("none")."""
+    point = lambda phase: (phase["reward"], phase[QUALITY.key])
+    members = {}  # family -> per member, per seed
+    for name, per_seed in evals.items():
+        if " " in name:
+            members.setdefault(name.split()[0], []).append([point(ev["full"]) for ev in per_seed])
+    checkpoints = [list(zip(h["reward"], h[QUALITY.key]))[1:-1] for h in history_none]  # inner: step 0 and the end
+    members["early_stop"] = [list(c) for c in zip(*checkpoints)]  # are the reference and the official run
+    rescale = ["rescale" if s == 1 else f"rescale_{s:g}" for s in RESCALES]
+    members["rescale"] = [[point(ev[key]) for ev in evals["none"]] for key in rescale]
+    ends = [(point(reference["full"]), point(ev["full"])) for ev in evals["none"]]
+    return {f: [[start, *(m[s] for m in ms), end] for s, (start, end) in enumerate(ends)] for f, ms in members.items()}
 
 
 def columns(cfg):
     """The results table's columns (evidence.format_table)."""
-    few = cfg.few_steps
-    return [
-        E.Column("full", "ratio", "norm ratio"),
-        E.Column("full", "reward", "reward"),
-        E.Column("full", "logp", "log p", 2, 3),
-        E.Column("full", "support", "support"),
-        E.Column("full", "sw", "SW→tilted"),
-        E.Column("few", "reward", f"reward@{few}"),
-        E.Column("few", "logp", f"log p@{few}", 2, 3),
-    ]
+    few = [E.Column("few", "reward", f"reward@{cfg.few_steps}"), E.Column("few", "sw", f"SW@{cfg.few_steps}")]
+    keys = [("rms_ratio", "rms ratio", 3), ("ratio", "mean ratio", 3), ("reward", "reward", 3), ("sw", "SW→tilted", 3)]
+    return [E.Column("full", *k) for k in keys + [("logp", "log p", 2), ("support", "support", 3)]] + few
 
 
-def run(cfg, progress=True, out_dir=None):
-    """The whole experiment in memory; with out_dir, also config.json, metrics.json and the figure there.
+def run(cfg, frontier=False, progress=True, out_dir=None):
+    """The headline experiment (or, with frontier, the frontiers) in memory; with out_dir, also its JSON (config,
+    command, git revision, metrics) and figures there.
 
-    Returns {"metrics": everything measured (JSON-able; runs, histories and adjoint as evidence.py reads them),
-    "reference": the reference as a VelocityMLP, "models": {method: {variant: [VelocityMLP per seed]}},
-    "samples": {"models": (S, 600, 2) in layout order, "reference", "ideal"}}.
-    """
+    Returns {"metrics": everything measured (JSON-able; runs, null_runs, histories, adjoint, paths as evidence.py
+    reads them), "reference": the reference as a VelocityMLP, "models": {method: {arm: [VelocityMLP per seed]}},
+    "samples": {"models": (M, 600, 2) in model order, "reference", "ideal"}}."""
     t0 = time.time()
-    ref, pre_loss = make_reference(cfg)
-    t_pre = time.time() - t0
-    policy, curves = train(cfg, ref, progress)
-    t_rl = time.time() - t0 - t_pre
-    per_model, reference, samples, ideal = evaluate(cfg, policy, ref)
-    adj_models, adj_ref = adjoint_diagnostic(cfg, policy, ref)
-    runs, histories = by_run(cfg, per_model), by_run(cfg, curves)
-    adjoint = {m: variants["none"] for m, variants in by_run(cfg, adj_models).items()}
-    pairs = {m: zip(histories[m]["none"], histories[m]["guard"]) for m in runs}
-    control = {m: [E.early_stopping_control(none, guard, QUALITY) for none, guard in pairs[m]] for m in runs}
-    lines, flags = E.verdicts(runs, reference, adjoint, adj_ref, control, QUALITY, cfg.few_steps)
+    ref, pretrain_loss = make_reference(cfg)
+    arm_list, fixed = arms(cfg, frontier), evaluation_inputs(cfg)
+    policy, curves = train(cfg, ref, arm_list, fixed, progress)
+    evals, reference, samples = evaluate(cfg, policy, ref, arm_list, fixed, RESCALES if frontier else (1.0,))
+    by, histories = by_arm(cfg, arm_list, evals), by_arm(cfg, arm_list, curves)
     metrics = {
-        "config": dataclasses.asdict(cfg),
-        "pretrain_loss": pre_loss,
+        "pretrain_loss": pretrain_loss,
         "reference": reference,
-        "ideal_tilted": ideal,
-        "runs": runs,
-        "adjoint": adjoint,
-        "adjoint_reference": adj_ref,
-        "early_stopping_delta_logp": control,
-        "histories": histories,
-        "table": E.format_table(runs, reference, columns(cfg)),
-        "verdicts": lines,
-        "verdict_flags": flags,
-        "wall_time_s": {"pretrain": t_pre, "rl": t_rl, "total": time.time() - t0},
+        "ideal_tilted": scores(cfg, fixed["ideal"][None], fixed)[0],
     }
-    models = by_run(cfg, [policy.model(i) for i in range(len(per_model))])
+    if frontier:
+        paths = {m: frontier_paths(by[m], histories[m]["none"], reference) for m in by}
+        lines, summary = E.frontier(paths, QUALITY)
+        metrics.update(paths=paths, frontier=lines, summary=summary, runs=by, histories=histories)
+    else:
+        runs, null_runs = {m: {v: by[m][v] for v in E.VARIANTS} for m in by}, {m: {"none": by[m]["null"]} for m in by}
+        histories = {m: {v: histories[m][v] for v in E.VARIANTS} for m in by}
+        adjoint, adjoint_ref = adjoint_diagnostic(cfg, policy, ref, arm_list)
+        control = {m: [E.early_stopping_control(*pair, QUALITY) for pair in zip(*histories[m].values())] for m in by}
+        lines, flags = E.verdicts(runs, reference, adjoint, adjoint_ref, control, QUALITY, cfg.few_steps, null_runs)
+        metrics.update(
+            runs=runs, null_runs=null_runs, histories=histories, adjoint=adjoint, adjoint_reference=adjoint_ref
+        )
+        metrics.update(
+            early_stopping_control=control,
+            table=E.format_table(runs, reference, columns(cfg)),
+            verdicts=lines,
+            verdict_flags=flags,
+        )
+    metrics["wall_time_s"] = time.time() - t0
+    models = by_arm(cfg, arm_list, [policy.model(i) for i in range(len(arm_list) * cfg.seeds)])
     result = {"metrics": metrics, "reference": ref.model(0), "models": models, "samples": samples}
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        info = {"config": dataclasses.asdict(cfg), "command": sys.argv, "git_revision": E.git_revision()}
+        E.write_json(Path(out_dir) / ("frontier.json" if frontier else "metrics.json"), {**info, **metrics})
+        if not frontier:  # the frontier's config lives in frontier.json: both can share one out_dir
+            E.write_json(Path(out_dir) / "config.json", info, indent=2)
         if cfg.plot:
-            plot(cfg, result, out / "toy_2d.png")
-        metrics["wall_time_s"]["total_with_plot"] = time.time() - t0
-        config = {"config": dataclasses.asdict(cfg), "command": sys.argv, "git_revision": E.git_revision()}
-        E.write_json(out / "config.json", config, indent=2)
-        E.write_json(out / "metrics.json", metrics)
+            plot(cfg, result, Path(out_dir), frontier)
     return result
 
 
-def plot(cfg, result, path):
-    """Samples (seed 0) over the true density; norm ratio vs t and during RL; reward vs quality; training paths."""
+def plot(cfg, result, out, frontier):
+    """frontier_<method>.png per method; or toy_2d.png: samples (first seed) over the true density, norm ratio vs
+    t and during RL, reward vs quality, training paths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     metrics, samples = result["metrics"], result["samples"]
+    if frontier:
+        for m, paths in metrics["paths"].items():
+            fig, ax = plt.subplots(figsize=(6, 4.5))
+            E.plot_frontier(ax, paths, QUALITY, f"{m}: reward vs {QUALITY.label}, mean of {cfg.seeds} seeds")
+            fig.tight_layout()
+            fig.savefig(out / f"frontier_{m}.png", dpi=110)
+            plt.close(fig)
+        return
     lim = cfg.radius + 1.6
-    g = torch.linspace(-lim, lim, 200)
-    gx, gy = torch.meshgrid(g, g, indexing="xy")
+    gx, gy = torch.meshgrid(torch.linspace(-lim, lim, 200), torch.linspace(-lim, lim, 200), indexing="xy")
     density = log_density(cfg, torch.stack([gx, gy], -1)).exp()
     targets = mode_centers(cfg)[[int(k) for k in cfg.target_modes.split(",")]]
     panels = [("reference", samples["reference"]), ("ideal tilted p·e^{r/τ}", samples["ideal"])]
-    for i, (m, v, s) in enumerate(layout(cfg)):
-        if s == 0:
-            panels.append((f"{m}{' + NormGuard' if v == 'guard' else ''} (seed {cfg.seed})", samples["models"][i]))
-    ncol = 4
-    fig, axes = plt.subplots(
-        math.ceil(len(panels) / ncol) + 1, ncol, figsize=(16, 4 * (math.ceil(len(panels) / ncol) + 1))
-    )
+    names = [f"{m} {arm} (seed {cfg.seed})" for m, per_arm in result["models"].items() for arm in per_arm]
+    panels += [(name, samples["models"][i * cfg.seeds]) for i, name in enumerate(names)]
+    rows = math.ceil(len(panels) / 4) + 1
+    fig, axes = plt.subplots(rows, 4, figsize=(16, 4 * rows))
     for ax, (title, x) in zip(axes.flat, panels):
         ax.contourf(gx, gy, density, levels=12, cmap="Greys")
         ax.scatter(x[:, 0], x[:, 1], s=2, c="tab:red", alpha=0.5)
         ax.scatter(targets[:, 0], targets[:, 1], marker="*", s=120, c="gold", edgecolors="k", zorder=3)
         ax.set(title=title, xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xticks=[], yticks=[])
-    for ax in list(axes.flat)[len(panels) : -ncol]:
+    for ax in list(axes.flat)[len(panels) : -4]:
         ax.axis("off")
-    ax_t, ax_steps, ax_rq, ax_tr = axes[-1]
+    ax_t, ax_steps, ax_rq, ax_path = axes[-1]
     E.plot_profile(ax_t, metrics["runs"], cfg.profile_bins)
-    E.plot_curves(ax_steps, metrics["histories"], "step", "ratio")
+    E.plot_curves(ax_steps, metrics["histories"], "step", "rms_ratio")
     ax_steps.axhline(1, c="k", lw=0.8)
-    ax_steps.set(xlabel="RL step", ylabel="‖v_θ‖/‖v_ref‖ (mean over t)", title="norm ratio during RL")
-    # filled markers: the full step count; hollow: few steps (Euler's few-step error moves every point down)
+    ax_steps.set(xlabel="RL step", ylabel="√mean‖v_θ‖² / √mean‖v_ref‖²", title="RMS norm ratio during RL")
     E.plot_reward_quality(ax_rq, metrics["runs"], metrics["reference"], QUALITY, (cfg.sample_steps, cfg.few_steps))
-    E.plot_curves(ax_tr, metrics["histories"], "reward", "logp")
-    ax_tr.set(xlabel="reward", ylabel="mean log p", title=f"training path (every {cfg.eval_every} steps)")
+    E.plot_curves(ax_path, metrics["histories"], "reward", QUALITY.key)
+    ax_path.set(xlabel="reward", ylabel=QUALITY.label, title=f"training path (every {cfg.eval_every} steps)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(out / "toy_2d.png", dpi=110)
     plt.close(fig)
 
 
-def sweep(cfg):
-    """Training length (x0.5, 1, 1.5, 2) at lam, then lam/4 and 4·lam at twice the length, where the guard has
-    something to repair. Each setting is a full run; one line per setting: per method the un-guarded / guarded
-    norm ratio, reward and log-density (means over seeds). Writes sweep.json to out_dir."""
-    methods = cfg.methods.split(",")
-    settings = [(int(cfg.rl_steps * f), cfg.lam) for f in (0.5, 1, 1.5, 2)]
-    settings += [(cfg.rl_steps * 2, cfg.lam / 4), (cfg.rl_steps * 2, cfg.lam * 4)]
-    print(
-        f"{'steps':>5} {'lam':>6} | " + " | ".join(f"{m + ': ratio':>14} {'reward':>11} {'log p':>11}" for m in methods)
-    )
-    print(f"{'':>12} | " + " | ".join(f"{'none/guard':>14} {'none/guard':>11} {'none/guard':>11}" for _ in methods))
-
-    def pair(runs, m, key, digits):  # un-guarded/guarded, means over seeds
-        return "/".join(f"{E.mean_std(E.collect(runs, m, v, 'full', key))[0]:.{digits}f}" for v in VARIANTS)
-
-    rows = []
-    for rl_steps, lam in settings:
-        metrics = run(dataclasses.replace(cfg, rl_steps=rl_steps, lam=lam, plot=False), progress=False)["metrics"]
-        runs = metrics["runs"]
-        cells = [
-            f"{pair(runs, m, 'ratio', 2):>14} {pair(runs, m, 'reward', 3):>11} {pair(runs, m, 'logp', 2):>11}"
-            for m in methods
-        ]
-        print(f"{rl_steps:>5} {lam:>6.3g} | " + " | ".join(cells), flush=True)
-        rows.append({"rl_steps": rl_steps, "lam": lam, **{k: metrics[k] for k in ("runs", "reference", "verdicts")}})
-    r = rows[0]["reference"]["full"]
-    print(f"reference: reward {r['reward']:.3f}, log p {r['logp']:.2f}")
-    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    E.write_json(Path(cfg.out_dir) / "sweep.json", rows)
-
-
 def main(argv):
-    cfg, do_sweep = parse_args(argv)
+    cfg, frontier = parse_args(argv)
     torch.set_num_threads(cfg.threads)
+    n_arms = len(arms(cfg, frontier))
     print(
-        f"device cpu | float32 | {torch.get_num_threads()} thread(s) | {len(layout(cfg))} models trained at once "
-        f"({cfg.methods} x {VARIANTS} x {cfg.seeds} seeds) | {cfg.groups}x{cfg.group_size} rollouts/step | "
-        f"{cfg.rl_steps} RL steps | lr {cfg.rl_lr:g} (dpo {cfg.dpo_lr:g}) | lam {cfg.lam}, {cfg.margin} margin | "
-        f"{cfg.sample_steps} and {cfg.few_steps} Euler steps"
+        f"device cpu | float32 | {torch.get_num_threads()} thread(s) | {n_arms} arms x {cfg.seeds} seeds = "
+        f"{n_arms * cfg.seeds} models trained at once | {cfg.groups}x{cfg.group_size} rollouts/step | {cfg.rl_steps} "
+        f"RL steps | lr {cfg.rl_lr:g} (dpo {cfg.dpo_lr:g}) | {cfg.sample_steps} and {cfg.few_steps} Euler steps | "
+        f"reference seed {cfg.ref_seed}, RL seeds {cfg.seed}-{cfg.seed + cfg.seeds - 1}"
     )
-    if do_sweep:
-        return sweep(cfg)
-    metrics = run(cfg, out_dir=cfg.out_dir)["metrics"]
-    ideal, w = metrics["ideal_tilted"], metrics["wall_time_s"]
+    metrics = run(cfg, frontier, out_dir=cfg.out_dir)["metrics"]
+    ideal = metrics["ideal_tilted"]
     print(
-        f"pretrain loss {metrics['pretrain_loss']:.3f} | ideal tilted: reward {ideal['reward']:.3f} "
-        f"log p {ideal['logp']:.3f}"
+        f"pretrain loss {metrics['pretrain_loss']:.3f} | ideal tilted: reward {ideal['reward']:.3f}, "
+        f"log p {ideal['logp']:.2f}"
     )
-    print(metrics["table"])
-    print("\n".join(metrics["verdicts"]))
-    print(
-        f"wall time {w['total']:.1f} s (pretrain {w['pretrain']:.1f} s, RL {w['rl']:.1f} s) | outputs in {cfg.out_dir}"
-    )
+    if not frontier:
+        print(metrics["table"])
+        for m, null in metrics["null_runs"].items():
+            ratio, r = (sum(e["full"][k] for e in null["none"]) / cfg.seeds for k in ("rms_ratio", "reward"))
+            print(f"{m} shuffled-reward control: rms ratio {ratio:.3f}, reward {r:.3f}")
+    print("\n".join(metrics["frontier" if frontier else "verdicts"]))
+    print(f"wall time {metrics['wall_time_s']:.1f} s | outputs in {cfg.out_dir}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""toy_2d.py: its closed-form world, the ensemble trick it rests on, a smoke run, and regression tests that pin,
-at the default settings and fixed seeds, what the README says the toy shows — including where it disagrees
-with the paper."""
+"""toy_2d.py: its closed-form world, the ensemble trick it rests on, the pairing of arms by seed, the null-reward
+control, the norm ratios, smoke runs of the headline and the frontier, and regression tests that pin, at the
+default settings and fixed seeds, what the toy shows."""
 
 import json
 import math
@@ -161,17 +161,77 @@ def test_per_model_learning_rate_equals_separate_adam_runs():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# arms: paired by seed, the null-reward control, the norm ratios
+
+
+def train_arms(method, arm_list, **overrides):
+    """Smoke-sized training of arm_list from a tiny reference: the ensemble's weights, one (seeds, ...) per arm."""
+    cfg = toy.Config(**{**toy.SMOKE, "hidden": 16, "depth": 2, "pretrain_steps": 20, "rl_steps": 4, **overrides})
+    ref, _ = toy.make_reference(cfg)
+    policy, _ = toy.train(cfg, ref, arm_list, toy.evaluation_inputs(cfg), progress=False)
+    S = cfg.seeds
+    return [[w.detach()[a * S : (a + 1) * S] for w in policy.parameters()] for a in range(len(arm_list))]
+
+
+@pytest.mark.parametrize("method", toy.METHODS)
+def test_arms_of_one_seed_share_rollout_and_training_noise(method):
+    """Two arms with the same knobs end bit-identical, and so does a guard at λ = 0 with the un-guarded arm: every
+    arm of seed s draws the same rollouts, t and ε. A guard at λ > 0 and a second seed do differ."""
+    lr = 5e-3 if method != "dpo" else 2e-3  # large enough that four steps move every model
+    none = toy.Arm(method, "none", lr_scale=1.0)
+    arm_list = [none, toy.replace(none, name="twin"), toy.replace(none, name="guard 0", guard=True, lam=0.0)]
+    arm_list.append(toy.replace(none, name="guard 10", guard=True, lam=10.0))
+    weights = train_arms(method, arm_list, rl_lr=lr, dpo_lr=lr)
+    for other in weights[1:3]:
+        assert all(torch.equal(a, b) for a, b in zip(weights[0], other))
+    assert not all(torch.equal(a, b) for a, b in zip(weights[0], weights[3]))
+    assert not torch.equal(weights[0][0][0], weights[0][0][1])  # seeds 1 and 2: different noise
+
+
+def test_null_arm_learns_from_a_permutation_of_the_batch_rewards():
+    """The shuffled-reward control: the same rewards, in an order unrelated to the samples. With one group its
+    advantages are exactly the true advantages permuted; over many steps they do not correlate with them."""
+    cfg = toy.Config(groups=1, group_size=64)
+    null, none = toy.Arm("nft", "null", shuffle_rewards=True), toy.Arm("nft", "none")
+    gens = [torch.Generator().manual_seed(s) for s in range(3)]
+    rewards = torch.rand(3, 64, generator=torch.Generator().manual_seed(9))
+    corr = []
+    for _ in range(100):
+        perm = toy.draw_noise(cfg, gens)["perm"]
+        assert torch.equal(toy.arm_rewards(none, rewards, perm), rewards)
+        shuffled = toy.arm_rewards(null, rewards, perm)
+        assert torch.equal(shuffled.sort(1).values, rewards.sort(1).values) and not torch.equal(shuffled, rewards)
+        for r, r_null, p in zip(rewards, shuffled, perm):
+            adv, adv_null = ng.group_advantages(r, 64), ng.group_advantages(r_null, 64)
+            torch.testing.assert_close(adv_null, adv[p])  # up to the sum's order
+            corr.append(torch.corrcoef(torch.stack([adv, adv_null]))[0, 1].item())
+    assert abs(sum(corr) / len(corr)) < 0.03 and max(map(abs, corr)) < 0.5
+
+
+def test_trajectory_ratios_mean_and_rms_in_closed_form():
+    """With v_ref(x) = x and v = c·x point by point: per-point ratio |c|, RMS ratio √(Σ c²|x|² / Σ |x|²) per model."""
+    gen = torch.Generator().manual_seed(0)
+    states = torch.randn(4, 3, 5, 2, generator=gen, dtype=torch.float64)  # (K, M, n, 2)
+    c = torch.rand(4, 3, 5, generator=gen, dtype=torch.float64) * 2 + 0.1
+    ratio, rms = toy.trajectory_ratios(lambda x, t: x, states, c[..., None] * states)
+    torch.testing.assert_close(ratio, c)
+    sq = states.square().sum(-1)
+    torch.testing.assert_close(rms, ((c**2 * sq).sum((0, 2)) / sq.sum((0, 2))).sqrt())
+    assert rms[0] != ratio[:, 0].mean()  # not the mean of the ratios: large ‖v_ref‖ weigh more
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # the script's interface
 
 
 def test_overrides_are_typed_and_unknown_keys_rejected():
-    cfg, sweep = toy.parse_args(["--rl_steps=7", "--lam=0.5", "--plot=false"])
-    assert (cfg.rl_steps, cfg.lam, cfg.plot, sweep) == (7, 0.5, False, False)
-    cfg, sweep = toy.parse_args(["--smoke", "--seeds=3"])
-    assert cfg.seeds == 3 and cfg.rl_steps == toy.SMOKE["rl_steps"] and not sweep
-    assert toy.parse_args(["--sweep"])[1]
+    cfg, frontier = toy.parse_args(["--rl_steps=7", "--lam=0.5", "--plot=false"])
+    assert (cfg.rl_steps, cfg.lam, cfg.plot, frontier) == (7, 0.5, False, False)
+    cfg, frontier = toy.parse_args(["--smoke", "--seeds=3"])
+    assert cfg.seeds == 3 and cfg.rl_steps == toy.SMOKE["rl_steps"] and not frontier
+    assert toy.parse_args(["--frontier"])[1]
     with pytest.raises(cli.UsageError, match="--help lists"):
-        toy.parse_args(["--learning_rate=1"])
+        toy.parse_args(["--sweep"])
     with pytest.raises(cli.UsageError, match="--rl_steps: expected an int"):
         toy.parse_args(["--rl_steps=many"])
     with pytest.raises(cli.UsageError, match="methods"):
@@ -185,14 +245,15 @@ def test_overrides_are_typed_and_unknown_keys_rejected():
         toy.parse_args(["--lam=-1"])
 
 
-def test_help_lists_every_key_and_a_bad_argument_is_one_line(capsys):
+def test_help_exits_0_and_lists_every_key_and_a_bad_argument_exits_2_in_one_line(capsys):
     with pytest.raises(SystemExit) as done:
         cli.run(toy.main, ["--help"])
     assert done.value.code == 0
     printed = capsys.readouterr().out
     for field in toy.dataclasses.fields(toy.Config):
         assert f"--{field.name}={field.default}" in printed, field.name
-    assert "--tilt_temp=0.1  (float)  # tau of the ideal" in printed and "--smoke" in printed and "--sweep" in printed
+    assert "--tilt_temp=0.1  (float)  # tau of the ideal" in printed and "--smoke" in printed
+    assert "--frontier" in printed
     # the script's own entry point: exit code 2, one line on stderr, no traceback
     done = subprocess.run([sys.executable, "toy_2d.py", "--rl_steps=many"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2 and done.stdout == ""
@@ -209,75 +270,104 @@ def smoke(tmp_path_factory):
 def test_smoke_run_writes_config_metrics_and_figure(tmp_path, capsys):
     toy.main(["--smoke", f"--out_dir={tmp_path}"])
     printed = capsys.readouterr().out
-    assert "nft+guard" in printed and printed.count("\n(") == 5  # five verdict lines
+    assert "nft+guard" in printed and printed.count("\n(") == 6  # six verdict lines: 1, 2, 3, 4, 4b, 5
     metrics = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     config = json.loads((tmp_path / "config.json").read_text())
     assert (tmp_path / "toy_2d.png").stat().st_size > 10_000
     assert config["config"]["rl_steps"] == toy.SMOKE["rl_steps"] and len(config["git_revision"]) > 0
     assert config["command"] == sys.argv
-    assert len(metrics["verdicts"]) == 5 and metrics["table"] in printed
-    table = flat_table(metrics)
+    assert len(metrics["verdicts"]) == 6 and metrics["table"] in printed
+    table, seeds = flat_table(metrics), toy.SMOKE["seeds"]
     for m in toy.METHODS:
-        for v in toy.VARIANTS:
+        for v in E.VARIANTS:
             row = table[m][v]
-            assert len(row["full_ratio"]) == toy.SMOKE["seeds"] and all(math.isfinite(x) for x in row["full_ratio"])
+            assert len(row["full_rms_ratio"]) == seeds and all(math.isfinite(x) for x in row["full_ratio"])
             assert all(len(e["profile"]) == toy.Config.profile_bins for e in metrics["runs"][m][v])
-            assert [len(h["reward"]) for h in metrics["histories"][m][v]] == [3] * toy.SMOKE["seeds"]  # steps 0, 3, 6
-        assert (
-            len(table[m]["none"]["rescale_reward"]) == toy.SMOKE["seeds"] and "rescale_reward" not in table[m]["guard"]
-        )
-        assert len(metrics["adjoint"][m]) == len(metrics["early_stopping_delta_logp"][m]) == toy.SMOKE["seeds"]
+            steps = [h["step"] for h in metrics["histories"][m][v]]
+            assert steps == [[0, 3, 6]] * seeds
+        assert len(table[m]["none"]["rescale_reward"]) == seeds and "rescale_reward" not in table[m]["guard"]
+        assert len(metrics["null_runs"][m]["none"]) == seeds
+        assert len(metrics["adjoint"][m]) == len(metrics["early_stopping_control"][m]) == seeds
+    assert len(metrics["adjoint_reference"]) == seeds
+
+
+def test_checkpoints_are_measured_like_the_final_evaluation(smoke):
+    """The last checkpoint is the final model on the same noise and sample count: the same numbers."""
+    _, _, result = smoke
+    metrics = result["metrics"]
+    for m, variants in metrics["runs"].items():
+        for v, evals in variants.items():
+            for ev, history in zip(evals, metrics["histories"][m][v]):
+                for key in ("reward", "sw", "logp", "ratio", "rms_ratio"):
+                    assert history[key][-1] == pytest.approx(ev["full"][key], rel=1e-5, abs=1e-6), (m, v, key)
 
 
 def test_run_returns_the_models_it_evaluated(smoke):
     """The walkthrough samples from what run() returns: each VelocityMLP reproduces its run's evaluation."""
     cfg, _, result = smoke
     grid = ng.flow_timesteps(cfg.sample_steps)
-    noise = torch.randn(cfg.eval_samples, 2, generator=torch.Generator().manual_seed(cfg.eval_seed))
+    noise = toy.evaluation_inputs(cfg)["noise"]
+    models, i = result["models"], 0
     with torch.no_grad():
-        for i, (m, v, s) in enumerate(toy.layout(cfg)):
-            x = ng.euler_sample(result["models"][m][v][s], noise, grid)
-            torch.testing.assert_close(x[:600], result["samples"]["models"][i], atol=1e-4, rtol=1e-4)
-            reward = toy.reward(cfg, x).mean().item()
-            assert reward == pytest.approx(result["metrics"]["runs"][m][v][s]["full"]["reward"], abs=1e-5)
+        for m, arms in models.items():
+            for name, per_seed in arms.items():
+                for s, model in enumerate(per_seed):
+                    x = ng.euler_sample(model, noise, grid)
+                    torch.testing.assert_close(x[:600], result["samples"]["models"][i], atol=1e-4, rtol=1e-4)
+                    evals = result["metrics"]["runs"][m] if name != "null" else result["metrics"]["null_runs"][m]
+                    expected = evals["none" if name == "null" else name][s]["full"]["reward"]
+                    assert toy.reward(cfg, x).mean().item() == pytest.approx(expected, abs=1e-5)
+                    i += 1
         x_ref = ng.euler_sample(result["reference"], noise, grid)
     torch.testing.assert_close(x_ref[:600], result["samples"]["reference"], atol=1e-4, rtol=1e-4)
 
 
 def test_the_verdicts_are_evidence_rules_on_the_run(smoke):
-    """toy_2d judges by evidence.verdicts with log p, higher is better: recomputing them gives the same lines."""
+    """toy_2d judges by evidence.verdicts with SW to the tilted target, lower is better: recomputing them from the
+    saved metrics gives the same lines."""
     cfg, _, result = smoke
     metrics = result["metrics"]
-    assert toy.QUALITY == E.Quality("logp", "log p", True)
-    lines, flags = E.verdicts(
-        metrics["runs"],
-        metrics["reference"],
-        metrics["adjoint"],
-        metrics["adjoint_reference"],
-        metrics["early_stopping_delta_logp"],
-        toy.QUALITY,
-        cfg.few_steps,
-    )
+    assert toy.QUALITY == E.Quality("sw", "SW→tilted", higher_is_better=False, digits=3)
+    control = metrics["early_stopping_control"]
+    args = ("runs", "reference", "adjoint", "adjoint_reference")
+    lines, flags = E.verdicts(*(metrics[k] for k in args), control, toy.QUALITY, cfg.few_steps, metrics["null_runs"])
     assert lines == metrics["verdicts"] and flags == metrics["verdict_flags"]
     for m in toy.METHODS:
         for s in range(cfg.seeds):
-            h_none, h_guard = (metrics["histories"][m][v][s] for v in toy.VARIANTS)
-            expected = E.early_stopping_control(h_none, h_guard, toy.QUALITY)
-            got = metrics["early_stopping_delta_logp"][m][s]
-            assert (math.isnan(expected) and math.isnan(got)) or got == expected
+            h_none, h_guard = (metrics["histories"][m][v][s] for v in E.VARIANTS)
+            assert control[m][s] == E.early_stopping_control(h_none, h_guard, toy.QUALITY)
+
+
+def test_frontier_smoke_writes_figures_and_json_with_paths_from_the_reference_to_the_official_run(tmp_path, capsys):
+    toy.main(["--smoke", "--frontier", f"--out_dir={tmp_path}"])
+    printed = capsys.readouterr().out
+    data = json.loads((tmp_path / "frontier.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert data["frontier"] and all(line in printed for line in data["frontier"])
+    assert data["command"] == sys.argv and data["config"]["rl_steps"] == toy.SMOKE["rl_steps"]
+    q, ref = toy.QUALITY.key, data["reference"]["full"]
+    for m in toy.METHODS:
+        assert (tmp_path / f"frontier_{m}.png").stat().st_size > 10_000
+        grids = toy.DPO_GRIDS if m == "dpo" else toy.GRIDS
+        families = data["paths"][m]
+        assert set(families) == set(grids) | {"early_stop", "rescale"}
+        official = [[ev["full"]["reward"], ev["full"][q]] for ev in data["runs"][m]["none"]]
+        for family, per_seed in families.items():
+            assert len(per_seed) == toy.SMOKE["seeds"]
+            for s, path in enumerate(per_seed):
+                assert path[0] == [ref["reward"], ref[q]] and path[-1] == official[s], (m, family)
+            members = {"early_stop": toy.SMOKE["rl_steps"] // toy.SMOKE["eval_every"] - 1, "rescale": len(toy.RESCALES)}
+            assert len(per_seed[0]) == members.get(family, len(grids.get(family, ()))) + 2
+        strongest = data["runs"][m][f"guard {grids['guard'][0]:g}"][0]["full"]  # members in grid order
+        assert families["guard"][0][1] == [strongest["reward"], strongest[q]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# regression: what the README claims at the default settings (fixed seeds; ~25 s)
+# regression: what the toy shows at the default settings (fixed exploration seeds; ~60 s)
 
 
 @pytest.fixture(scope="module")
 def default_run():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    metrics = toy.run(toy.Config(plot=False), progress=False)["metrics"]
-    torch.set_num_threads(old)
-    return metrics
+    return toy.run(toy.Config(plot=False), progress=False)["metrics"]
 
 
 def mean(x):
@@ -285,15 +375,13 @@ def mean(x):
 
 
 @pytest.mark.experiment
-def test_default_every_unguarded_method_inflates_in_the_papers_regime(default_run):
+def test_default_every_unguarded_method_drifts_up_and_the_hinge_holds_nft_and_awm(default_run):
     table = flat_table(default_run)
     for m in toy.METHODS:
-        none = table[m]["none"]["full_ratio"]
-        assert 1.04 < mean(none) < 1.2, (m, none)
-    for m in ("nft", "awm"):  # the hinge holds them on every seed (paired: same rollout noise)
-        none, guard = table[m]["none"]["full_ratio"], table[m]["guard"]["full_ratio"]
-        assert all(n > g for n, g in zip(none, guard)) and mean(guard) < 1.04, (m, none, guard)
-    assert default_run["verdict_flags"]["1"] == {"nft": True, "awm": True, "dpo": True}
+        assert 1.04 < mean(table[m]["none"]["full_ratio"]) < 1.2, m
+    for m in ("nft", "awm"):  # the hinge holds them below the un-guarded run on every seed (paired)
+        none, guard = table[m]["none"]["full_rms_ratio"], table[m]["guard"]["full_rms_ratio"]
+        assert all(n > g for n, g in zip(none, guard)) and mean(guard) < 1.0, (m, none, guard)
     assert default_run["verdict_flags"]["not_tested"] == []
 
 
@@ -302,74 +390,73 @@ def test_default_guard_keeps_most_of_the_reward_gain_and_beats_rescaling_on_rewa
     table, r0 = flat_table(default_run), default_run["reference"]["full"]["reward"]
     for m in toy.METHODS:
         none, guard = mean(table[m]["none"]["full_reward"]), mean(table[m]["guard"]["full_reward"])
-        assert none > r0 + 0.05 and (guard - r0) / (none - r0) > 0.7, (m, r0, none, guard)
+        assert none > r0 + 0.05 and (guard - r0) / (none - r0) > 0.8, (m, r0, none, guard)
     for m in ("nft", "awm"):  # rescaling at inference gives up more of the gain than the guard, on every seed
         assert all(g > r for g, r in zip(table[m]["guard"]["full_reward"], table[m]["none"]["rescale_reward"]))
-    assert default_run["verdict_flags"]["2"] == {"nft": True, "awm": True, "dpo": False}
 
 
 @pytest.mark.experiment
-def test_default_quality_does_not_yet_suffer_so_guard_and_early_stopping_tie(default_run):
-    """README: at ~10 % inflation NFT's and AWM's quality has not moved, so the guard has nothing to repair: same
-    log-density as the un-guarded run and as its checkpoint of equal reward (claims 4 and 5 not reproduced),
-    and a worse one at 3 Euler steps, where the inflated velocities offset Euler's undershoot. DPO's log p sits
-    0.17-0.21 below the reference's (the spread is across CPUs: its pairwise loss amplifies float rounding), with
-    or without the guard: the guard ties it there too."""
-    table, ref = flat_table(default_run), default_run["reference"]["full"]
-    for m in toy.METHODS:
-        none, guard = table[m]["none"], table[m]["guard"]
-        drop = ref["logp"] - mean(none["full_logp"])
-        assert (0.1 < drop < 0.3) if m == "dpo" else abs(drop) < 0.2, (m, drop)
-        assert abs(mean(guard["full_logp"]) - mean(none["full_logp"])) < 0.1, m
-        assert abs(mean([d for d in default_run["early_stopping_delta_logp"][m] if not math.isnan(d)])) < 0.15, m
-    for m in ("nft", "awm"):
-        assert mean(table[m]["guard"]["few_logp"]) < mean(table[m]["none"]["few_logp"]) - 0.1, m
-    flags = default_run["verdict_flags"]
-    assert not any(flags["4"].values()) and not any(flags["5"].values())
+def test_default_shuffled_rewards_learn_nothing(default_run):
+    """The null-reward control keeps the reference's reward: what it drifts is drift without a reward signal."""
+    r0 = default_run["reference"]["full"]["reward"]
+    for m, variants in default_run["null_runs"].items():
+        assert abs(mean([e["full"]["reward"] for e in variants["none"]]) - r0) < 0.01, m
 
 
 @pytest.mark.experiment
-def test_default_adjoint_signal_is_weak_but_leans_toward_larger_norms_after_rl(default_run):
-    """README, claim 3: at the reference dR/dα has no sign (|mean|/std ~0.1); after RL most samples gain reward
-    when every step's velocity is scaled up (65-75 % positive), |mean|/std 0.4-0.65: weak, but not sign-free."""
-    ref = default_run["adjoint_reference"]
-    assert abs(ref["total_mean"]) < 0.25 * ref["total_std"]
+def test_default_adjoint_signal_is_weak_at_the_reference_but_leans_toward_larger_norms_after_rl(default_run):
+    """Claim 3: at the reference δ = mean/sd of dR/dα is near 0; after RL most samples gain reward when every
+    step's velocity is scaled up: δ 0.3-0.8, 60-85 % positive. Weak, but not sign-free."""
+    for ref in default_run["adjoint_reference"]:
+        assert abs(ref["total_mean"]) < 0.25 * ref["total_std"]
     for m in toy.METHODS:
         for a in default_run["adjoint"][m]:
             mu, sd, pos = a["total_mean"], a["total_std"], a["frac_positive"]
             assert mu > 0 and 0.25 < mu / sd < 0.8 and 0.55 < pos < 0.85, (m, mu, sd, pos)
 
 
+@pytest.mark.experiment
+def test_default_log_density_has_not_yet_moved_for_nft_and_awm_and_the_guard_ties_it(default_run):
+    """At ~10 % inflation NFT's and AWM's log-density has not moved, so the guard has nothing to repair there: same
+    log p as the un-guarded run; at 3 Euler steps the guard's is lower, where the inflated velocities offset
+    Euler's undershoot. DPO's log p sits 0.1-0.3 below the reference's, with or without the guard."""
+    table, ref = flat_table(default_run), default_run["reference"]["full"]
+    for m in toy.METHODS:
+        none, guard = table[m]["none"], table[m]["guard"]
+        drop = ref["logp"] - mean(none["full_logp"])
+        assert (0.1 < drop < 0.3) if m == "dpo" else abs(drop) < 0.2, (m, drop)
+        assert abs(mean(guard["full_logp"]) - mean(none["full_logp"])) < 0.1, m
+    for m in ("nft", "awm"):
+        assert mean(table[m]["guard"]["few_logp"]) < mean(table[m]["none"]["few_logp"]) - 0.1, m
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# regression: the README's other runs
+# regression: the longer run
 
 
 @pytest.mark.experiment
 def test_longer_training_hurts_quality_and_the_guard_repairs_it_beyond_early_stopping():
-    """README, 800 RL steps: the drift reaches ~2x and costs ~2 nats of log-density; the guarded runs keep most of
-    the reward gain at the reference's quality, beat rescaling on both, and beat the un-guarded checkpoint of
-    equal reward."""
-    torch.set_num_threads(1)
+    """800 RL steps: the drift reaches ~1.5-2x and moves the samples off the ring; the guarded runs keep most of
+    the reward gain much closer to the tilted target, beat rescaling on both axes and beat the un-guarded
+    checkpoint of equal reward."""
     metrics = toy.run(toy.Config(methods="nft,awm", seeds=3, rl_steps=800, plot=False), progress=False)["metrics"]
     table, ref = flat_table(metrics), metrics["reference"]["full"]
     for m in ("nft", "awm"):
         none, guard = table[m]["none"], table[m]["guard"]
         assert mean(none["full_ratio"]) > 1.4 and mean(guard["full_ratio"]) < mean(none["full_ratio"]) - 0.3
         assert mean(none["full_logp"]) < ref["logp"] - 0.5 and mean(guard["full_logp"]) > ref["logp"] - 0.15
-        diffs = [g - n for g, n in zip(guard["full_logp"], none["full_logp"])]
-        assert min(diffs) > 0.2 and mean(diffs) > 0.8, (m, diffs)  # every seed, paired
+        assert all(g < n for g, n in zip(guard["full_sw"], none["full_sw"])), (m, guard["full_sw"], none["full_sw"])
         kept = (mean(guard["full_reward"]) - ref["reward"]) / (mean(none["full_reward"]) - ref["reward"])
         assert kept > 0.6, (m, kept)
         assert mean(guard["full_reward"]) > mean(none["rescale_reward"])
-        assert mean(guard["full_logp"]) > mean(none["rescale_logp"])
-        assert mean(metrics["early_stopping_delta_logp"][m]) > 0.2, metrics["early_stopping_delta_logp"][m]
+        assert mean(guard["full_sw"]) < mean(none["rescale_sw"])
+        assert all(d > 0 for d, _ in metrics["early_stopping_control"][m]), metrics["early_stopping_control"][m]
 
 
 @pytest.mark.experiment
 def test_relative_margin_destabilises_guarded_dpo_in_2d():
-    """README: with the core's default relative margin, the hinge's 1/|v_ref|^2 gradient where the 2D reference
-    velocity nearly vanishes leaves guarded DPO (at its large lr) with a much lower log-density."""
-    torch.set_num_threads(1)
+    """With the core's default relative margin, the hinge's 1/|v_ref|^2 gradient where the 2D reference velocity
+    nearly vanishes leaves guarded DPO (at its large lr) with a much lower log-density."""
     metrics = toy.run(toy.Config(methods="dpo", seeds=3, margin="relative", plot=False), progress=False)["metrics"]
     dpo = flat_table(metrics)["dpo"]
     assert mean(dpo["guard"]["full_logp"]) < mean(dpo["none"]["full_logp"]) - 0.3
