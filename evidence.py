@@ -39,8 +39,9 @@ ALPHA = 0.05  # one-sided level of every test, family-wise across the methods of
 PAPER_RANGE = (1.05, 1.15)  # claim 1: the inflation the paper reports
 KEEP_GAIN = 0.7  # claim 4: the guard keeps at least this share of the un-guarded reward gain
 EQUIVALENCE_MARGIN = 0.2  # claim 3: a standardised mean sensitivity inside ±0.2 is "no coherent signal"
-LEVELS = (0.5, 0.75, 0.9)  # frontier: matched reward r_ref + f·(un-guarded gain) at these f
-PRIMARY_LEVEL = 0.75
+OPERATING = "guard"  # frontier level: each seed's headline guarded run's own reward (primary, docs/protocol.md)
+LEVELS = (0.5, 0.75, 0.9)  # frontier: secondary levels, matched reward r_ref + f·(un-guarded gain)
+PRIMARY_FALLBACK = 0.75  # the primary level where no guarded run's point is given
 
 
 @dataclass(frozen=True)
@@ -318,60 +319,86 @@ def verdicts(
 # the frontiers: quality at matched reward, family against family
 
 
-def quality_at_level(per_seed, f):
-    """Each seed's path read at r* = r_ref + f·(r_official - r_ref). Returns (values, seeds whose crossing lies
-    between the reference and the family's first member: an interpolation, not a measured run)."""
-    values, interpolated = [], 0
-    for path in per_seed:
+def quality_at_level(per_seed, level, operating=None):
+    """Each seed's path read at its first crossing of r*, where r* = r_ref + level·(r_official - r_ref) for a
+    fraction, or r* = that seed's guarded run's reward (operating[s][0]) for level OPERATING. Returns (values,
+    seeds whose crossing lies between the reference and the first member: an interpolation, not a measured run,
+    seeds whose path never reaches r*: read at its point of highest reward instead, the closest it comes)."""
+    values, interpolated, unreached = [], 0, 0
+    for s, path in enumerate(per_seed):
         r, q = zip(*path)
-        target = r[0] + f * (r[-1] - r[0])
-        values.append(at_reward(r, q, target))
+        target = operating[s][0] if level == OPERATING else r[0] + level * (r[-1] - r[0])
+        value = at_reward(r, q, target)
+        if math.isnan(value):
+            unreached += 1
+            value = q[max(range(len(r)), key=r.__getitem__)]
+        values.append(value)
         interpolated += next((i for i, x in enumerate(r) if x >= target), None) == 1
-    return values, interpolated
+    return values, interpolated, unreached
 
 
-def frontier(paths, quality, levels=LEVELS, primary=PRIMARY_LEVEL):
+def frontier(paths, quality, operating=None, levels=LEVELS):
     """Quality at matched reward along each family's path, the guard against every other family.
 
     paths[method][family]: one path per seed, [(reward, quality), ...] from the reference's point through the
     family's members (strongest effect first) to the official un-guarded run's point, which every family of a
-    seed shares. At each level f every path is read at its first crossing of r* (quality_at_level); the guard's
-    difference to each family (> 0: the guard is better) gets a 95 % interval over seeds, and at the primary
-    level Holm across the families of a method decides which differences count. Returns (lines, summary),
-    summary[method][f][family] = {"mean", "vs_guard": Paired or None, "passed": bool or None, "interpolated"}.
+    seed shares. operating[method]: per seed, the headline guarded run's (reward, quality). The primary level
+    is OPERATING: every other family read at the guarded run's own reward, against its measured quality. The
+    fractions in `levels` are secondary (without `operating`, the fraction PRIMARY_FALLBACK is primary). At each
+    level the guard's difference to each family (> 0: the guard is better) gets a 95 % interval over seeds; at
+    the primary level Holm across the families of a method decides which differences count. Returns (lines,
+    summary): summary[method][level][family] = {"mean", "vs_guard": Paired or None, "passed": bool or None,
+    "interpolated", "unreached"} (see quality_at_level).
     """
     lines, summary = [], {}
-    pick_best = max if quality.higher_is_better else min
     for m, families in paths.items():
+        has_operating = operating is not None and m in operating
+        primary = OPERATING if has_operating else PRIMARY_FALLBACK
         summary[m] = {}
-        for f in levels:
-            at = {fam: quality_at_level(per_seed, f) for fam, per_seed in families.items()}
-            rows = {
-                fam: {
-                    "mean": statistics.fmean(values),
-                    "vs_guard": None if fam == "guard" else paired(quality.gain(at["guard"][0], values)),
-                    "interpolated": interpolated,
-                }
-                for fam, (values, interpolated) in at.items()
-            }
-            passed = holm({k: row["vs_guard"].p for k, row in rows.items() if row["vs_guard"]}) if f == primary else {}
-            parts = []
-            for fam, row in rows.items():
-                row["passed"] = passed.get(fam)
-                part = f"{fam} {row['mean']:.{quality.digits}f}"
-                if row["vs_guard"]:
-                    part += f" (guard better by {row['vs_guard'].text(quality.digits)}"
-                    part += (", significant after Holm)" if row["passed"] else ")") if f == primary else ")"
-                if row["interpolated"]:
-                    part += f" [interpolated from the reference in {row['interpolated']} seeds]"
-                parts.append(part)
-            summary[m][f] = rows
-            best = pick_best(rows, key=lambda k: rows[k]["mean"])
-            tag = " (primary)" if f == primary else ""
-            lines.append(
-                f"{m} at {f:.0%} of the un-guarded gain{tag}: best {best}; {quality.label}: " + "; ".join(parts)
-            )
+        for level in ((OPERATING,) if has_operating else ()) + tuple(levels):
+            rows = frontier_level(families, quality, level, operating and operating.get(m), level == primary)
+            summary[m][level] = rows
+            lines.append(frontier_line(m, rows, quality, level, level == primary))
     return lines, summary
+
+
+def frontier_level(families, quality, level, operating, primary):
+    """One level of one method's frontier: {family: row} (see frontier)."""
+    at = {fam: quality_at_level(per_seed, level, operating) for fam, per_seed in families.items()}
+    if level == OPERATING:  # the guard's own point is measured, not read off its path
+        at["guard"] = ([q for _, q in operating], 0, 0)
+    rows = {
+        fam: {
+            "mean": statistics.fmean(values),
+            "vs_guard": None if fam == "guard" else paired(quality.gain(at["guard"][0], values)),
+            "interpolated": interpolated,
+            "unreached": unreached,
+        }
+        for fam, (values, interpolated, unreached) in at.items()
+    }
+    passed = holm({k: row["vs_guard"].p for k, row in rows.items() if row["vs_guard"]}) if primary else {}
+    for fam, row in rows.items():
+        row["passed"] = passed.get(fam)
+    return rows
+
+
+def frontier_line(method, rows, quality, level, primary):
+    """One printed line: every family's mean quality and the guard's difference to it with its interval."""
+    parts = []
+    for fam, row in rows.items():
+        part = f"{fam} {row['mean']:.{quality.digits}f}"
+        if row["vs_guard"]:
+            part += f" (guard better by {row['vs_guard'].text(quality.digits)}"
+            part += (", significant after Holm)" if row["passed"] else ")") if primary else ")"
+        if row["interpolated"]:
+            part += f" [interpolated from the reference in {row['interpolated']} seeds]"
+        if row["unreached"]:
+            part += f" [never reached in {row['unreached']} seeds: read at its highest reward]"
+        parts.append(part)
+    best = (max if quality.higher_is_better else min)(rows, key=lambda k: rows[k]["mean"])
+    where = "the guarded run's own reward" if level == OPERATING else f"{level:.0%} of the un-guarded gain"
+    tag = " (primary)" if primary else ""
+    return f"{method} at {where}{tag}: best {best}; {quality.label}: " + "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -125,6 +125,9 @@ def parse_args(argv):
     (overrides,), flags = cli.parse(argv, [Config], flags=FLAGS, doc=__doc__)
     cfg = Config(**{**(SMOKE if "smoke" in flags else {}), **overrides})
     cli.checked(check_config, cfg)
+    on_grid = cfg.lam in GRIDS["guard"] and cfg.lam in DPO_GRIDS["guard"] and cfg.margin == "absolute"
+    if "frontier" in flags and not on_grid:  # the guard family's member at lam is the frontier's operating point
+        raise cli.UsageError(f"lam, margin: --frontier needs lam in {DPO_GRIDS['guard']} with the absolute margin")
     return cfg, "frontier" in flags
 
 
@@ -586,7 +589,9 @@ def run(cfg, frontier=False, progress=True, out_dir=None):
     }
     if frontier:
         paths = {m: frontier_paths(by[m], histories[m]["none"], reference) for m in by}
-        lines, summary = E.frontier(paths, QUALITY)
+        headline = f"guard {cfg.lam:g}"  # the guard family's member at the headline's lam: its operating point
+        operating = {m: [(ev["full"]["reward"], ev["full"][QUALITY.key]) for ev in by[m][headline]] for m in by}
+        lines, summary = E.frontier(paths, QUALITY, operating)
         metrics.update(paths=paths, frontier=lines, summary=summary, runs=by, histories=histories)
     else:
         runs, null_runs = {m: {v: by[m][v] for v in E.VARIANTS} for m in by}, {m: {"none": by[m]["null"]} for m in by}

@@ -294,7 +294,7 @@ def test_frontier_reads_every_family_at_matched_reward():
             "rescale": [[(0.0, 0.0), (0.9, -2.0), (1.0, -10.0)], [(0.0, 0.0), (0.9, -2.2), (1.0, -10.0)]],
         }
     }
-    lines, summary = E.frontier(paths, LOGP, levels=(0.5, 0.75), primary=0.75)
+    lines, summary = E.frontier(paths, LOGP, levels=(0.5, 0.75))
     at_half = summary["nft"][0.5]
     assert at_half["guard"]["mean"] == pytest.approx(-1.1) and at_half["kl"]["mean"] == pytest.approx(-4.2)
     assert at_half["kl"]["vs_guard"].mean == pytest.approx(3.1)
@@ -307,13 +307,30 @@ def test_frontier_reads_every_family_at_matched_reward():
     assert at_half["guard"]["vs_guard"] is None and at_primary["kl"]["passed"] is not None
 
 
+def test_frontier_primary_level_is_the_guarded_runs_own_reward():
+    """At each seed's guarded-run reward, the guard's measured quality against every family's path read there; a
+    path that never reaches that reward is read at its highest reward and counted."""
+    path = lambda q_mid: [(0.0, 0.0), (0.4, q_mid), (0.8, -10.0)]
+    paths = {"nft": {"guard": [path(-1.0)] * 3, "kl": [path(-2.0), path(-2.2), path(-1.8)], "lr": [path(-3.0)] * 3}}
+    operating = {"nft": [(0.6, -1.5), (0.6, -1.5), (0.9, -1.5)]}  # seed 3's guard earns more than any kl/lr run
+    lines, summary = E.frontier(paths, LOGP, operating=operating, levels=(0.5,))
+    rows = summary["nft"][E.OPERATING]
+    assert rows["guard"]["mean"] == -1.5  # measured, not read off the guard's path
+    kl_at = [-2.0 + 0.5 * (-10.0 + 2.0), -2.2 + 0.5 * (-10.0 + 2.2), -10.0]  # halfway from 0.4 to 0.8; seed 3: end
+    assert rows["kl"]["mean"] == pytest.approx(statistics.fmean(kl_at))
+    assert rows["kl"]["vs_guard"].mean == pytest.approx(statistics.fmean([-1.5 - x for x in kl_at]))
+    assert rows["kl"]["unreached"] == 1 and "never reached in 1 seeds" in lines[0]
+    assert rows["kl"]["passed"] is not None and summary["nft"][0.5]["kl"]["passed"] is None  # Holm: primary only
+    assert lines[0].startswith("nft at the guarded run's own reward (primary): best guard")
+
+
 def test_frontier_direction_follows_the_quality():
     paths = {
         "awm": {"guard": [[(0.0, 5.0), (0.5, 6.0), (1.0, 20.0)]] * 3, "kl": [[(0.0, 5.0), (0.5, 9.0), (1.0, 20.0)]] * 3}
     }
-    _, summary = E.frontier(paths, FD, levels=(0.5,), primary=0.5)
+    _, summary = E.frontier(paths, FD, levels=(0.5,))
     assert summary["awm"][0.5]["kl"]["vs_guard"].mean == pytest.approx(3.0)  # FD 6 against 9: the guard is better
-    _, summary = E.frontier(paths, LOGP, levels=(0.5,), primary=0.5)
+    _, summary = E.frontier(paths, LOGP, levels=(0.5,))
     assert summary["awm"][0.5]["kl"]["vs_guard"].mean == pytest.approx(-3.0)
 
 
