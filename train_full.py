@@ -13,13 +13,13 @@ What happens, top to bottom:
 2. model: the pipeline loaded by its diffusers class; prompts encoded by the pipeline's own encode_prompt; a peft
    LoRA on the transformer. The frozen reference velocity is the same transformer with the adapter disabled; the
    old/EMA policy NFT and AWM need is a copy of the trainable (LoRA) tensors swapped in for a no-grad forward.
-   Model differences (latent packing, timestep scale, guidance embedding, sigmas) live in the adapters below.
+   Model differences (latent packing, timestep scale, guidance embedding, sigmas) live in adapters.py.
 3. loop: on-policy rollouts in groups of `group_size` per prompt on the scheduler's sigmas, rewards, group
    advantages, then the base loss (ng.nft_loss / ng.awm_loss / ng.dpo_loss) + ng.normguard_penalty on fresh
    forward-process points at the method's own train timesteps; one optimiser step per rollout batch.
 4. eval (at step 0, the reference, then every eval_every steps): reward at the full and the few-step sampler on
    fixed prompts and seeds, the per-timestep norm-ratio profile along the policy's own trajectories, an image grid.
-5. save: atomic checkpoints (accelerate state: trainable weights, optimiser, LR schedule, RNG, step, old/EMA
+5. save: atomic checkpoints (checkpoints.py: trainable weights, optimiser, LR schedule, RNG, step, old/EMA
    policy), the LoRA in the diffusers format (`pipe.load_lora_weights(out_dir + "/lora")`), config and metrics.
 Every base loss here evaluates the reference velocity at the training points already (their KL terms and DPO's
 implicit reward need it), so the guard reuses that forward: it costs no extra network evaluation.
@@ -31,7 +31,6 @@ import functools
 import importlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -42,6 +41,16 @@ import torch
 
 import cli
 import normguard as ng
+from adapters import ADAPTERS, SD3Adapter, register_adapter, registered  # noqa: F401 (digits.py imports them here)
+from checkpoints import (
+    Counter,
+    PolicyCopy,
+    complete_checkpoints,
+    find_checkpoint,
+    register_trainable_only_hooks,
+    save_checkpoint,
+    trainable_params,
+)
 
 METHODS = ("nft", "awm", "dpo")
 
@@ -164,190 +173,14 @@ def check_config(cfg):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# model families: a registry of adapters (SD3 the base, FLUX overriding what differs), extensible from outside
+# rewards: (images (B, C, H, W) in [-1, 1], prompts) -> (B,)
 
-
-@dataclass
-class Family:
-    adapter: type  # SD3Adapter or a subclass
-    defaults: dict  # Config values of the preset (the command line overrides them)
-    smoke_sizes: dict  # Config values --smoke adds on top of SMOKE (the sizes the family needs)
-    prompts: list  # the built-in prompts when no prompt file is given
-
-
-ADAPTERS = {}  # preset name -> Family
 REWARDS = {}  # reward name -> build(cfg, device) -> fn(images (B, C, H, W) in [-1, 1], prompts) -> (B,)
-
-
-def register_adapter(name, cls, preset_defaults=None, smoke_sizes=None, default_prompts=()):
-    """Make `--preset=name` load `cls` with these Config defaults. A second registration of a name replaces the
-    first (a script run as __main__ and also imported by name registers twice)."""
-    ADAPTERS[name] = Family(cls, dict(preset_defaults or {}), dict(smoke_sizes or {}), list(default_prompts))
 
 
 def register_reward(name, build):
     """Make `--reward=name` call build(cfg, device), which returns fn(images, prompts) -> (B,) rewards."""
     REWARDS[name] = build
-
-
-def registered(preset):
-    if preset in ADAPTERS:
-        return ADAPTERS[preset]
-    script = Path(__file__).resolve().parent / f"{preset}.py"  # a testbed registers its preset from its own file
-    hint = f"; {script.name} registers it: run `python {script.name}` with the same arguments"
-    raise ValueError(f"preset: expected one of {sorted(ADAPTERS)}, got {preset!r}{hint if script.is_file() else ''}")
-
-
-class SD3Adapter:
-    """One model family: load, encode prompts, velocity v(x_t, t, c) in the ng convention, decode, sigmas.
-
-    Latents x are always (B, C, H, W) (FLUX's are packed into 2x2 tokens only inside velocity), so the norms, the
-    forward process and the Euler sampler of normguard.py see one layout for every family.
-    """
-
-    model_file = "model_index.json"  # what a model folder or hub repo of this family holds
-    guidance = None
-
-    @staticmethod
-    def pipeline_class():
-        from diffusers import StableDiffusion3Pipeline
-
-        return StableDiffusion3Pipeline
-
-    @classmethod
-    def check(cls, cfg):
-        if not cfg.pretrained_model_name_or_path:
-            raise ValueError(f"pretrained_model_name_or_path: required for the {cfg.preset} preset: {PATH_HINT}")
-
-    @classmethod
-    def resolve_path(cls, cfg):
-        """A local folder as given, or a hub id that answers within seconds; else a ValueError saying what to pass."""
-        path, file, name = cfg.pretrained_model_name_or_path, cls.model_file, "pretrained_model_name_or_path"
-        if os.path.isdir(path):
-            if not os.path.isfile(os.path.join(path, file)):
-                raise ValueError(f"{name}: {path} has no {file}; pass {PATH_HINT}")
-            return path
-        if path.startswith((".", "/", "~")) or path.count("/") != 1:
-            raise ValueError(f"{name}: no folder {path!r} and not a hub id (owner/name); pass {PATH_HINT}")
-        from huggingface_hub import hf_hub_download
-
-        try:  # one small file with a short timeout: a wrong id, a gated model or no network fails here, not in 10 min
-            hf_hub_download(path, file, etag_timeout=10)
-        except Exception as e:
-            why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            raise ValueError(
-                f"{name}: cannot reach {path!r} ({why}); pass {PATH_HINT}; gated models need `hf auth "
-                "login`, offline runs (HF_HUB_OFFLINE=1) need the model in the local cache"
-            ) from None
-        return path
-
-    def __init__(self, cfg, path, device, weight_dtype):
-        self.cfg, self.device, self.dtype = cfg, device, weight_dtype
-        self.pipe = self.pipeline_class().from_pretrained(path, dtype=weight_dtype)
-        for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-            if getattr(self.pipe, name, None) is not None:
-                getattr(self.pipe, name).to(device).requires_grad_(False)
-        self.transformer = self.pipe.transformer
-        self.pipe.set_progress_bar_config(disable=True)
-        vsf = self.pipe.vae_scale_factor
-        if cfg.resolution % (vsf * 2):
-            raise ValueError(f"resolution: expected a multiple of {vsf * 2} (VAE x 2x2 patches), got {cfg.resolution}")
-        self.latent_shape = (self.transformer.config.in_channels, cfg.resolution // vsf, cfg.resolution // vsf)
-
-    def encode(self, prompts):
-        """prompts: list of str -> conditioning dict of batched tensors (the pipeline's own encoders)."""
-        kw = dict(
-            device=self.device, do_classifier_free_guidance=False, max_sequence_length=self.cfg.max_sequence_length
-        )
-        with torch.no_grad():
-            emb, _, pooled, _ = self.pipe.encode_prompt(prompts, None, None, **kw)
-        return {"encoder_hidden_states": emb, "pooled_projections": pooled}
-
-    def null_cond(self, n):
-        """The unconditional "prompt" for CFG: the empty string."""
-        return self.encode([""] * n)
-
-    def velocity(self, model, x, t, cond):
-        """v_theta(x_t, t, c): x (B, C, H, W), t (B,) in [0, 1] -> (B, C, H, W) in x's dtype."""
-        kw = {k: cond[k] for k in ("encoder_hidden_states", "pooled_projections")}
-        return model(hidden_states=x, timestep=ng.TIMESTEP_SCALE * t, return_dict=False, **kw)[0]
-
-    def sigmas(self, num_steps):
-        """(K + 1,) sampling grid 1 -> 0 as the model's pipeline builds it (SD3: static shift; FLUX: dynamic mu)."""
-        sched, kw = self.pipe.scheduler, {}
-        if sched.config.get("use_dynamic_shifting", False):
-            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-            c, seq = sched.config, (self.latent_shape[1] // 2) * (self.latent_shape[2] // 2)
-            lens, shifts = (c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)), (0.5, 1.15)
-            kw["mu"] = calculate_shift(seq, *lens, c.get("base_shift", shifts[0]), c.get("max_shift", shifts[1]))
-        self.set_timesteps(sched, num_steps, kw)
-        return sched.sigmas.to(self.device, torch.float32)
-
-    def set_timesteps(self, sched, num_steps, kw):
-        sched.set_timesteps(num_steps, device="cpu", **kw)
-
-    def decode(self, x):
-        """Latents -> images (B, 3 or 1, H, W) in [-1, 1]."""
-        vae = self.pipe.vae
-        x = x / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        return vae.decode(x.to(vae.dtype), return_dict=False)[0].float().clamp(-1, 1)
-
-    def image_metrics(self, images, prompts):
-        """Extra eval metrics of decoded images (B, C, H, W) for their prompts: {name: float}; none here."""
-        return {}
-
-
-class FluxAdapter(SD3Adapter):
-    """FLUX.1: latents packed into 2x2 tokens with position ids, the timestep scaled inside the model, embedded
-    guidance, sigmas passed explicitly with a resolution-dependent shift."""
-
-    @staticmethod
-    def pipeline_class():
-        from diffusers import FluxPipeline
-
-        return FluxPipeline
-
-    def __init__(self, cfg, path, device, weight_dtype):
-        super().__init__(cfg, path, device, weight_dtype)
-        side = self.latent_shape[1]
-        self.latent_shape = (self.transformer.config.in_channels // 4, side, side)  # in_channels counts 2x2 packs
-        self.img_ids = self.pipe._prepare_latent_image_ids(1, side // 2, side // 2, device, weight_dtype)
-        if self.transformer.config.guidance_embeds:
-            self.guidance = torch.tensor([cfg.flux_guidance], device=device)
-
-    def encode(self, prompts):
-        with torch.no_grad():
-            emb, pooled, txt_ids = self.pipe.encode_prompt(
-                prompts, None, device=self.device, max_sequence_length=self.cfg.max_sequence_length
-            )
-        self.txt_ids = txt_ids  # (L, 3), the same for every prompt
-        return {"encoder_hidden_states": emb, "pooled_projections": pooled}
-
-    def velocity(self, model, x, t, cond):
-        b, c, h, w = x.shape
-        packed, vsf = self.pipe._pack_latents(x, b, c, h, w), self.pipe.vae_scale_factor
-        ids = dict(guidance=self.guidance.expand(b) if self.guidance is not None else None, txt_ids=self.txt_ids)
-        kw = {k: cond[k] for k in ("encoder_hidden_states", "pooled_projections")}
-        # FluxTransformer2DModel multiplies timestep (and guidance) by 1000 itself, so it takes t, not 1000·t
-        out = model(hidden_states=packed, timestep=t, img_ids=self.img_ids, return_dict=False, **ids, **kw)[0]
-        return self.pipe._unpack_latents(out, h * vsf, w * vsf, vsf)
-
-    def set_timesteps(self, sched, num_steps, kw):
-        import numpy as np
-
-        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), device="cpu", **kw)  # as FluxPipeline
-
-
-PATH_HINT = "a hub id (e.g. stabilityai/stable-diffusion-3.5-medium) or a folder written by pipeline.save_pretrained"
-PROMPTS = ["a photo of a cat", "a red bicycle leaning on a wall", "a bowl of ramen, top view", "a lighthouse at dusk"]
-TINY = dict(resolution=16, max_sequence_length=16)
-register_adapter("sd3", SD3Adapter, dict(resolution=512), TINY, PROMPTS)
-register_adapter("flux", FluxAdapter, dict(resolution=512, max_sequence_length=512), TINY, PROMPTS)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# rewards: (images (B, C, H, W) in [-1, 1], prompts) -> (B,)
 
 
 def jpeg_reward(images, prompts):
@@ -855,134 +688,6 @@ def git_revision():
         return done.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# trainable state, old/EMA policy, atomic checkpoints, the LoRA export
-
-
-def trainable_params(model):
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-class PolicyCopy:
-    """A copy of the trainable tensors (the LoRA weights) standing for the old/EMA policy; swapped in for forwards."""
-
-    def __init__(self, params):
-        self.params = params
-        self.shadow = [p.detach().clone() for p in params]
-
-    @torch.no_grad()
-    def update(self, decay):
-        for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach(), 1 - decay)
-
-    @contextlib.contextmanager
-    def swapped_in(self):
-        live = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for p, s in zip(self.params, self.shadow):
-                p.copy_(s)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, v in zip(self.params, live):
-                    p.copy_(v)
-
-    def state_dict(self):
-        return {"shadow": [s.cpu() for s in self.shadow]}
-
-    def load_state_dict(self, state):
-        for s, v in zip(self.shadow, state["shadow"]):
-            s.copy_(v)
-
-
-class Counter:
-    def __init__(self):
-        self.step = 0
-
-    def state_dict(self):
-        return {"step": self.step}
-
-    def load_state_dict(self, state):
-        self.step = state["step"]
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path):
-    for root, _, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(root)
-
-
-def save_checkpoint(accelerator, ckpt_root, step, keep):
-    """accelerate's save_state into a temp folder, fsync, then one rename: a killed save leaves only the temp folder,
-    which nothing loads. COMPLETE (written last, inside the temp folder) marks a checkpoint as whole."""
-    final = ckpt_root / f"checkpoint-{step:07d}"
-    tmp = ckpt_root / f".tmp-checkpoint-{step:07d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "COMPLETE").write_text(json.dumps({"step": step}))
-        _fsync_tree(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-        _fsync_dir(ckpt_root)  # the rename itself is durable
-        for old in sorted(complete_checkpoints(ckpt_root))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def complete_checkpoints(ckpt_root):
-    return [p for p in Path(ckpt_root).glob("checkpoint-*") if (p / "COMPLETE").is_file()]
-
-
-def find_checkpoint(ckpt_root, resume):
-    """The folder --resume names: the newest complete checkpoint for 'latest', else the folder given."""
-    found = sorted(complete_checkpoints(ckpt_root)) if resume == "latest" else [Path(resume)]
-    if not found or not (found[-1] / "COMPLETE").is_file():
-        raise ValueError(
-            f"resume: expected 'latest' with a complete checkpoint under {ckpt_root} or a checkpoint "
-            f"folder holding COMPLETE, got {resume!r}"
-        )
-    return found[-1]
-
-
-def register_trainable_only_hooks(accelerator):
-    """Checkpoints hold the trainable tensors only (the LoRA), not the frozen multi-GB transformer."""
-    from safetensors.torch import load_file, save_file
-
-    def save_hook(models, weights, output_dir):
-        for model in models:
-            named = accelerator.unwrap_model(model).named_parameters()
-            named = {n: p.detach().cpu().contiguous() for n, p in named if p.requires_grad}
-            if accelerator.is_main_process:
-                save_file(named, os.path.join(output_dir, "trainable.safetensors"))
-        weights.clear()  # accelerate would save the whole state dict otherwise
-
-    def load_hook(models, input_dir):
-        while models:
-            params = dict(accelerator.unwrap_model(models.pop()).named_parameters())
-            with torch.no_grad():
-                for n, v in load_file(os.path.join(input_dir, "trainable.safetensors")).items():
-                    params[n].copy_(v)
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
 
 
 def export_lora(cfg, adapter, transformer, out_dir):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoints
 import cli
 import normguard as ng
 import train_full as tf
@@ -275,7 +276,7 @@ def test_killed_save_never_leaves_a_checkpoint_that_loads_wrong(sd3_path, tmp_pa
     skips it (and a folder without COMPLETE) and lands exactly on the uninterrupted run's weights."""
     common = ("--method=awm", "--eval_every=100", "--checkpoint_every=1", "--checkpoints_keep=5")
     run(sd3_path, tmp_path / "full", *common, "--steps=4")
-    real_fsync, calls = tf._fsync_tree, []
+    real_fsync, calls = checkpoints._fsync_tree, []
 
     def crash_at_step_3(path):
         calls.append(path)
@@ -283,10 +284,10 @@ def test_killed_save_never_leaves_a_checkpoint_that_loads_wrong(sd3_path, tmp_pa
             raise KeyboardInterrupt("killed mid-save")
         return real_fsync(path)
 
-    monkeypatch.setattr(tf, "_fsync_tree", crash_at_step_3)
+    monkeypatch.setattr(checkpoints, "_fsync_tree", crash_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         run(sd3_path, tmp_path / "split", *common, "--steps=4")
-    monkeypatch.setattr(tf, "_fsync_tree", real_fsync)
+    monkeypatch.setattr(checkpoints, "_fsync_tree", real_fsync)
     root = tmp_path / "split" / "checkpoints"
     assert (root / ".tmp-checkpoint-0000003").is_dir() and not (root / "checkpoint-0000003").exists()
     (root / "checkpoint-0000009").mkdir()  # a half-written folder under a final name: no COMPLETE, never loaded
