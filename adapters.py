@@ -6,6 +6,7 @@ An adapter loads the pipeline, encodes prompts, gives the velocity v(x_t, t, c) 
 knows which family runs.
 """
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,38 +51,49 @@ class SD3Adapter:
     model_file = "model_index.json"  # what a model folder or hub repo of this family holds
     guidance = None
 
-    @staticmethod
-    def pipeline_class():
-        from diffusers import StableDiffusion3Pipeline
+    pipeline_name = "StableDiffusion3Pipeline"  # model_index.json's _class_name of this family's folders
 
-        return StableDiffusion3Pipeline
+    @classmethod
+    def pipeline_class(cls):
+        import diffusers
+
+        return getattr(diffusers, cls.pipeline_name)
 
     @classmethod
     def check(cls, cfg):
+        """The config alone (no file read): a ValueError naming the key."""
         if not cfg.pretrained_model_name_or_path:
             raise ValueError(f"pretrained_model_name_or_path: required for the {cfg.preset} preset: {PATH_HINT}")
+        if cfg.max_sequence_length > 512:  # the pipelines' own limit on T5 tokens
+            raise ValueError(f"max_sequence_length: expected an int in 1..512, got {cfg.max_sequence_length}")
 
     @classmethod
     def resolve_path(cls, cfg):
         """A local folder as given, or a hub id that answers within seconds; else a ValueError saying what to pass."""
-        path, file, name = cfg.pretrained_model_name_or_path, cls.model_file, "pretrained_model_name_or_path"
-        if os.path.isdir(path):
-            if not os.path.isfile(os.path.join(path, file)):
-                raise ValueError(f"{name}: {path} has no {file}; pass {PATH_HINT}")
-            return path
-        if path.startswith((".", "/", "~")) or path.count("/") != 1:
-            raise ValueError(f"{name}: no folder {path!r} and not a hub id (owner/name); pass {PATH_HINT}")
-        from huggingface_hub import hf_hub_download
-
-        try:  # one small file with a short timeout: a wrong id, a gated model or no network fails here, not in 10 min
-            hf_hub_download(path, file, etag_timeout=10)
-        except Exception as e:
-            why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            raise ValueError(
-                f"{name}: cannot reach {path!r} ({why}); pass {PATH_HINT}; gated models need `hf auth "
-                "login`, offline runs (HF_HUB_OFFLINE=1) need the model in the local cache"
-            ) from None
+        path = cfg.pretrained_model_name_or_path
+        model_file("pretrained_model_name_or_path", path, cls.model_file, PATH_HINT)
         return path
+
+    @classmethod
+    def check_model(cls, cfg, path):
+        """Before any weight loads, from the folder's small json files: it holds this family's pipeline, resolution
+        fits its VAE, and each of lora_targets names modules of its transformer (built on the meta device)."""
+        index = optional_file(path, "model_index.json")
+        found = json.loads(Path(index).read_text()).get("_class_name") if index else None
+        if found and found != cls.pipeline_name:
+            presets = [n for n, f in ADAPTERS.items() if f.adapter.pipeline_name == found]
+            hint = f"; pass --preset={presets[0]}" if presets else ""
+            raise ValueError(f"preset: {cfg.preset} loads a {cls.pipeline_name}, {path} holds a {found}{hint}")
+        vae = optional_file(path, "vae/config.json")
+        if vae:
+            vsf = 2 ** (len(json.loads(Path(vae).read_text())["block_out_channels"]) - 1)  # the pipelines' own rule
+            if cfg.resolution % (vsf * 2):
+                raise ValueError(
+                    f"resolution: expected a multiple of {vsf * 2} (VAE x 2x2 patches), got {cfg.resolution}"
+                )
+        transformer = optional_file(path, "transformer/config.json")
+        if transformer and not cfg.full_finetune:
+            check_lora_targets(cfg.lora_targets, json.loads(Path(transformer).read_text()))
 
     def __init__(self, cfg, path, device, weight_dtype):
         self.cfg, self.device, self.dtype = cfg, device, weight_dtype
@@ -91,9 +103,7 @@ class SD3Adapter:
                 getattr(self.pipe, name).to(device).requires_grad_(False)
         self.transformer = self.pipe.transformer
         self.pipe.set_progress_bar_config(disable=True)
-        vsf = self.pipe.vae_scale_factor
-        if cfg.resolution % (vsf * 2):
-            raise ValueError(f"resolution: expected a multiple of {vsf * 2} (VAE x 2x2 patches), got {cfg.resolution}")
+        vsf = self.pipe.vae_scale_factor  # resolution is a multiple of 2 vsf: check_model
         self.latent_shape = (self.transformer.config.in_channels, cfg.resolution // vsf, cfg.resolution // vsf)
 
     def encode(self, prompts):
@@ -144,11 +154,7 @@ class FluxAdapter(SD3Adapter):
     """FLUX.1: latents packed into 2x2 tokens with position ids, the timestep scaled inside the model, embedded
     guidance, sigmas passed explicitly with a resolution-dependent shift."""
 
-    @staticmethod
-    def pipeline_class():
-        from diffusers import FluxPipeline
-
-        return FluxPipeline
+    pipeline_name = "FluxPipeline"
 
     def __init__(self, cfg, path, device, weight_dtype):
         super().__init__(cfg, path, device, weight_dtype)
@@ -179,6 +185,63 @@ class FluxAdapter(SD3Adapter):
         import numpy as np
 
         sched.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), device="cpu", **kw)  # as FluxPipeline
+
+
+def model_file(key, path, file, hint):
+    """The local copy of `file` of the folder or hub repo `path` (downloaded with a 10 s timeout: a wrong id, a gated
+    model or no network fails here, not after minutes); else a ValueError naming `key` and what to pass."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, file)):
+            raise ValueError(f"{key}: {path} has no {file}; pass {hint}")
+        return os.path.join(path, file)
+    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise ValueError(f"{key}: no folder {path!r} and not a hub id (owner/name); pass {hint}")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(path, file, etag_timeout=10)
+    except Exception as e:
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        raise ValueError(
+            f"{key}: cannot reach {path!r} ({why}); pass {hint}; gated models need `hf auth login`, offline runs "
+            "(HF_HUB_OFFLINE=1) need the model in the local cache"
+        ) from None
+
+
+def optional_file(path, file):
+    """`file` of the folder or hub repo `path` if it has one, else None."""
+    try:
+        return model_file("", path, file, "")
+    except ValueError:
+        return None
+
+
+def check_lora_targets(targets, transformer_config):
+    """Each comma-separated target names a module of the transformer (peft's rule: the module's name or its dotted
+    suffix); the transformer is built from its config on the meta device, so no weight is read or allocated."""
+    import diffusers
+
+    cls = getattr(diffusers, transformer_config["_class_name"])
+    with torch.device("meta"):
+        names = [name for name, _ in cls.from_config(transformer_config).named_modules()]
+    missing = [t for t in targets.split(",") if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise ValueError(f"lora_targets: {missing} name no module of the {cls.__name__} (e.g. to_q, to_k, to_v)")
+
+
+def export_lora(cfg, adapter, transformer, out_dir):
+    """The LoRA in the family pipeline's format, rank and alpha included: `pipe.load_lora_weights(out_dir / "lora")`
+    (full fine-tuning: the transformer's save_pretrained)."""
+    if cfg.full_finetune:
+        transformer.save_pretrained(str(out_dir / "transformer"))
+        return
+    from peft.utils import get_peft_model_state_dict
+
+    layers = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(transformer).items()}
+    meta = transformer.peft_config["default"].to_dict()
+    adapter.pipeline_class().save_lora_weights(
+        str(out_dir / "lora"), transformer_lora_layers=layers, transformer_lora_adapter_metadata=meta
+    )
 
 
 PATH_HINT = "a hub id (e.g. stabilityai/stable-diffusion-3.5-medium) or a folder written by pipeline.save_pretrained"

@@ -1,10 +1,12 @@
-"""The trainer's state and its checkpoints: the trainable tensors, the old/EMA policy copy, the step counter, and
-atomic checkpoints (accelerate's save_state into a temp folder, fsynced, renamed, marked COMPLETE) holding the
-trainable tensors only, not the frozen transformer.
+"""The trainer's state on disk: the trainable tensors, the old/EMA policy copy, the step counter; atomic checkpoints
+(accelerate's save_state into a temp folder, fsynced, renamed, marked COMPLETE) holding the trainable tensors only,
+each stamped with its run's identity; which checkpoint a run may resume, and the logs cut back to it.
 """
 
 import contextlib
+import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -76,9 +78,10 @@ def _fsync_tree(path):
         _fsync_dir(root)
 
 
-def save_checkpoint(accelerator, ckpt_root, step, keep):
+def save_checkpoint(accelerator, ckpt_root, step, keep, identity):
     """accelerate's save_state into a temp folder, fsync, then one rename: a killed save leaves only the temp folder,
-    which nothing loads. COMPLETE (written last, inside the temp folder) marks a checkpoint as whole."""
+    which nothing loads. identity.json holds the run identity (`identity`, a dict of config values); COMPLETE
+    (written last, inside the temp folder) marks a checkpoint as whole. Keeps the newest `keep` checkpoints."""
     final = ckpt_root / f"checkpoint-{step:07d}"
     tmp = ckpt_root / f".tmp-checkpoint-{step:07d}"
     if accelerator.is_main_process:
@@ -87,7 +90,8 @@ def save_checkpoint(accelerator, ckpt_root, step, keep):
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "COMPLETE").write_text(json.dumps({"step": step}))
+        (tmp / "identity.json").write_text(dumps({"hash": identity_hash(identity), "config": identity}, indent=1))
+        (tmp / "COMPLETE").write_text(dumps({"step": step}))
         _fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
@@ -121,6 +125,8 @@ def register_trainable_only_hooks(accelerator):
         for model in models:
             named = accelerator.unwrap_model(model).named_parameters()
             named = {n: p.detach().cpu().contiguous() for n, p in named if p.requires_grad}
+            if not all(bool(v.isfinite().all()) for v in named.values()):  # the trainer stops before this; kept
+                raise RuntimeError(f"{output_dir}: non-finite trainable weights, not saved")  # as the last line
             if accelerator.is_main_process:
                 save_file(named, os.path.join(output_dir, "trainable.safetensors"))
         weights.clear()  # accelerate would save the whole state dict otherwise
@@ -134,3 +140,89 @@ def register_trainable_only_hooks(accelerator):
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+def identity_hash(identity):
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_run_folder(ckpt_root, resume, overwrite, identity):
+    """The checkpoint to resume, or None for a fresh run; a ValueError before anything loads when a fresh run would
+    mix with the checkpoints already in ckpt_root (unless overwrite) or when the checkpoint to resume was written
+    under another run identity (the differing keys named)."""
+    if not resume:
+        found = sorted(p.name for p in Path(ckpt_root).glob("*checkpoint-*"))
+        if found and not overwrite:
+            raise ValueError(
+                f"out_dir: {Path(ckpt_root).parent} holds checkpoints of an earlier run ({', '.join(found[-3:])}); "
+                "pass --resume=latest to continue it, --overwrite=true to remove them and start anew, or a new out_dir"
+            )
+        return None
+    if overwrite:
+        raise ValueError("overwrite: expected false with --resume (it would remove the checkpoints to resume)")
+    path = find_checkpoint(ckpt_root, resume)
+    file = path / "identity.json"
+    if not file.is_file():
+        raise ValueError(f"resume: {path} has no identity.json (not written by this trainer's version); start anew")
+    saved, current = json.loads(file.read_text()), json.loads(dumps(identity))  # current: as json reads it back
+    if saved["hash"] != identity_hash(current):
+        keys = sorted(set(saved["config"]) | set(current))
+        old, new = (tuple(c.get(k, "(absent)") for k in keys) for c in (saved["config"], current))
+        diff = [f"{k} {a!r} -> {b!r}" for k, a, b in zip(keys, old, new) if a != b]
+        raise ValueError(
+            f"resume: {path} was written under another config ({'; '.join(diff)}); resume with the checkpoint's "
+            "values or start a fresh run in another out_dir"
+        )
+    return path
+
+
+RUN_OUTPUTS = ("checkpoints", "log.jsonl", "evals.jsonl", "metrics.json", "config.json", "lora", "transformer", "eval")
+
+
+def clear_run(out_dir):
+    """--overwrite: remove what a train_full run writes into out_dir (RUN_OUTPUTS), nothing else; the names removed."""
+    removed = []
+    for name in RUN_OUTPUTS:
+        path = Path(out_dir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
+def truncate_jsonl(path, last_step):
+    """Keep the records of `path` with step <= last_step (and drop a line a kill cut short); returns them. A resumed
+    run thus logs each step once: the steps after its checkpoint are redone and logged again."""
+    records = []
+    if Path(path).is_file():
+        for line in Path(path).read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", math.inf) <= last_step:
+                records.append(record)
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp.write_text("".join(dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)
+    return records
+
+
+def finite_or_none(obj):
+    """obj with every NaN/Inf float (in dicts, lists, tuples) replaced by None: strict JSON has no NaN."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def dumps(obj, **kw):
+    """Strict JSON (NaN/Inf written as null, never as the bare NaN other parsers reject)."""
+    return json.dumps(finite_or_none(obj), allow_nan=False, **kw)

@@ -9,18 +9,21 @@ Other model families register an adapter and a preset from their own file (regis
 from there with the same keys: the 8x8-digit CPU testbed runs as `python digits.py --smoke`.
 
 What happens, top to bottom:
-1. config: one commented dataclass; presets fill model-specific defaults; `--key=value` overrides, unknown keys fail.
+1. config: one commented dataclass; presets fill model-specific defaults; `--key=value` overrides, unknown keys fail;
+   every value, the model folder, the reward, the prompts and out_dir/--resume checked before any weight loads.
 2. model: the pipeline loaded by its diffusers class; prompts encoded by the pipeline's own encode_prompt; a peft
    LoRA on the transformer. The frozen reference velocity is the same transformer with the adapter disabled; the
    old/EMA policy NFT and AWM need is a copy of the trainable (LoRA) tensors swapped in for a no-grad forward.
-   Model differences (latent packing, timestep scale, guidance embedding, sigmas) live in adapters.py.
+   Model differences (latent packing, timestep scale, guidance embedding, sigmas) live in adapters.py, the
+   rewards (pickscore, jpeg, registered, module:function) in rewards.py.
 3. loop: on-policy rollouts in groups of `group_size` per prompt on the scheduler's sigmas, rewards, group
    advantages, then the base loss (ng.nft_loss / ng.awm_loss / ng.dpo_loss) + ng.normguard_penalty on fresh
    forward-process points at the method's own train timesteps; one optimiser step per rollout batch.
 4. eval (at step 0, the reference, then every eval_every steps): reward at the full and the few-step sampler on
    fixed prompts and seeds, the per-timestep norm-ratio profile along the policy's own trajectories, an image grid.
 5. save: atomic checkpoints (checkpoints.py: trainable weights, optimiser, LR schedule, RNG, step, old/EMA
-   policy), the LoRA in the diffusers format (`pipe.load_lora_weights(out_dir + "/lora")`), config and metrics.
+   policy, the run identity --resume must match), the LoRA in the diffusers format
+   (`pipe.load_lora_weights(out_dir + "/lora")`), config and metrics; a non-finite update stops before any save.
 Every base loss here evaluates the reference velocity at the training points already (their KL terms and DPO's
 implicit reward need it), so the guard reuses that forward: it costs no extra network evaluation.
 """
@@ -28,8 +31,7 @@ implicit reward need it), so the guard reuses that forward: it costs no extra ne
 import contextlib
 import dataclasses
 import functools
-import importlib
-import json
+import math
 import os
 import subprocess
 import sys
@@ -41,16 +43,21 @@ import torch
 
 import cli
 import normguard as ng
-from adapters import ADAPTERS, SD3Adapter, register_adapter, registered  # noqa: F401 (digits.py imports them here)
+from adapters import ADAPTERS, SD3Adapter, export_lora, register_adapter, registered  # noqa: F401 (digits.py uses)
 from checkpoints import (
     Counter,
     PolicyCopy,
+    check_run_folder,
+    clear_run,
     complete_checkpoints,
-    find_checkpoint,
+    dumps,
+    identity_hash,
     register_trainable_only_hooks,
     save_checkpoint,
     trainable_params,
+    truncate_jsonl,
 )
+from rewards import build_reward, check_reward, register_reward  # noqa: F401 (digits.py uses)
 
 METHODS = ("nft", "awm", "dpo")
 
@@ -118,7 +125,8 @@ class Config:
     out_dir: str = "runs/train_full"
     checkpoint_every: int = 50
     checkpoints_keep: int = 2
-    resume: str = ""  # "" | latest | a checkpoint folder
+    resume: str = ""  # "" | latest | a checkpoint folder (its run identity must match this config's)
+    overwrite: bool = False  # a fresh run into an out_dir holding checkpoints: remove them and the run's outputs
     cache_dir: str = ""  # where a registered preset caches what it builds ("" = its own default)
 
 
@@ -128,9 +136,23 @@ SMOKE.update(gradient_checkpointing=False, out_dir="runs/train_full_smoke")
 FLAGS = {"smoke": "tiny sizes (2 steps, 2x2 rollouts, LoRA r=4), for tests and a first try"}
 CHOICES = dict(method=METHODS, margin=("relative", "absolute"), power=(1, 2), granularity=("sample", "token"))
 CHOICES.update(dpo_guard=("both", "winner", "loser"), mixed_precision=("no", "fp16", "bf16"))
-CHOICES.update(report_to=("", "tensorboard", "wandb"))
+CHOICES.update(report_to=("", "tensorboard", "wandb"), awm_weighting=("uniform", "t", "t2", "huber", "ghuber"))
 AT_LEAST_1 = "steps prompts_per_step group_size sample_steps few_steps train_batch_size eval_every eval_seeds"
-AT_LEAST_1 += " checkpoint_every checkpoints_keep lora_rank resolution"
+AT_LEAST_1 += " checkpoint_every checkpoints_keep lora_rank lora_alpha resolution profile_bins max_sequence_length"
+POSITIVE = "lr cfg_scale nft_beta adv_clip max_grad_norm shift"  # finite and > 0
+NON_NEGATIVE = "lam kl_weight awm_ema_weight tolerance weight_decay ema_decay_rate warmup_steps"  # finite and >= 0
+FINITE = "flux_guidance dpo_beta"
+# The run identity: every key that changes what a step computes. Not in it: where outputs go, how often to
+# evaluate, log and checkpoint, how far to train (steps), the eval sizes, gradient checkpointing (the same math).
+NOT_IDENTITY = {"out_dir", "resume", "overwrite", "steps", "eval_every", "eval_seeds", "few_steps", "eval_prompts"}
+NOT_IDENTITY |= {
+    "profile_bins",
+    "report_to",
+    "checkpoint_every",
+    "checkpoints_keep",
+    "cache_dir",
+    "gradient_checkpointing",
+}
 
 
 def parse_args(argv, preset="sd3"):
@@ -150,84 +172,58 @@ def make_config(overrides, smoke=False, preset="sd3"):
 
 
 def check_config(cfg):
-    """A ValueError naming the key and what it expects, for the first bad value of cfg."""
+    """A ValueError naming the key and what it expects, for the first bad value of cfg (no file is read)."""
     for name, options in CHOICES.items():
         if getattr(cfg, name) not in options:
             raise ValueError(f"{name}: expected one of {options}, got {getattr(cfg, name)!r}")
-    for name in AT_LEAST_1.split():
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name}: expected an int >= 1, got {getattr(cfg, name)}")
+    for names, test, what in (
+        (AT_LEAST_1, lambda v: v >= 1, "an int >= 1"),
+        (FINITE, math.isfinite, "a finite number"),
+    ):
+        for name in names.split():
+            if not test(getattr(cfg, name)):
+                raise ValueError(f"{name}: expected {what}, got {getattr(cfg, name)}")
+    for names, low in ((POSITIVE, "> 0"), (NON_NEGATIVE, ">= 0")):
+        for name in names.split():
+            v = getattr(cfg, name)
+            if not (math.isfinite(v) and (v > 0 if low == "> 0" else v >= 0)):
+                raise ValueError(f"{name}: expected a finite number {low}, got {v}")
     if cfg.group_size < 2:
         raise ValueError(f"group_size: expected >= 2 (advantages compare samples of one prompt), got {cfg.group_size}")
+    if cfg.dpo_beta == 0:
+        raise ValueError("dpo_beta: expected a finite number != 0 (0 makes the DPO loss constant), got 0")
+    if not cfg.out_dir.strip():
+        raise ValueError("out_dir: expected a folder for the run's outputs, got ''")
+    if not all(t.strip() for t in cfg.lora_targets.split(",")):
+        raise ValueError(f"lora_targets: expected comma-separated module names, got {cfg.lora_targets!r}")
+    check_train_timesteps(cfg)
+    registered(cfg.preset).adapter.check(cfg)
+
+
+def check_train_timesteps(cfg):
+    pool, recipe = timestep_pool(cfg)
     if cfg.train_timesteps < 0:
         raise ValueError(f"train_timesteps: expected >= 0 (0 = the method's recipe), got {cfg.train_timesteps}")
     if cfg.method == "nft" and cfg.sample_steps < 2 and cfg.train_timesteps == 0:
         raise ValueError("sample_steps: NFT trains on the sampler's own K-1 timesteps, so it needs K >= 2")
-    for name in ("lr", "cfg_scale", "nft_beta", "adv_clip", "max_grad_norm"):
-        if not getattr(cfg, name) > 0:
-            raise ValueError(f"{name}: expected a number > 0, got {getattr(cfg, name)}")
-    for name in ("lam", "kl_weight", "awm_ema_weight", "tolerance", "weight_decay"):
-        if not getattr(cfg, name) >= 0:
-            raise ValueError(f"{name}: expected a number >= 0, got {getattr(cfg, name)}")
-    registered(cfg.preset).adapter.check(cfg)
+    if cfg.method != "dpo" and cfg.train_timesteps > pool:
+        raise ValueError(
+            f"train_timesteps: expected <= {pool}, the {cfg.method} pool of sample_steps={cfg.sample_steps}, "
+            f"got {cfg.train_timesteps}"
+        )
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# rewards: (images (B, C, H, W) in [-1, 1], prompts) -> (B,)
-
-REWARDS = {}  # reward name -> build(cfg, device) -> fn(images (B, C, H, W) in [-1, 1], prompts) -> (B,)
-
-
-def register_reward(name, build):
-    """Make `--reward=name` call build(cfg, device), which returns fn(images, prompts) -> (B,) rewards."""
-    REWARDS[name] = build
+def timestep_pool(cfg):
+    """(pool size, recipe count) of the train timesteps: NFT the sampler's K steps (K - 1 of them), AWM the first
+    90 % of them (6 of them, at most the pool)."""
+    k = cfg.sample_steps
+    pool = k if cfg.method == "nft" else max(1, int(0.9 * k))
+    return pool, (k - 1 if cfg.method == "nft" else min(6, pool))
 
 
-def jpeg_reward(images, prompts):
-    """JPEG compressibility: minus the size in kB of each image encoded at quality 95 (flow_grpo's reward)."""
-    from torchvision.io import encode_jpeg
-
-    u8 = ((images.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return torch.tensor([-len(encode_jpeg(img, quality=95)) / 1000 for img in u8], device=images.device)
-
-
-class PickScore:
-    """PickScore: logit_scale · cos(CLIP image, CLIP text), CLIP preprocessing done in torch (224 px, CLIP stats)."""
-
-    MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-
-    def __init__(self, path, device):
-        from transformers import AutoTokenizer, CLIPModel
-
-        self.model = CLIPModel.from_pretrained(path).to(device).eval().requires_grad_(False)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.size, self.device = self.model.config.vision_config.image_size, device
-
-    @torch.no_grad()
-    def __call__(self, images, prompts):
-        x = (images.float() + 1) / 2
-        x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True).clamp(0, 1)
-        mean, std = (torch.tensor(c, device=x.device)[:, None, None] for c in (self.MEAN, self.STD))
-        x = (x - mean) / std
-        tok = self.tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt").to(self.device)
-        img = self.model.get_image_features(pixel_values=x.to(self.device))
-        txt = self.model.get_text_features(**tok)
-        # transformers 5 returns output objects whose pooler_output is the projected embedding (4.x: the tensor)
-        img, txt = (torch.nn.functional.normalize(getattr(e, "pooler_output", e), dim=-1) for e in (img, txt))
-        return self.model.logit_scale.exp() * (img * txt).sum(-1)
-
-
-register_reward("jpeg", lambda cfg, device: jpeg_reward)
-register_reward("pickscore", lambda cfg, device: PickScore(cfg.pickscore_model, device))
-
-
-def build_reward(cfg, device):
-    if cfg.reward in REWARDS:
-        return REWARDS[cfg.reward](cfg, device)
-    module, colon, name = cfg.reward.partition(":")
-    if not colon:
-        raise ValueError(f"reward: expected one of {sorted(REWARDS)} or module:function, got {cfg.reward!r}")
-    return getattr(importlib.import_module(module), name)
+def run_identity(cfg):
+    """{key: value} of the config keys that define what the run trains (all but NOT_IDENTITY)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IDENTITY}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -288,12 +284,9 @@ def guard_terms(cfg, v, v_ref):
 def train_timestep_plan(cfg, sigmas, gen):
     """The t values each sample is trained at this step (NFT, AWM): NFT the sampler's own (K - 1 of K), AWM a
     subset of the first 90 % of the sampler's steps."""
-    k = len(sigmas) - 1
-    pool = sigmas[:k] if cfg.method == "nft" else sigmas[: max(1, int(0.9 * k))]
-    n = cfg.train_timesteps or (k - 1 if cfg.method == "nft" else min(6, len(pool)))
-    if n > len(pool):
-        raise ValueError(f"train_timesteps: {n} asked for, but the {cfg.method} pool has {len(pool)} sampler steps")
-    return pool[torch.randperm(len(pool), generator=gen)[:n].to(pool.device)]
+    size, recipe = timestep_pool(cfg)
+    pool = sigmas[:size]
+    return pool[torch.randperm(size, generator=gen)[: cfg.train_timesteps or recipe].to(pool.device)]
 
 
 def micro_batches(cfg, batch, sigmas, gen):
@@ -372,10 +365,12 @@ def train(cfg, model_path=None):
     from tqdm import tqdm
 
     check_config(cfg)
-    run = Run(cfg, model_path or resolve_model_path(cfg))  # setup; the path first: a wrong one fails in seconds
-    run.resume()
-    if run.main and not run.counter.step:  # the reference itself: the baseline every later eval is read against
-        run.evaluate(0)
+    path = model_path or resolve_model_path(cfg)
+    ckpt = preflight(cfg, path)  # every check that reads a file, before the model loads: errors in seconds
+    run = Run(cfg, path)
+    run.resume(ckpt)
+    if run.main and run.eval_missing(run.counter.step):  # step 0: the reference, the baseline of every later eval;
+        run.evaluate(run.counter.step)  # after a resume: the checkpoint's eval, when a crash came before it
     bar = tqdm(range(run.counter.step, cfg.steps), initial=run.counter.step, total=cfg.steps, disable=not run.main)
     for step in bar:
         t0 = time.time()
@@ -383,11 +378,23 @@ def train(cfg, model_path=None):
         stats = run.update(batch, step)
         run.log_step(step, batch, stats, time.time() - t0)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            run.last_good = save_checkpoint(run.accelerator, run.ckpt_root, step + 1, cfg.checkpoints_keep)
-        if run.main and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            keep, identity = cfg.checkpoints_keep, run_identity(cfg)
+            run.last_good = save_checkpoint(run.accelerator, run.ckpt_root, step + 1, keep, identity)
+        if run.main and run.eval_due(step + 1):
             run.evaluate(step + 1)
         run.accelerator.wait_for_everyone()
     return run.finish()
+
+
+def preflight(cfg, path):
+    """The checks that read files, all before any weight loads: the model folder against the preset (pipeline class,
+    resolution, lora_targets), the reward, the prompt files, out_dir against --resume and --overwrite. Returns the
+    checkpoint to resume (None: a fresh run); a ValueError naming the key otherwise."""
+    registered(cfg.preset).adapter.check_model(cfg, path)
+    check_reward(cfg)
+    read_prompts(cfg.train_prompts, cfg.preset)
+    read_prompts(cfg.eval_prompts, cfg.preset)
+    return check_run_folder(Path(cfg.out_dir) / "checkpoints", cfg.resume, cfg.overwrite, run_identity(cfg))
 
 
 def resolve_model_path(cfg):
@@ -420,6 +427,9 @@ class Run:
         kw = dict(project_config=project, step_scheduler_with_optimizer=False)
         acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers, **kw)
         self.accelerator, self.main, device = acc, acc.is_main_process, acc.device
+        if cfg.overwrite and not cfg.resume and self.main:  # preflight allowed it; before anything is written
+            print(f"overwrite: removed {clear_run(self.out_dir) or 'nothing'} from {self.out_dir}")
+        acc.wait_for_everyone()
         weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
         torch.manual_seed(cfg.seed)
         self.adapter = registered(cfg.preset).adapter(cfg, path, device, weight_dtype)
@@ -454,8 +464,9 @@ class Run:
         if not self.main:
             return
         (self.out_dir / "eval").mkdir(parents=True, exist_ok=True)
-        saved = dict(config=dataclasses.asdict(cfg), command=sys.argv, git_revision=git_revision())
-        (self.out_dir / "config.json").write_text(json.dumps({**saved, "model_path": self.model_path}, indent=1))
+        saved = dict(config=dataclasses.asdict(cfg), identity=identity_hash(run_identity(cfg)), command=sys.argv)
+        saved.update(git_revision=git_revision(), model_path=self.model_path)
+        (self.out_dir / "config.json").write_text(dumps(saved, indent=1))
         trainable = "full" if cfg.full_finetune else f"LoRA r={cfg.lora_rank}"
         guard = f"on: lam {cfg.lam}, {cfg.margin}" if cfg.guard else "off"
         n_params, grid = sum(p.numel() for p in self.params) / 1e6, [round(s, 3) for s in sigmas.tolist()]
@@ -468,18 +479,28 @@ class Run:
             f"DPO: pairs) accumulated into 1 optimiser step | {cfg.steps} steps"
         )
 
-    def resume(self):
-        """Load --resume's checkpoint (if any); open the logs: a fresh run starts them anew, a resumed one appends."""
-        if self.cfg.resume:
-            path = find_checkpoint(self.ckpt_root, self.cfg.resume)
-            self.accelerator.load_state(str(path))
+    def resume(self, ckpt):
+        """Load the checkpoint preflight chose (None: a fresh run); open the logs: a fresh run starts them anew, a
+        resumed one cuts them back to its step (the steps after it are redone: each is logged once) and appends."""
+        if ckpt is not None:
+            self.accelerator.load_state(str(ckpt))
             if self.main:
-                print(f"resumed from {path} at step {self.counter.step}")
+                print(f"resumed from {ckpt} at step {self.counter.step}")
         if self.main:
             self.last_good = max(complete_checkpoints(self.ckpt_root), default=None)
-            self.log = open(self.out_dir / "log.jsonl", "a" if self.counter.step else "w")
-            if not self.counter.step:
-                (self.out_dir / "evals.jsonl").write_text("")
+            log, evals = (self.out_dir / "log.jsonl", self.out_dir / "evals.jsonl")
+            if ckpt is None:
+                log.write_text("")
+                evals.write_text("")
+            self.last_step = (truncate_jsonl(log, self.counter.step) or [{}])[-1]
+            self.evals = truncate_jsonl(evals, self.counter.step)
+            self.log = open(log, "a")
+
+    def eval_due(self, step):
+        return step == 0 or step % self.cfg.eval_every == 0 or step == self.cfg.steps
+
+    def eval_missing(self, step):
+        return self.eval_due(step) and step not in {e["step"] for e in self.evals}
 
     def rollouts(self, step):
         """On-policy samples of this step's prompts (no grad), their rewards and group advantages."""
@@ -498,16 +519,24 @@ class Run:
                 x0 = rollout(adapter, self.base.module, cond, noise[i : i + bs], self.sigmas, cfg.cfg_scale, null)
                 x0s.append(x0.float())
                 conds.append(cond)
-                rewards.append(self.reward_fn(adapter.decode(x0), part).float())
+                rewards.append(self.score(adapter.decode(x0), part))
         rewards = torch.cat(rewards)
         all_rewards = acc.gather(rewards)
         if not bool(torch.isfinite(all_rewards).all()):
-            raise NonFiniteLoss(
-                f"step {step + 1}: the reward returned NaN/Inf; stopped, last good checkpoint: {self.last_good}"
-            )
+            raise NonFiniteLoss(f"step {step + 1}: the reward returned NaN/Inf; stopped, {self.good()}")
         adv = ng.group_advantages(all_rewards, cfg.group_size)[rank * per_proc : (rank + 1) * per_proc]
         cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
         return Rollouts(torch.cat(x0s), cond, rewards, adv.to(acc.device), all_rewards)
+
+    def score(self, images, prompts):
+        """The reward of images (B, C, H, W): (B,) float, or a ValueError saying what the reward returned."""
+        r = self.reward_fn(images, prompts)
+        if not torch.is_tensor(r) or r.shape != (len(images),):
+            got = tuple(r.shape) if torch.is_tensor(r) else type(r).__name__
+            raise ValueError(
+                f"reward: {self.cfg.reward} returned {got} for {len(images)} images; expected ({len(images)},)"
+            )
+        return r.float()
 
     def update(self, batch, step):
         """One optimiser step: base loss + guard over the step's micro-batches, gradients accumulated, then AdamW."""
@@ -532,17 +561,40 @@ class Run:
                 sums[k] = sums.get(k, 0.0) + float(v) / len(losses)
         if acc.reduce(torch.tensor([float(bool(bad))], device=acc.device), "sum").item() > 0:
             bad = bad or "non-finite loss on another process"
-            raise NonFiniteLoss(
-                f"step {step + 1}: {bad}; stopped before the update, last good checkpoint: {self.last_good}"
-            )
-        grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
-        self.opt.step()
+            raise NonFiniteLoss(f"step {step + 1}: {bad}; stopped before the update, {self.good()}")
+        grad_norm = self.step_optimizer(step)
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         if self.old is not None:  # NFT's old policy / AWM's EMA: decay = min(rate * step, max), once per rollout batch
             self.old.update(min(cfg.ema_decay_rate * step, 0.5 if cfg.method == "nft" else 0.3))
         self.counter.step = step + 1
         return {**sums, "grad_norm": float(grad_norm)}
+
+    def step_optimizer(self, step):
+        """Clip, step, check: non-finite gradients stop the run before the step, non-finite weights right after it,
+        before the old/EMA copy, the counter or a checkpoint sees them. Returns the gradient norm."""
+        cfg, where = self.cfg, f"step {step + 1}"
+        # the norm of the all-reduced gradients, the same on every process: every process stops here together
+        grad_norm = self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        if not math.isfinite(grad_norm):
+            raise NonFiniteLoss(f"{where}: gradient norm {float(grad_norm)}; stopped before the update, {self.good()}")
+        try:
+            self.opt.step()
+        except RuntimeError as e:  # torch refuses a step size beyond float32's range (e.g. lr 1e39)
+            if "overflow" not in str(e):
+                raise
+            raise NonFiniteLoss(
+                f"{where}: the update overflowed ({e}); stopped before any save, {self.good()}"
+            ) from None
+        if not bool(torch.stack([p.isfinite().all() for p in self.params]).all()):  # e.g. a huge weight_decay
+            raise NonFiniteLoss(
+                f"{where}: the update made the weights non-finite; stopped before any save, {self.good()}"
+            )
+        return grad_norm
+
+    def good(self):
+        """Where to resume from: every checkpoint holds finite weights (the update is checked before any save)."""
+        return f"last good checkpoint: {self.last_good}"
 
     def log_step(self, step, batch, stats, seconds):
         """One fixed-format line per step (the reward process-averaged) to the terminal, log.jsonl and trackers."""
@@ -560,7 +612,7 @@ class Run:
                 f"{line['loss']:.5f} ({extra}) | hinge {line['hinge']:.3g} active {line['active_frac']:.3f} | "
                 f"norm ratio {line['norm_ratio']:.4f} | {line['step_time']:.2f} s"
             )
-            self.log.write(json.dumps(line) + "\n")
+            self.log.write(dumps(line) + "\n")
             self.log.flush()
         self.accelerator.log(line, step=step + 1)
 
@@ -587,7 +639,7 @@ class Run:
                 with self.accelerator.autocast():
                     x0 = ng.euler_sample(velocity, noise[i : i + bs], sigmas.to(noise.dtype))
                 images.append(adapter.decode(x0).cpu())
-                rewards.append(self.reward_fn(images[-1].to(x0.device), part).float().cpu())
+                rewards.append(self.score(images[-1].to(x0.device), part).cpu())
             images = torch.cat(images)
             result[f"reward_{name}"] = torch.cat(rewards).mean().item()
             if name == "full":
@@ -604,7 +656,7 @@ class Run:
         self.evals.append({"step": step, **result})
         self.accelerator.log({f"eval/{k}": v for k, v in self.evals[-1].items() if k != "profile"}, step=step)
         with open(self.out_dir / "evals.jsonl", "a") as f:
-            f.write(json.dumps(self.evals[-1]) + "\n")
+            f.write(dumps(self.evals[-1]) + "\n")
 
     def traced_velocity(self, cond, null, ratios, ts):
         """The policy's sampling velocity; with `ratios` a list, it also records ‖v_θ‖/‖v_ref‖ and t at each call:
@@ -630,7 +682,7 @@ class Run:
         }
         if self.main:
             export_lora(self.cfg, self.adapter, self.base.module, self.out_dir)
-            (self.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            (self.out_dir / "metrics.json").write_text(dumps(metrics, indent=1))
             self.log.close()
         self.accelerator.end_training()
         return metrics
@@ -690,25 +742,11 @@ def git_revision():
         return "unknown"
 
 
-def export_lora(cfg, adapter, transformer, out_dir):
-    """The LoRA in the family pipeline's format, rank and alpha included: `pipe.load_lora_weights(out_dir / "lora")`
-    (full fine-tuning: the transformer's save_pretrained)."""
-    if cfg.full_finetune:
-        transformer.save_pretrained(str(out_dir / "transformer"))
-        return
-    from peft.utils import get_peft_model_state_dict
-
-    layers = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(transformer).items()}
-    meta = transformer.peft_config["default"].to_dict()
-    adapter.pipeline_class().save_lora_weights(
-        str(out_dir / "lora"), transformer_lora_layers=layers, transformer_lora_adapter_metadata=meta
-    )
-
-
 def main(argv=None, preset="sd3"):
     """The command line; `preset` applies when --preset is not given (a testbed's script passes its own)."""
     cfg = cli.checked(parse_args, sys.argv[1:] if argv is None else argv, preset)
     path = cli.checked(resolve_model_path, cfg)
+    cli.checked(preflight, cfg, path)
     try:
         return train(cfg, path)
     except NonFiniteLoss as e:
