@@ -148,8 +148,8 @@ def identity_hash(identity):
 
 def check_run_folder(ckpt_root, resume, overwrite, identity):
     """The checkpoint to resume, or None for a fresh run; a ValueError before anything loads when a fresh run would
-    mix with the checkpoints already in ckpt_root (unless overwrite) or when the checkpoint to resume was written
-    under another run identity (the differing keys named)."""
+    mix with the checkpoints already in ckpt_root (unless overwrite, which a resume ignores: it removes nothing) or
+    when the checkpoint to resume was written under another run identity (the differing keys named)."""
     if not resume:
         found = sorted(p.name for p in Path(ckpt_root).glob("*checkpoint-*"))
         if found and not overwrite:
@@ -158,8 +158,6 @@ def check_run_folder(ckpt_root, resume, overwrite, identity):
                 "pass --resume=latest to continue it, --overwrite=true to remove them and start anew, or a new out_dir"
             )
         return None
-    if overwrite:
-        raise ValueError("overwrite: expected false with --resume (it would remove the checkpoints to resume)")
     path = find_checkpoint(ckpt_root, resume)
     file = path / "identity.json"
     if not file.is_file():

@@ -126,33 +126,34 @@ class Config:
     checkpoint_every: int = 50
     checkpoints_keep: int = 2
     resume: str = ""  # "" | latest | a checkpoint folder (its run identity must match this config's)
-    overwrite: bool = False  # a fresh run into an out_dir holding checkpoints: remove them and the run's outputs
+    overwrite: bool = False  # a fresh run into an out_dir holding checkpoints removes them (a resume removes nothing)
     cache_dir: str = ""  # where a registered preset caches what it builds ("" = its own default)
 
 
 SMOKE = dict(steps=2, prompts_per_step=2, group_size=2, sample_steps=3, few_steps=1, train_batch_size=4)
 SMOKE.update(eval_every=2, eval_seeds=1, checkpoint_every=1, lora_rank=4, lora_alpha=8, mixed_precision="no")
-SMOKE.update(gradient_checkpointing=False, out_dir="runs/train_full_smoke")
-FLAGS = {"smoke": "tiny sizes (2 steps, 2x2 rollouts, LoRA r=4), for tests and a first try"}
+SMOKE.update(gradient_checkpointing=False, out_dir="runs/train_full_smoke", overwrite=True)  # throwaway runs
+FLAGS = {"smoke": "tiny sizes (2 steps, 2x2 rollouts, LoRA r=4), each run replacing the last; tests, a first try"}
 CHOICES = dict(method=METHODS, margin=("relative", "absolute"), power=(1, 2), granularity=("sample", "token"))
 CHOICES.update(dpo_guard=("both", "winner", "loser"), mixed_precision=("no", "fp16", "bf16"))
 CHOICES.update(report_to=("", "tensorboard", "wandb"), awm_weighting=("uniform", "t", "t2", "huber", "ghuber"))
 AT_LEAST_1 = "steps prompts_per_step group_size sample_steps few_steps train_batch_size eval_every eval_seeds"
 AT_LEAST_1 += " checkpoint_every checkpoints_keep lora_rank lora_alpha resolution profile_bins max_sequence_length"
-POSITIVE = "lr cfg_scale nft_beta adv_clip max_grad_norm shift"  # finite and > 0
-NON_NEGATIVE = "lam kl_weight awm_ema_weight tolerance weight_decay ema_decay_rate warmup_steps"  # finite and >= 0
-FINITE = "flux_guidance dpo_beta"
+RANGES = [  # (keys, test, what a value must be)
+    (AT_LEAST_1, lambda v: v >= 1, "an int >= 1"),
+    ("lr cfg_scale nft_beta adv_clip max_grad_norm shift", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    (
+        "lam kl_weight awm_ema_weight tolerance weight_decay ema_decay_rate warmup_steps",
+        lambda v: math.isfinite(v) and v >= 0,
+        "a finite number >= 0",
+    ),
+    ("dpo_beta", lambda v: math.isfinite(v) and v != 0, "a finite number != 0 (0: a constant DPO loss)"),
+    ("flux_guidance", math.isfinite, "a finite number"),
+]
 # The run identity: every key that changes what a step computes. Not in it: where outputs go, how often to
 # evaluate, log and checkpoint, how far to train (steps), the eval sizes, gradient checkpointing (the same math).
-NOT_IDENTITY = {"out_dir", "resume", "overwrite", "steps", "eval_every", "eval_seeds", "few_steps", "eval_prompts"}
-NOT_IDENTITY |= {
-    "profile_bins",
-    "report_to",
-    "checkpoint_every",
-    "checkpoints_keep",
-    "cache_dir",
-    "gradient_checkpointing",
-}
+NOT_IDENTITY = "out_dir resume overwrite steps eval_every eval_seeds few_steps eval_prompts profile_bins report_to"
+NOT_IDENTITY += " checkpoint_every checkpoints_keep cache_dir gradient_checkpointing"
 
 
 def parse_args(argv, preset="sd3"):
@@ -176,22 +177,12 @@ def check_config(cfg):
     for name, options in CHOICES.items():
         if getattr(cfg, name) not in options:
             raise ValueError(f"{name}: expected one of {options}, got {getattr(cfg, name)!r}")
-    for names, test, what in (
-        (AT_LEAST_1, lambda v: v >= 1, "an int >= 1"),
-        (FINITE, math.isfinite, "a finite number"),
-    ):
+    for names, test, what in RANGES:
         for name in names.split():
             if not test(getattr(cfg, name)):
                 raise ValueError(f"{name}: expected {what}, got {getattr(cfg, name)}")
-    for names, low in ((POSITIVE, "> 0"), (NON_NEGATIVE, ">= 0")):
-        for name in names.split():
-            v = getattr(cfg, name)
-            if not (math.isfinite(v) and (v > 0 if low == "> 0" else v >= 0)):
-                raise ValueError(f"{name}: expected a finite number {low}, got {v}")
     if cfg.group_size < 2:
         raise ValueError(f"group_size: expected >= 2 (advantages compare samples of one prompt), got {cfg.group_size}")
-    if cfg.dpo_beta == 0:
-        raise ValueError("dpo_beta: expected a finite number != 0 (0 makes the DPO loss constant), got 0")
     if not cfg.out_dir.strip():
         raise ValueError("out_dir: expected a folder for the run's outputs, got ''")
     if not all(t.strip() for t in cfg.lora_targets.split(",")):
@@ -206,6 +197,8 @@ def check_train_timesteps(cfg):
         raise ValueError(f"train_timesteps: expected >= 0 (0 = the method's recipe), got {cfg.train_timesteps}")
     if cfg.method == "nft" and cfg.sample_steps < 2 and cfg.train_timesteps == 0:
         raise ValueError("sample_steps: NFT trains on the sampler's own K-1 timesteps, so it needs K >= 2")
+    if cfg.method == "dpo" and cfg.train_timesteps > 1:
+        raise ValueError(f"train_timesteps: DPO trains each pair at one t, expected 0 or 1, got {cfg.train_timesteps}")
     if cfg.method != "dpo" and cfg.train_timesteps > pool:
         raise ValueError(
             f"train_timesteps: expected <= {pool}, the {cfg.method} pool of sample_steps={cfg.sample_steps}, "
@@ -223,7 +216,7 @@ def timestep_pool(cfg):
 
 def run_identity(cfg):
     """{key: value} of the config keys that define what the run trains (all but NOT_IDENTITY)."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IDENTITY}
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IDENTITY.split()}
 
 
 # ---------------------------------------------------------------------------------------------------------------

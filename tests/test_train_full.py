@@ -585,13 +585,14 @@ def test_a_reused_out_dir_is_refused_and_overwrite_clears_it(sd3_path, tmp_path)
     run(sd3_path, tmp_path, "--eval_every=100")
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(cli.UsageError, match=r"out_dir: .* holds checkpoints .*checkpoint-0000002.*--overwrite=true"):
-        run(sd3_path, tmp_path, "--eval_every=100", "--method=dpo")
-    m = run(sd3_path, tmp_path, "--eval_every=100", "--method=dpo", "--overwrite=true")
+        run(sd3_path, tmp_path, "--eval_every=100", "--method=dpo", "--overwrite=false")  # --smoke's default: true
+    m = run(sd3_path, tmp_path, "--eval_every=100", "--method=dpo", "--overwrite=true", "--checkpoint_every=2")
     assert m["steps"] == 2 and [x["step"] for x in read_jsonl(tmp_path / "log.jsonl")] == [1, 2]
     assert json.loads((tmp_path / "config.json").read_text())["config"]["method"] == "dpo"
     assert (tmp_path / "notes.txt").read_text() == "mine"  # only what the trainer writes is removed
-    with pytest.raises(cli.UsageError, match="overwrite: expected false with --resume"):
-        run(sd3_path, tmp_path, "--method=dpo", "--overwrite=true", "--resume=latest")
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-0000002"]  # the old 1 is gone
+    m = run(sd3_path, tmp_path, "--method=dpo", "--overwrite=true", "--resume=latest", "--steps=3")
+    assert m["steps"] == 3 and (tmp_path / "checkpoints" / "checkpoint-0000002").is_dir()  # a resume removes nothing
 
 
 @pytest.mark.parametrize("setting", ["--lr=1e39", "--weight_decay=1e300"])
@@ -681,9 +682,10 @@ BAD_SETTINGS = [  # (arguments, what the one-line error must start with)
     (["--lr=nan"], "lr: expected a finite number > 0"),
     (["--dpo_beta=0"], "dpo_beta: expected a finite number != 0"),
     (["--shift=0"], "shift: expected a finite number > 0"),
+    (["--flux_guidance=-inf"], "flux_guidance: expected a finite number"),
+    (["--method=dpo", "--train_timesteps=2"], "train_timesteps: DPO trains each pair at one t"),
     (["--shift=-1"], "shift: expected a finite number > 0"),
     (["--lr=1e-3", "--lr=1e-4"], "--lr: given twice"),
-    (["--resume=latest", "--overwrite=true"], "overwrite: expected false with --resume"),
 ]
 
 
