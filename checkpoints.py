@@ -106,6 +106,10 @@ def complete_checkpoints(ckpt_root):
     return [p for p in Path(ckpt_root).glob("checkpoint-*") if (p / "COMPLETE").is_file()]
 
 
+def checkpoint_step(path):
+    return int(Path(path).name.rsplit("-", 1)[1])
+
+
 def find_checkpoint(ckpt_root, resume):
     """The folder --resume names: the newest complete checkpoint for 'latest', else the folder given."""
     found = sorted(complete_checkpoints(ckpt_root)) if resume == "latest" else [Path(resume)]
@@ -159,6 +163,12 @@ def check_run_folder(ckpt_root, resume, overwrite, identity):
             )
         return None
     path = find_checkpoint(ckpt_root, resume)
+    later = [p.name for p in complete_checkpoints(ckpt_root) if checkpoint_step(p) > checkpoint_step(path)]
+    if later:  # its saves would interleave with theirs, and a later --resume=latest would pick theirs
+        raise ValueError(
+            f"resume: {ckpt_root} holds checkpoints after {path.name} ({', '.join(sorted(later))}); resume "
+            "the newest (--resume=latest) or copy this one into a new out_dir and resume it there"
+        )
     file = path / "identity.json"
     if not file.is_file():
         raise ValueError(f"resume: {path} has no identity.json (not written by this trainer's version); start anew")

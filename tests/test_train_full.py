@@ -636,6 +636,10 @@ def test_resume_refuses_another_config_naming_the_keys(sd3_path, tmp_path):
     for diff in ("lora_rank 4 -> 8", "lr 0.0003 -> 0.1", "method 'nft' -> 'dpo'", "seed 0 -> 3"):
         assert diff in str(e.value)
     assert "eval_every" not in str(e.value)
+    with pytest.raises(
+        cli.UsageError, match=r"resume: .* holds checkpoints after checkpoint-0000001 \(checkpoint-0000002\)"
+    ):
+        run(sd3_path, tmp_path, f"--resume={tmp_path / 'checkpoints' / 'checkpoint-0000001'}")
     m = run(sd3_path, tmp_path, "--resume=latest", "--steps=3", "--eval_every=3", "--checkpoint_every=5")
     assert m["steps"] == 3  # how far, how often to evaluate and checkpoint: not the run's identity
 
