@@ -9,18 +9,21 @@ Other model families register an adapter and a preset from their own file (regis
 from there with the same keys: the 8x8-digit CPU testbed runs as `python digits.py --smoke`.
 
 What happens, top to bottom:
-1. config: one commented dataclass; presets fill model-specific defaults; `--key=value` overrides, unknown keys fail.
+1. config: one commented dataclass; presets fill model-specific defaults; `--key=value` overrides, unknown keys fail;
+   every value, the model folder, the reward, the prompts and out_dir/--resume checked before any weight loads.
 2. model: the pipeline loaded by its diffusers class; prompts encoded by the pipeline's own encode_prompt; a peft
    LoRA on the transformer. The frozen reference velocity is the same transformer with the adapter disabled; the
    old/EMA policy NFT and AWM need is a copy of the trainable (LoRA) tensors swapped in for a no-grad forward.
-   Model differences (latent packing, timestep scale, guidance embedding, sigmas) live in the adapters below.
+   Model differences (latent packing, timestep scale, guidance embedding, sigmas) live in adapters.py, the
+   rewards (pickscore, jpeg, registered, module:function) in rewards.py.
 3. loop: on-policy rollouts in groups of `group_size` per prompt on the scheduler's sigmas, rewards, group
    advantages, then the base loss (ng.nft_loss / ng.awm_loss / ng.dpo_loss) + ng.normguard_penalty on fresh
    forward-process points at the method's own train timesteps; one optimiser step per rollout batch.
 4. eval (at step 0, the reference, then every eval_every steps): reward at the full and the few-step sampler on
    fixed prompts and seeds, the per-timestep norm-ratio profile along the policy's own trajectories, an image grid.
-5. save: atomic checkpoints (accelerate state: trainable weights, optimiser, LR schedule, RNG, step, old/EMA
-   policy), the LoRA in the diffusers format (`pipe.load_lora_weights(out_dir + "/lora")`), config and metrics.
+5. save: atomic checkpoints (checkpoints.py: trainable weights, optimiser, LR schedule, RNG, step, old/EMA
+   policy, the run identity --resume must match), the LoRA in the diffusers format
+   (`pipe.load_lora_weights(out_dir + "/lora")`), config and metrics; a non-finite update stops before any save.
 Every base loss here evaluates the reference velocity at the training points already (their KL terms and DPO's
 implicit reward need it), so the guard reuses that forward: it costs no extra network evaluation.
 """
@@ -28,10 +31,8 @@ implicit reward need it), so the guard reuses that forward: it costs no extra ne
 import contextlib
 import dataclasses
 import functools
-import importlib
-import json
+import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -42,6 +43,21 @@ import torch
 
 import cli
 import normguard as ng
+from adapters import ADAPTERS, SD3Adapter, export_lora, register_adapter, registered  # noqa: F401 (digits.py uses)
+from checkpoints import (
+    Counter,
+    PolicyCopy,
+    check_run_folder,
+    clear_run,
+    complete_checkpoints,
+    dumps,
+    identity_hash,
+    register_trainable_only_hooks,
+    save_checkpoint,
+    trainable_params,
+    truncate_jsonl,
+)
+from rewards import build_reward, check_reward, register_reward  # noqa: F401 (digits.py uses)
 
 METHODS = ("nft", "awm", "dpo")
 
@@ -109,19 +125,35 @@ class Config:
     out_dir: str = "runs/train_full"
     checkpoint_every: int = 50
     checkpoints_keep: int = 2
-    resume: str = ""  # "" | latest | a checkpoint folder
+    resume: str = ""  # "" | latest | a checkpoint folder (its run identity must match this config's)
+    overwrite: bool = False  # a fresh run into an out_dir holding checkpoints removes them (a resume removes nothing)
     cache_dir: str = ""  # where a registered preset caches what it builds ("" = its own default)
 
 
 SMOKE = dict(steps=2, prompts_per_step=2, group_size=2, sample_steps=3, few_steps=1, train_batch_size=4)
 SMOKE.update(eval_every=2, eval_seeds=1, checkpoint_every=1, lora_rank=4, lora_alpha=8, mixed_precision="no")
-SMOKE.update(gradient_checkpointing=False, out_dir="runs/train_full_smoke")
-FLAGS = {"smoke": "tiny sizes (2 steps, 2x2 rollouts, LoRA r=4), for tests and a first try"}
+SMOKE.update(gradient_checkpointing=False, out_dir="runs/train_full_smoke", overwrite=True)  # throwaway runs
+FLAGS = {"smoke": "tiny sizes (2 steps, 2x2 rollouts, LoRA r=4), each run replacing the last; tests, a first try"}
 CHOICES = dict(method=METHODS, margin=("relative", "absolute"), power=(1, 2), granularity=("sample", "token"))
 CHOICES.update(dpo_guard=("both", "winner", "loser"), mixed_precision=("no", "fp16", "bf16"))
-CHOICES.update(report_to=("", "tensorboard", "wandb"))
+CHOICES.update(report_to=("", "tensorboard", "wandb"), awm_weighting=("uniform", "t", "t2", "huber", "ghuber"))
 AT_LEAST_1 = "steps prompts_per_step group_size sample_steps few_steps train_batch_size eval_every eval_seeds"
-AT_LEAST_1 += " checkpoint_every checkpoints_keep lora_rank resolution"
+AT_LEAST_1 += " checkpoint_every checkpoints_keep lora_rank lora_alpha resolution profile_bins max_sequence_length"
+RANGES = [  # (keys, test, what a value must be)
+    (AT_LEAST_1, lambda v: v >= 1, "an int >= 1"),
+    ("lr cfg_scale nft_beta adv_clip max_grad_norm shift", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    (
+        "lam kl_weight awm_ema_weight tolerance weight_decay ema_decay_rate warmup_steps",
+        lambda v: math.isfinite(v) and v >= 0,
+        "a finite number >= 0",
+    ),
+    ("dpo_beta", lambda v: math.isfinite(v) and v != 0, "a finite number != 0 (0: a constant DPO loss)"),
+    ("flux_guidance", math.isfinite, "a finite number"),
+]
+# The run identity: every key that changes what a step computes. Not in it: where outputs go, how often to
+# evaluate, log and checkpoint, how far to train (steps), the eval sizes, gradient checkpointing (the same math).
+NOT_IDENTITY = "out_dir resume overwrite steps eval_every eval_seeds few_steps eval_prompts profile_bins report_to"
+NOT_IDENTITY += " checkpoint_every checkpoints_keep cache_dir gradient_checkpointing"
 
 
 def parse_args(argv, preset="sd3"):
@@ -141,260 +173,50 @@ def make_config(overrides, smoke=False, preset="sd3"):
 
 
 def check_config(cfg):
-    """A ValueError naming the key and what it expects, for the first bad value of cfg."""
+    """A ValueError naming the key and what it expects, for the first bad value of cfg (no file is read)."""
     for name, options in CHOICES.items():
         if getattr(cfg, name) not in options:
             raise ValueError(f"{name}: expected one of {options}, got {getattr(cfg, name)!r}")
-    for name in AT_LEAST_1.split():
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name}: expected an int >= 1, got {getattr(cfg, name)}")
+    for names, test, what in RANGES:
+        for name in names.split():
+            if not test(getattr(cfg, name)):
+                raise ValueError(f"{name}: expected {what}, got {getattr(cfg, name)}")
     if cfg.group_size < 2:
         raise ValueError(f"group_size: expected >= 2 (advantages compare samples of one prompt), got {cfg.group_size}")
+    if not cfg.out_dir.strip():
+        raise ValueError("out_dir: expected a folder for the run's outputs, got ''")
+    if not all(t.strip() for t in cfg.lora_targets.split(",")):
+        raise ValueError(f"lora_targets: expected comma-separated module names, got {cfg.lora_targets!r}")
+    check_train_timesteps(cfg)
+    registered(cfg.preset).adapter.check(cfg)
+
+
+def check_train_timesteps(cfg):
+    pool, recipe = timestep_pool(cfg)
     if cfg.train_timesteps < 0:
         raise ValueError(f"train_timesteps: expected >= 0 (0 = the method's recipe), got {cfg.train_timesteps}")
     if cfg.method == "nft" and cfg.sample_steps < 2 and cfg.train_timesteps == 0:
         raise ValueError("sample_steps: NFT trains on the sampler's own K-1 timesteps, so it needs K >= 2")
-    for name in ("lr", "cfg_scale", "nft_beta", "adv_clip", "max_grad_norm"):
-        if not getattr(cfg, name) > 0:
-            raise ValueError(f"{name}: expected a number > 0, got {getattr(cfg, name)}")
-    for name in ("lam", "kl_weight", "awm_ema_weight", "tolerance", "weight_decay"):
-        if not getattr(cfg, name) >= 0:
-            raise ValueError(f"{name}: expected a number >= 0, got {getattr(cfg, name)}")
-    registered(cfg.preset).adapter.check(cfg)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# model families: a registry of adapters (SD3 the base, FLUX overriding what differs), extensible from outside
-
-
-@dataclass
-class Family:
-    adapter: type  # SD3Adapter or a subclass
-    defaults: dict  # Config values of the preset (the command line overrides them)
-    smoke_sizes: dict  # Config values --smoke adds on top of SMOKE (the sizes the family needs)
-    prompts: list  # the built-in prompts when no prompt file is given
-
-
-ADAPTERS = {}  # preset name -> Family
-REWARDS = {}  # reward name -> build(cfg, device) -> fn(images (B, C, H, W) in [-1, 1], prompts) -> (B,)
-
-
-def register_adapter(name, cls, preset_defaults=None, smoke_sizes=None, default_prompts=()):
-    """Make `--preset=name` load `cls` with these Config defaults. A second registration of a name replaces the
-    first (a script run as __main__ and also imported by name registers twice)."""
-    ADAPTERS[name] = Family(cls, dict(preset_defaults or {}), dict(smoke_sizes or {}), list(default_prompts))
-
-
-def register_reward(name, build):
-    """Make `--reward=name` call build(cfg, device), which returns fn(images, prompts) -> (B,) rewards."""
-    REWARDS[name] = build
-
-
-def registered(preset):
-    if preset in ADAPTERS:
-        return ADAPTERS[preset]
-    script = Path(__file__).resolve().parent / f"{preset}.py"  # a testbed registers its preset from its own file
-    hint = f"; {script.name} registers it: run `python {script.name}` with the same arguments"
-    raise ValueError(f"preset: expected one of {sorted(ADAPTERS)}, got {preset!r}{hint if script.is_file() else ''}")
-
-
-class SD3Adapter:
-    """One model family: load, encode prompts, velocity v(x_t, t, c) in the ng convention, decode, sigmas.
-
-    Latents x are always (B, C, H, W) (FLUX's are packed into 2x2 tokens only inside velocity), so the norms, the
-    forward process and the Euler sampler of normguard.py see one layout for every family.
-    """
-
-    model_file = "model_index.json"  # what a model folder or hub repo of this family holds
-    guidance = None
-
-    @staticmethod
-    def pipeline_class():
-        from diffusers import StableDiffusion3Pipeline
-
-        return StableDiffusion3Pipeline
-
-    @classmethod
-    def check(cls, cfg):
-        if not cfg.pretrained_model_name_or_path:
-            raise ValueError(f"pretrained_model_name_or_path: required for the {cfg.preset} preset: {PATH_HINT}")
-
-    @classmethod
-    def resolve_path(cls, cfg):
-        """A local folder as given, or a hub id that answers within seconds; else a ValueError saying what to pass."""
-        path, file, name = cfg.pretrained_model_name_or_path, cls.model_file, "pretrained_model_name_or_path"
-        if os.path.isdir(path):
-            if not os.path.isfile(os.path.join(path, file)):
-                raise ValueError(f"{name}: {path} has no {file}; pass {PATH_HINT}")
-            return path
-        if path.startswith((".", "/", "~")) or path.count("/") != 1:
-            raise ValueError(f"{name}: no folder {path!r} and not a hub id (owner/name); pass {PATH_HINT}")
-        from huggingface_hub import hf_hub_download
-
-        try:  # one small file with a short timeout: a wrong id, a gated model or no network fails here, not in 10 min
-            hf_hub_download(path, file, etag_timeout=10)
-        except Exception as e:
-            why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            raise ValueError(
-                f"{name}: cannot reach {path!r} ({why}); pass {PATH_HINT}; gated models need `hf auth "
-                "login`, offline runs (HF_HUB_OFFLINE=1) need the model in the local cache"
-            ) from None
-        return path
-
-    def __init__(self, cfg, path, device, weight_dtype):
-        self.cfg, self.device, self.dtype = cfg, device, weight_dtype
-        self.pipe = self.pipeline_class().from_pretrained(path, dtype=weight_dtype)
-        for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-            if getattr(self.pipe, name, None) is not None:
-                getattr(self.pipe, name).to(device).requires_grad_(False)
-        self.transformer = self.pipe.transformer
-        self.pipe.set_progress_bar_config(disable=True)
-        vsf = self.pipe.vae_scale_factor
-        if cfg.resolution % (vsf * 2):
-            raise ValueError(f"resolution: expected a multiple of {vsf * 2} (VAE x 2x2 patches), got {cfg.resolution}")
-        self.latent_shape = (self.transformer.config.in_channels, cfg.resolution // vsf, cfg.resolution // vsf)
-
-    def encode(self, prompts):
-        """prompts: list of str -> conditioning dict of batched tensors (the pipeline's own encoders)."""
-        kw = dict(
-            device=self.device, do_classifier_free_guidance=False, max_sequence_length=self.cfg.max_sequence_length
+    if cfg.method == "dpo" and cfg.train_timesteps > 1:
+        raise ValueError(f"train_timesteps: DPO trains each pair at one t, expected 0 or 1, got {cfg.train_timesteps}")
+    if cfg.method != "dpo" and cfg.train_timesteps > pool:
+        raise ValueError(
+            f"train_timesteps: expected <= {pool}, the {cfg.method} pool of sample_steps={cfg.sample_steps}, "
+            f"got {cfg.train_timesteps}"
         )
-        with torch.no_grad():
-            emb, _, pooled, _ = self.pipe.encode_prompt(prompts, None, None, **kw)
-        return {"encoder_hidden_states": emb, "pooled_projections": pooled}
-
-    def null_cond(self, n):
-        """The unconditional "prompt" for CFG: the empty string."""
-        return self.encode([""] * n)
-
-    def velocity(self, model, x, t, cond):
-        """v_theta(x_t, t, c): x (B, C, H, W), t (B,) in [0, 1] -> (B, C, H, W) in x's dtype."""
-        kw = {k: cond[k] for k in ("encoder_hidden_states", "pooled_projections")}
-        return model(hidden_states=x, timestep=ng.TIMESTEP_SCALE * t, return_dict=False, **kw)[0]
-
-    def sigmas(self, num_steps):
-        """(K + 1,) sampling grid 1 -> 0 as the model's pipeline builds it (SD3: static shift; FLUX: dynamic mu)."""
-        sched, kw = self.pipe.scheduler, {}
-        if sched.config.get("use_dynamic_shifting", False):
-            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-            c, seq = sched.config, (self.latent_shape[1] // 2) * (self.latent_shape[2] // 2)
-            lens, shifts = (c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)), (0.5, 1.15)
-            kw["mu"] = calculate_shift(seq, *lens, c.get("base_shift", shifts[0]), c.get("max_shift", shifts[1]))
-        self.set_timesteps(sched, num_steps, kw)
-        return sched.sigmas.to(self.device, torch.float32)
-
-    def set_timesteps(self, sched, num_steps, kw):
-        sched.set_timesteps(num_steps, device="cpu", **kw)
-
-    def decode(self, x):
-        """Latents -> images (B, 3 or 1, H, W) in [-1, 1]."""
-        vae = self.pipe.vae
-        x = x / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        return vae.decode(x.to(vae.dtype), return_dict=False)[0].float().clamp(-1, 1)
-
-    def image_metrics(self, images, prompts):
-        """Extra eval metrics of decoded images (B, C, H, W) for their prompts: {name: float}; none here."""
-        return {}
 
 
-class FluxAdapter(SD3Adapter):
-    """FLUX.1: latents packed into 2x2 tokens with position ids, the timestep scaled inside the model, embedded
-    guidance, sigmas passed explicitly with a resolution-dependent shift."""
-
-    @staticmethod
-    def pipeline_class():
-        from diffusers import FluxPipeline
-
-        return FluxPipeline
-
-    def __init__(self, cfg, path, device, weight_dtype):
-        super().__init__(cfg, path, device, weight_dtype)
-        side = self.latent_shape[1]
-        self.latent_shape = (self.transformer.config.in_channels // 4, side, side)  # in_channels counts 2x2 packs
-        self.img_ids = self.pipe._prepare_latent_image_ids(1, side // 2, side // 2, device, weight_dtype)
-        if self.transformer.config.guidance_embeds:
-            self.guidance = torch.tensor([cfg.flux_guidance], device=device)
-
-    def encode(self, prompts):
-        with torch.no_grad():
-            emb, pooled, txt_ids = self.pipe.encode_prompt(
-                prompts, None, device=self.device, max_sequence_length=self.cfg.max_sequence_length
-            )
-        self.txt_ids = txt_ids  # (L, 3), the same for every prompt
-        return {"encoder_hidden_states": emb, "pooled_projections": pooled}
-
-    def velocity(self, model, x, t, cond):
-        b, c, h, w = x.shape
-        packed, vsf = self.pipe._pack_latents(x, b, c, h, w), self.pipe.vae_scale_factor
-        ids = dict(guidance=self.guidance.expand(b) if self.guidance is not None else None, txt_ids=self.txt_ids)
-        kw = {k: cond[k] for k in ("encoder_hidden_states", "pooled_projections")}
-        # FluxTransformer2DModel multiplies timestep (and guidance) by 1000 itself, so it takes t, not 1000·t
-        out = model(hidden_states=packed, timestep=t, img_ids=self.img_ids, return_dict=False, **ids, **kw)[0]
-        return self.pipe._unpack_latents(out, h * vsf, w * vsf, vsf)
-
-    def set_timesteps(self, sched, num_steps, kw):
-        import numpy as np
-
-        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), device="cpu", **kw)  # as FluxPipeline
+def timestep_pool(cfg):
+    """(pool size, recipe count) of the train timesteps: NFT the sampler's K steps (K - 1 of them), AWM the first
+    90 % of them (6 of them, at most the pool)."""
+    k = cfg.sample_steps
+    pool = k if cfg.method == "nft" else max(1, int(0.9 * k))
+    return pool, (k - 1 if cfg.method == "nft" else min(6, pool))
 
 
-PATH_HINT = "a hub id (e.g. stabilityai/stable-diffusion-3.5-medium) or a folder written by pipeline.save_pretrained"
-PROMPTS = ["a photo of a cat", "a red bicycle leaning on a wall", "a bowl of ramen, top view", "a lighthouse at dusk"]
-TINY = dict(resolution=16, max_sequence_length=16)
-register_adapter("sd3", SD3Adapter, dict(resolution=512), TINY, PROMPTS)
-register_adapter("flux", FluxAdapter, dict(resolution=512, max_sequence_length=512), TINY, PROMPTS)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# rewards: (images (B, C, H, W) in [-1, 1], prompts) -> (B,)
-
-
-def jpeg_reward(images, prompts):
-    """JPEG compressibility: minus the size in kB of each image encoded at quality 95 (flow_grpo's reward)."""
-    from torchvision.io import encode_jpeg
-
-    u8 = ((images.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return torch.tensor([-len(encode_jpeg(img, quality=95)) / 1000 for img in u8], device=images.device)
-
-
-class PickScore:
-    """PickScore: logit_scale · cos(CLIP image, CLIP text), CLIP preprocessing done in torch (224 px, CLIP stats)."""
-
-    MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-
-    def __init__(self, path, device):
-        from transformers import AutoTokenizer, CLIPModel
-
-        self.model = CLIPModel.from_pretrained(path).to(device).eval().requires_grad_(False)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.size, self.device = self.model.config.vision_config.image_size, device
-
-    @torch.no_grad()
-    def __call__(self, images, prompts):
-        x = (images.float() + 1) / 2
-        x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True).clamp(0, 1)
-        mean, std = (torch.tensor(c, device=x.device)[:, None, None] for c in (self.MEAN, self.STD))
-        x = (x - mean) / std
-        tok = self.tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt").to(self.device)
-        img = self.model.get_image_features(pixel_values=x.to(self.device))
-        txt = self.model.get_text_features(**tok)
-        # transformers 5 returns output objects whose pooler_output is the projected embedding (4.x: the tensor)
-        img, txt = (torch.nn.functional.normalize(getattr(e, "pooler_output", e), dim=-1) for e in (img, txt))
-        return self.model.logit_scale.exp() * (img * txt).sum(-1)
-
-
-register_reward("jpeg", lambda cfg, device: jpeg_reward)
-register_reward("pickscore", lambda cfg, device: PickScore(cfg.pickscore_model, device))
-
-
-def build_reward(cfg, device):
-    if cfg.reward in REWARDS:
-        return REWARDS[cfg.reward](cfg, device)
-    module, colon, name = cfg.reward.partition(":")
-    if not colon:
-        raise ValueError(f"reward: expected one of {sorted(REWARDS)} or module:function, got {cfg.reward!r}")
-    return getattr(importlib.import_module(module), name)
+def run_identity(cfg):
+    """{key: value} of the config keys that define what the run trains (all but NOT_IDENTITY)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IDENTITY.split()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -455,12 +277,9 @@ def guard_terms(cfg, v, v_ref):
 def train_timestep_plan(cfg, sigmas, gen):
     """The t values each sample is trained at this step (NFT, AWM): NFT the sampler's own (K - 1 of K), AWM a
     subset of the first 90 % of the sampler's steps."""
-    k = len(sigmas) - 1
-    pool = sigmas[:k] if cfg.method == "nft" else sigmas[: max(1, int(0.9 * k))]
-    n = cfg.train_timesteps or (k - 1 if cfg.method == "nft" else min(6, len(pool)))
-    if n > len(pool):
-        raise ValueError(f"train_timesteps: {n} asked for, but the {cfg.method} pool has {len(pool)} sampler steps")
-    return pool[torch.randperm(len(pool), generator=gen)[:n].to(pool.device)]
+    size, recipe = timestep_pool(cfg)
+    pool = sigmas[:size]
+    return pool[torch.randperm(size, generator=gen)[: cfg.train_timesteps or recipe].to(pool.device)]
 
 
 def micro_batches(cfg, batch, sigmas, gen):
@@ -539,10 +358,12 @@ def train(cfg, model_path=None):
     from tqdm import tqdm
 
     check_config(cfg)
-    run = Run(cfg, model_path or resolve_model_path(cfg))  # setup; the path first: a wrong one fails in seconds
-    run.resume()
-    if run.main and not run.counter.step:  # the reference itself: the baseline every later eval is read against
-        run.evaluate(0)
+    path = model_path or resolve_model_path(cfg)
+    ckpt = preflight(cfg, path)  # every check that reads a file, before the model loads: errors in seconds
+    run = Run(cfg, path)
+    run.resume(ckpt)
+    if run.main and run.eval_missing(run.counter.step):  # step 0: the reference, the baseline of every later eval;
+        run.evaluate(run.counter.step)  # after a resume: the checkpoint's eval, when a crash came before it
     bar = tqdm(range(run.counter.step, cfg.steps), initial=run.counter.step, total=cfg.steps, disable=not run.main)
     for step in bar:
         t0 = time.time()
@@ -550,11 +371,23 @@ def train(cfg, model_path=None):
         stats = run.update(batch, step)
         run.log_step(step, batch, stats, time.time() - t0)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            run.last_good = save_checkpoint(run.accelerator, run.ckpt_root, step + 1, cfg.checkpoints_keep)
-        if run.main and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            keep, identity = cfg.checkpoints_keep, run_identity(cfg)
+            run.last_good = save_checkpoint(run.accelerator, run.ckpt_root, step + 1, keep, identity)
+        if run.main and run.eval_due(step + 1):
             run.evaluate(step + 1)
         run.accelerator.wait_for_everyone()
     return run.finish()
+
+
+def preflight(cfg, path):
+    """The checks that read files, all before any weight loads: the model folder against the preset (pipeline class,
+    resolution, lora_targets), the reward, the prompt files, out_dir against --resume and --overwrite. Returns the
+    checkpoint to resume (None: a fresh run); a ValueError naming the key otherwise."""
+    registered(cfg.preset).adapter.check_model(cfg, path)
+    check_reward(cfg)
+    read_prompts(cfg.train_prompts, cfg.preset)
+    read_prompts(cfg.eval_prompts, cfg.preset)
+    return check_run_folder(Path(cfg.out_dir) / "checkpoints", cfg.resume, cfg.overwrite, run_identity(cfg))
 
 
 def resolve_model_path(cfg):
@@ -587,6 +420,9 @@ class Run:
         kw = dict(project_config=project, step_scheduler_with_optimizer=False)
         acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers, **kw)
         self.accelerator, self.main, device = acc, acc.is_main_process, acc.device
+        if cfg.overwrite and not cfg.resume and self.main:  # preflight allowed it; before anything is written
+            print(f"overwrite: removed {clear_run(self.out_dir) or 'nothing'} from {self.out_dir}")
+        acc.wait_for_everyone()
         weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
         torch.manual_seed(cfg.seed)
         self.adapter = registered(cfg.preset).adapter(cfg, path, device, weight_dtype)
@@ -621,8 +457,9 @@ class Run:
         if not self.main:
             return
         (self.out_dir / "eval").mkdir(parents=True, exist_ok=True)
-        saved = dict(config=dataclasses.asdict(cfg), command=sys.argv, git_revision=git_revision())
-        (self.out_dir / "config.json").write_text(json.dumps({**saved, "model_path": self.model_path}, indent=1))
+        saved = dict(config=dataclasses.asdict(cfg), identity=identity_hash(run_identity(cfg)), command=sys.argv)
+        saved.update(git_revision=git_revision(), model_path=self.model_path)
+        (self.out_dir / "config.json").write_text(dumps(saved, indent=1))
         trainable = "full" if cfg.full_finetune else f"LoRA r={cfg.lora_rank}"
         guard = f"on: lam {cfg.lam}, {cfg.margin}" if cfg.guard else "off"
         n_params, grid = sum(p.numel() for p in self.params) / 1e6, [round(s, 3) for s in sigmas.tolist()]
@@ -635,18 +472,28 @@ class Run:
             f"DPO: pairs) accumulated into 1 optimiser step | {cfg.steps} steps"
         )
 
-    def resume(self):
-        """Load --resume's checkpoint (if any); open the logs: a fresh run starts them anew, a resumed one appends."""
-        if self.cfg.resume:
-            path = find_checkpoint(self.ckpt_root, self.cfg.resume)
-            self.accelerator.load_state(str(path))
+    def resume(self, ckpt):
+        """Load the checkpoint preflight chose (None: a fresh run); open the logs: a fresh run starts them anew, a
+        resumed one cuts them back to its step (the steps after it are redone: each is logged once) and appends."""
+        if ckpt is not None:
+            self.accelerator.load_state(str(ckpt))
             if self.main:
-                print(f"resumed from {path} at step {self.counter.step}")
+                print(f"resumed from {ckpt} at step {self.counter.step}")
         if self.main:
             self.last_good = max(complete_checkpoints(self.ckpt_root), default=None)
-            self.log = open(self.out_dir / "log.jsonl", "a" if self.counter.step else "w")
-            if not self.counter.step:
-                (self.out_dir / "evals.jsonl").write_text("")
+            log, evals = (self.out_dir / "log.jsonl", self.out_dir / "evals.jsonl")
+            if ckpt is None:
+                log.write_text("")
+                evals.write_text("")
+            self.last_step = (truncate_jsonl(log, self.counter.step) or [{}])[-1]
+            self.evals = truncate_jsonl(evals, self.counter.step)
+            self.log = open(log, "a")
+
+    def eval_due(self, step):
+        return step == 0 or step % self.cfg.eval_every == 0 or step == self.cfg.steps
+
+    def eval_missing(self, step):
+        return self.eval_due(step) and step not in {e["step"] for e in self.evals}
 
     def rollouts(self, step):
         """On-policy samples of this step's prompts (no grad), their rewards and group advantages."""
@@ -665,16 +512,24 @@ class Run:
                 x0 = rollout(adapter, self.base.module, cond, noise[i : i + bs], self.sigmas, cfg.cfg_scale, null)
                 x0s.append(x0.float())
                 conds.append(cond)
-                rewards.append(self.reward_fn(adapter.decode(x0), part).float())
+                rewards.append(self.score(adapter.decode(x0), part))
         rewards = torch.cat(rewards)
         all_rewards = acc.gather(rewards)
         if not bool(torch.isfinite(all_rewards).all()):
-            raise NonFiniteLoss(
-                f"step {step + 1}: the reward returned NaN/Inf; stopped, last good checkpoint: {self.last_good}"
-            )
+            raise NonFiniteLoss(f"step {step + 1}: the reward returned NaN/Inf; stopped, {self.good()}")
         adv = ng.group_advantages(all_rewards, cfg.group_size)[rank * per_proc : (rank + 1) * per_proc]
         cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
         return Rollouts(torch.cat(x0s), cond, rewards, adv.to(acc.device), all_rewards)
+
+    def score(self, images, prompts):
+        """The reward of images (B, C, H, W): (B,) float, or a ValueError saying what the reward returned."""
+        r = self.reward_fn(images, prompts)
+        if not torch.is_tensor(r) or r.shape != (len(images),):
+            got = tuple(r.shape) if torch.is_tensor(r) else type(r).__name__
+            raise ValueError(
+                f"reward: {self.cfg.reward} returned {got} for {len(images)} images; expected ({len(images)},)"
+            )
+        return r.float()
 
     def update(self, batch, step):
         """One optimiser step: base loss + guard over the step's micro-batches, gradients accumulated, then AdamW."""
@@ -699,17 +554,40 @@ class Run:
                 sums[k] = sums.get(k, 0.0) + float(v) / len(losses)
         if acc.reduce(torch.tensor([float(bool(bad))], device=acc.device), "sum").item() > 0:
             bad = bad or "non-finite loss on another process"
-            raise NonFiniteLoss(
-                f"step {step + 1}: {bad}; stopped before the update, last good checkpoint: {self.last_good}"
-            )
-        grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
-        self.opt.step()
+            raise NonFiniteLoss(f"step {step + 1}: {bad}; stopped before the update, {self.good()}")
+        grad_norm = self.step_optimizer(step)
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         if self.old is not None:  # NFT's old policy / AWM's EMA: decay = min(rate * step, max), once per rollout batch
             self.old.update(min(cfg.ema_decay_rate * step, 0.5 if cfg.method == "nft" else 0.3))
         self.counter.step = step + 1
         return {**sums, "grad_norm": float(grad_norm)}
+
+    def step_optimizer(self, step):
+        """Clip, step, check: non-finite gradients stop the run before the step, non-finite weights right after it,
+        before the old/EMA copy, the counter or a checkpoint sees them. Returns the gradient norm."""
+        cfg, where = self.cfg, f"step {step + 1}"
+        # the norm of the all-reduced gradients, the same on every process: every process stops here together
+        grad_norm = self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        if not math.isfinite(grad_norm):
+            raise NonFiniteLoss(f"{where}: gradient norm {float(grad_norm)}; stopped before the update, {self.good()}")
+        try:
+            self.opt.step()
+        except RuntimeError as e:  # torch refuses a step size beyond float32's range (e.g. lr 1e39)
+            if "overflow" not in str(e):
+                raise
+            raise NonFiniteLoss(
+                f"{where}: the update overflowed ({e}); stopped before any save, {self.good()}"
+            ) from None
+        if not bool(torch.stack([p.isfinite().all() for p in self.params]).all()):  # e.g. a huge weight_decay
+            raise NonFiniteLoss(
+                f"{where}: the update made the weights non-finite; stopped before any save, {self.good()}"
+            )
+        return grad_norm
+
+    def good(self):
+        """Where to resume from: every checkpoint holds finite weights (the update is checked before any save)."""
+        return f"last good checkpoint: {self.last_good}"
 
     def log_step(self, step, batch, stats, seconds):
         """One fixed-format line per step (the reward process-averaged) to the terminal, log.jsonl and trackers."""
@@ -727,7 +605,7 @@ class Run:
                 f"{line['loss']:.5f} ({extra}) | hinge {line['hinge']:.3g} active {line['active_frac']:.3f} | "
                 f"norm ratio {line['norm_ratio']:.4f} | {line['step_time']:.2f} s"
             )
-            self.log.write(json.dumps(line) + "\n")
+            self.log.write(dumps(line) + "\n")
             self.log.flush()
         self.accelerator.log(line, step=step + 1)
 
@@ -754,7 +632,7 @@ class Run:
                 with self.accelerator.autocast():
                     x0 = ng.euler_sample(velocity, noise[i : i + bs], sigmas.to(noise.dtype))
                 images.append(adapter.decode(x0).cpu())
-                rewards.append(self.reward_fn(images[-1].to(x0.device), part).float().cpu())
+                rewards.append(self.score(images[-1].to(x0.device), part).cpu())
             images = torch.cat(images)
             result[f"reward_{name}"] = torch.cat(rewards).mean().item()
             if name == "full":
@@ -771,7 +649,7 @@ class Run:
         self.evals.append({"step": step, **result})
         self.accelerator.log({f"eval/{k}": v for k, v in self.evals[-1].items() if k != "profile"}, step=step)
         with open(self.out_dir / "evals.jsonl", "a") as f:
-            f.write(json.dumps(self.evals[-1]) + "\n")
+            f.write(dumps(self.evals[-1]) + "\n")
 
     def traced_velocity(self, cond, null, ratios, ts):
         """The policy's sampling velocity; with `ratios` a list, it also records ‖v_θ‖/‖v_ref‖ and t at each call:
@@ -797,7 +675,7 @@ class Run:
         }
         if self.main:
             export_lora(self.cfg, self.adapter, self.base.module, self.out_dir)
-            (self.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            (self.out_dir / "metrics.json").write_text(dumps(metrics, indent=1))
             self.log.close()
         self.accelerator.end_training()
         return metrics
@@ -857,153 +735,11 @@ def git_revision():
         return "unknown"
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# trainable state, old/EMA policy, atomic checkpoints, the LoRA export
-
-
-def trainable_params(model):
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-class PolicyCopy:
-    """A copy of the trainable tensors (the LoRA weights) standing for the old/EMA policy; swapped in for forwards."""
-
-    def __init__(self, params):
-        self.params = params
-        self.shadow = [p.detach().clone() for p in params]
-
-    @torch.no_grad()
-    def update(self, decay):
-        for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach(), 1 - decay)
-
-    @contextlib.contextmanager
-    def swapped_in(self):
-        live = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for p, s in zip(self.params, self.shadow):
-                p.copy_(s)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, v in zip(self.params, live):
-                    p.copy_(v)
-
-    def state_dict(self):
-        return {"shadow": [s.cpu() for s in self.shadow]}
-
-    def load_state_dict(self, state):
-        for s, v in zip(self.shadow, state["shadow"]):
-            s.copy_(v)
-
-
-class Counter:
-    def __init__(self):
-        self.step = 0
-
-    def state_dict(self):
-        return {"step": self.step}
-
-    def load_state_dict(self, state):
-        self.step = state["step"]
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path):
-    for root, _, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(root)
-
-
-def save_checkpoint(accelerator, ckpt_root, step, keep):
-    """accelerate's save_state into a temp folder, fsync, then one rename: a killed save leaves only the temp folder,
-    which nothing loads. COMPLETE (written last, inside the temp folder) marks a checkpoint as whole."""
-    final = ckpt_root / f"checkpoint-{step:07d}"
-    tmp = ckpt_root / f".tmp-checkpoint-{step:07d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "COMPLETE").write_text(json.dumps({"step": step}))
-        _fsync_tree(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-        _fsync_dir(ckpt_root)  # the rename itself is durable
-        for old in sorted(complete_checkpoints(ckpt_root))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def complete_checkpoints(ckpt_root):
-    return [p for p in Path(ckpt_root).glob("checkpoint-*") if (p / "COMPLETE").is_file()]
-
-
-def find_checkpoint(ckpt_root, resume):
-    """The folder --resume names: the newest complete checkpoint for 'latest', else the folder given."""
-    found = sorted(complete_checkpoints(ckpt_root)) if resume == "latest" else [Path(resume)]
-    if not found or not (found[-1] / "COMPLETE").is_file():
-        raise ValueError(
-            f"resume: expected 'latest' with a complete checkpoint under {ckpt_root} or a checkpoint "
-            f"folder holding COMPLETE, got {resume!r}"
-        )
-    return found[-1]
-
-
-def register_trainable_only_hooks(accelerator):
-    """Checkpoints hold the trainable tensors only (the LoRA), not the frozen multi-GB transformer."""
-    from safetensors.torch import load_file, save_file
-
-    def save_hook(models, weights, output_dir):
-        for model in models:
-            named = accelerator.unwrap_model(model).named_parameters()
-            named = {n: p.detach().cpu().contiguous() for n, p in named if p.requires_grad}
-            if accelerator.is_main_process:
-                save_file(named, os.path.join(output_dir, "trainable.safetensors"))
-        weights.clear()  # accelerate would save the whole state dict otherwise
-
-    def load_hook(models, input_dir):
-        while models:
-            params = dict(accelerator.unwrap_model(models.pop()).named_parameters())
-            with torch.no_grad():
-                for n, v in load_file(os.path.join(input_dir, "trainable.safetensors")).items():
-                    params[n].copy_(v)
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-def export_lora(cfg, adapter, transformer, out_dir):
-    """The LoRA in the family pipeline's format, rank and alpha included: `pipe.load_lora_weights(out_dir / "lora")`
-    (full fine-tuning: the transformer's save_pretrained)."""
-    if cfg.full_finetune:
-        transformer.save_pretrained(str(out_dir / "transformer"))
-        return
-    from peft.utils import get_peft_model_state_dict
-
-    layers = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(transformer).items()}
-    meta = transformer.peft_config["default"].to_dict()
-    adapter.pipeline_class().save_lora_weights(
-        str(out_dir / "lora"), transformer_lora_layers=layers, transformer_lora_adapter_metadata=meta
-    )
-
-
 def main(argv=None, preset="sd3"):
     """The command line; `preset` applies when --preset is not given (a testbed's script passes its own)."""
     cfg = cli.checked(parse_args, sys.argv[1:] if argv is None else argv, preset)
     path = cli.checked(resolve_model_path, cfg)
+    cli.checked(preflight, cfg, path)
     try:
         return train(cfg, path)
     except NonFiniteLoss as e:

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoints
 import cli
 import normguard as ng
+import rewards
 import train_full as tf
 
 WORDS = ["a", "photo", "of", "cat", "dog", "red", "blue", "car", "bowl", "lighthouse"]
@@ -275,7 +277,7 @@ def test_killed_save_never_leaves_a_checkpoint_that_loads_wrong(sd3_path, tmp_pa
     skips it (and a folder without COMPLETE) and lands exactly on the uninterrupted run's weights."""
     common = ("--method=awm", "--eval_every=100", "--checkpoint_every=1", "--checkpoints_keep=5")
     run(sd3_path, tmp_path / "full", *common, "--steps=4")
-    real_fsync, calls = tf._fsync_tree, []
+    real_fsync, calls = checkpoints._fsync_tree, []
 
     def crash_at_step_3(path):
         calls.append(path)
@@ -283,10 +285,10 @@ def test_killed_save_never_leaves_a_checkpoint_that_loads_wrong(sd3_path, tmp_pa
             raise KeyboardInterrupt("killed mid-save")
         return real_fsync(path)
 
-    monkeypatch.setattr(tf, "_fsync_tree", crash_at_step_3)
+    monkeypatch.setattr(checkpoints, "_fsync_tree", crash_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         run(sd3_path, tmp_path / "split", *common, "--steps=4")
-    monkeypatch.setattr(tf, "_fsync_tree", real_fsync)
+    monkeypatch.setattr(checkpoints, "_fsync_tree", real_fsync)
     root = tmp_path / "split" / "checkpoints"
     assert (root / ".tmp-checkpoint-0000003").is_dir() and not (root / "checkpoint-0000003").exists()
     (root / "checkpoint-0000009").mkdir()  # a half-written folder under a final name: no COMPLETE, never loaded
@@ -417,7 +419,7 @@ def test_pickscore_is_clip_logit_scale_times_cosine(tiny_clip):
     """The reward equals CLIPModel's own logits_per_image on the same preprocessed pixels, and it runs in training."""
     from transformers import CLIPModel
 
-    score = tf.PickScore(tiny_clip, "cpu")
+    score = rewards.PickScore(tiny_clip, "cpu")
     images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     prompts = ["a red cat", "a blue car", "a dog"]
     x = torch.nn.functional.interpolate((images + 1) / 2, size=(32, 32), mode="bicubic", antialias=True).clamp(0, 1)
@@ -564,3 +566,184 @@ def test_gpu_defaults_bf16_and_gradient_checkpointing(sd3_path, flux_path, tmp_p
     for preset in runs:
         m = json.loads((tmp_path / preset / "metrics.json").read_text())
         assert math.isfinite(m["last_step"]["loss"]) and math.isfinite(m["eval"]["norm_ratio"]), preset
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what a crash, a kill, a bad setting and a resume leave behind
+
+
+def read_jsonl(path):
+    """Strict JSON lines: a bare NaN/Infinity fails the parse."""
+
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+
+    return [json.loads(s, parse_constant=refuse) for s in Path(path).read_text().splitlines()]
+
+
+def test_a_reused_out_dir_is_refused_and_overwrite_clears_it(sd3_path, tmp_path):
+    run(sd3_path, tmp_path, "--eval_every=100")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(cli.UsageError, match=r"out_dir: .* holds checkpoints .*checkpoint-0000002.*--overwrite=true"):
+        run(sd3_path, tmp_path, "--eval_every=100", "--method=dpo", "--overwrite=false")  # --smoke's default: true
+    m = run(sd3_path, tmp_path, "--eval_every=100", "--method=dpo", "--overwrite=true", "--checkpoint_every=2")
+    assert m["steps"] == 2 and [x["step"] for x in read_jsonl(tmp_path / "log.jsonl")] == [1, 2]
+    assert json.loads((tmp_path / "config.json").read_text())["config"]["method"] == "dpo"
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # only what the trainer writes is removed
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-0000002"]  # the old 1 is gone
+    m = run(sd3_path, tmp_path, "--method=dpo", "--overwrite=true", "--resume=latest", "--steps=3")
+    assert m["steps"] == 3 and (tmp_path / "checkpoints" / "checkpoint-0000002").is_dir()  # a resume removes nothing
+
+
+@pytest.mark.parametrize("setting", ["--lr=1e39", "--weight_decay=1e300"])
+def test_an_update_to_non_finite_weights_stops_before_any_save(sd3_path, tmp_path, setting):
+    """A huge (finite) lr or weight_decay makes the first update overflow (torch refuses the step) or its weights
+    Inf/NaN: the run stops at step 1, and no checkpoint exists to hold them."""
+    with pytest.raises(
+        SystemExit, match="step 1: the update (overflowed|made the weights non-finite).*checkpoint: None"
+    ):
+        run(sd3_path, tmp_path, setting, "--eval_every=100")
+    assert not list((tmp_path / "checkpoints").glob("*checkpoint-*")) and not (tmp_path / "lora").exists()
+
+
+def test_lr_inf_at_step_2_keeps_the_finite_checkpoint_the_last_good_one(sd3_path, tmp_path, monkeypatch):
+    """lr turned to inf after step 1 (the config refuses inf itself, so it is set on the optimiser): the run stops
+    at step 2 before saving, checkpoint 1 is named, holds finite weights, and the run resumes from it."""
+    from safetensors.torch import load_file
+
+    real, calls = torch.optim.AdamW.step, []
+
+    def inf_lr_at_step_2(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            self.param_groups[0]["lr"] = math.inf
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", inf_lr_at_step_2)
+    with pytest.raises(SystemExit, match=r"step 2: the update made .*last good checkpoint: .*checkpoint-0000001"):
+        run(sd3_path, tmp_path, "--steps=3", "--eval_every=100")
+    monkeypatch.setattr(torch.optim.AdamW, "step", real)
+    assert [p.name for p in tf.complete_checkpoints(tmp_path / "checkpoints")] == ["checkpoint-0000001"]
+    saved = load_file(str(tmp_path / "checkpoints" / "checkpoint-0000001" / "trainable.safetensors"))
+    assert all(bool(v.isfinite().all()) for v in saved.values())
+    assert run(sd3_path, tmp_path, "--steps=3", "--eval_every=100", "--resume=latest")["steps"] == 3
+
+
+def test_resume_refuses_another_config_naming_the_keys(sd3_path, tmp_path):
+    run(sd3_path, tmp_path, "--eval_every=100")
+    with pytest.raises(cli.UsageError, match=r"resume: .*checkpoint-0000002 was written under another config") as e:
+        run(sd3_path, tmp_path, "--resume=latest", "--lr=0.1", "--seed=3", "--lora_rank=8", "--method=dpo")
+    for diff in ("lora_rank 4 -> 8", "lr 0.0003 -> 0.1", "method 'nft' -> 'dpo'", "seed 0 -> 3"):
+        assert diff in str(e.value)
+    assert "eval_every" not in str(e.value)
+    with pytest.raises(
+        cli.UsageError, match=r"resume: .* holds checkpoints after checkpoint-0000001 \(checkpoint-0000002\)"
+    ):
+        run(sd3_path, tmp_path, f"--resume={tmp_path / 'checkpoints' / 'checkpoint-0000001'}")
+    m = run(sd3_path, tmp_path, "--resume=latest", "--steps=3", "--eval_every=3", "--checkpoint_every=5")
+    assert m["steps"] == 3  # how far, how often to evaluate and checkpoint: not the run's identity
+
+
+def nan_reward(images, prompts):
+    return torch.full((len(images),), math.nan)
+
+
+def matrix_reward(images, prompts):
+    return images.mean(dim=(1, 2))  # (B, W): the wrong shape
+
+
+def test_a_nan_reward_writes_strict_json_and_a_wrong_shape_is_named(sd3_path, tmp_path):
+    with pytest.raises(SystemExit, match="step 1: the reward returned NaN/Inf"):
+        run(sd3_path, tmp_path / "nan", "--reward=test_train_full:nan_reward")
+    (ev,) = read_jsonl(tmp_path / "nan" / "evals.jsonl")  # the step-0 eval, written before the first step
+    assert ev["step"] == 0 and ev["reward_full"] is None and ev["reward_few"] is None
+    with pytest.raises(ValueError, match=r"reward: test_train_full:matrix_reward returned \(4, 16\) for 4 images"):
+        run(sd3_path, tmp_path / "shape", "--reward=test_train_full:matrix_reward")
+
+
+BAD_SETTINGS = [  # (arguments, what the one-line error must start with)
+    (["--resolution=18"], "resolution: expected a multiple of 4"),
+    (["--train_timesteps=9"], "train_timesteps: expected <= 3"),
+    (["--reward=no_such_module_xyz:fn"], "reward: cannot load"),
+    (["--reward=math:pi"], "reward: expected 'math:pi' to be a function"),
+    (["--reward=pickscore", "--pickscore_model=/no/such/clip"], "pickscore_model: no folder"),
+    (["--resume=latest"], "resume: expected 'latest' with a complete checkpoint"),
+    (["--resume=/no/such/checkpoint"], "resume: expected"),
+    (["--awm_weighting=cubic"], "awm_weighting: expected one of"),
+    (["--profile_bins=0"], "profile_bins: expected an int >= 1"),
+    (["--max_sequence_length=0"], "max_sequence_length: expected an int >= 1"),
+    (["--max_sequence_length=600"], "max_sequence_length: expected an int in 1..512"),
+    (["--lora_targets=to_q,to_qq"], "lora_targets: ['to_qq'] name no module"),
+    (["--lora_targets=to_q,"], "lora_targets: expected comma-separated"),
+    (["--preset=flux"], "preset: flux loads a FluxPipeline, "),
+    (["--lora_alpha=0"], "lora_alpha: expected an int >= 1"),
+    (["--lora_alpha=-8"], "lora_alpha: expected an int >= 1"),
+    (["--ema_decay_rate=-0.1"], "ema_decay_rate: expected a finite number >= 0"),
+    (["--warmup_steps=-1"], "warmup_steps: expected a finite number >= 0"),
+    (["--out_dir="], "out_dir: expected a folder"),
+    *[([f"--{k}=inf"], f"{k}: expected a finite number") for k in ("lr", "kl_weight", "weight_decay", "lam")],
+    *[([f"--{k}=inf"], f"{k}: expected a finite number") for k in ("tolerance", "nft_beta", "adv_clip", "cfg_scale")],
+    (["--lr=nan"], "lr: expected a finite number > 0"),
+    (["--dpo_beta=0"], "dpo_beta: expected a finite number != 0"),
+    (["--shift=0"], "shift: expected a finite number > 0"),
+    (["--flux_guidance=-inf"], "flux_guidance: expected a finite number"),
+    (["--method=dpo", "--train_timesteps=2"], "train_timesteps: DPO trains each pair at one t"),
+    (["--shift=-1"], "shift: expected a finite number > 0"),
+    (["--lr=1e-3", "--lr=1e-4"], "--lr: given twice"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_SETTINGS, ids=[" ".join(a) for a, _ in BAD_SETTINGS])
+def test_each_bad_setting_fails_within_seconds_before_the_model_loads(sd3_path, tmp_path, monkeypatch, args, message):
+    import time
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded before the error")
+
+    monkeypatch.setattr(tf, "Run", never)
+    monkeypatch.setattr(tf.SD3Adapter, "__init__", never)
+    given = {a.split("=")[0] for a in args}
+    defaults = dict(preset="sd3", out_dir=tmp_path / "out", reward="jpeg", pretrained_model_name_or_path=sd3_path)
+    base = [f"--{k}={v}" for k, v in defaults.items() if f"--{k}" not in given]
+    t0 = time.time()
+    with pytest.raises(cli.UsageError) as e:
+        tf.main([*base, "--smoke", *args])
+    assert time.time() - t0 < 5 and str(e.value).startswith(message), str(e.value)
+
+
+def test_logs_are_exact_across_a_kill_and_resume(sd3_path, tmp_path, monkeypatch):
+    """Killed during the step-2 eval (after checkpoint 2), then killed after logging step 3 (a line cut short too):
+    two resumes later, log.jsonl and evals.jsonl equal the uninterrupted run's, each step once, the lost eval redone."""
+    common = ("--steps=4", "--checkpoint_every=2", "--eval_every=2")
+    run(sd3_path, tmp_path / "full", *common)
+    real_eval, real_log = tf.Run.evaluate, tf.Run.log_step
+
+    def killed_in_eval_2(self, step):
+        if step == 2:
+            raise KeyboardInterrupt("killed during the eval")
+        return real_eval(self, step)
+
+    def killed_after_step_3(self, step, *args):
+        real_log(self, step, *args)
+        if step + 1 == 3:
+            self.log.write('{"step": 4, "rew')  # a kill mid-write
+            self.log.flush()
+            raise KeyboardInterrupt("killed after logging step 3")
+
+    out = tmp_path / "split"
+    monkeypatch.setattr(tf.Run, "evaluate", killed_in_eval_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(sd3_path, out, *common)
+    monkeypatch.setattr(tf.Run, "evaluate", real_eval)
+    monkeypatch.setattr(tf.Run, "log_step", killed_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(sd3_path, out, *common, "--resume=latest")
+    assert [e["step"] for e in read_jsonl(out / "evals.jsonl")] == [0, 2]  # the lost eval, redone on resume
+    monkeypatch.setattr(tf.Run, "log_step", real_log)
+    m = run(sd3_path, out, *common, "--resume=latest")
+    for name in ("log.jsonl", "evals.jsonl"):
+        full, split = read_jsonl(tmp_path / "full" / name), read_jsonl(out / name)
+        for line in full + split:
+            line.pop("step_time", None)
+        assert split == full, name
+    assert [x["step"] for x in read_jsonl(out / "log.jsonl")] == [1, 2, 3, 4] and m["steps"] == 4

@@ -1,0 +1,81 @@
+"""Rewards of train_full.py: fn(images (B, C, H, W) in [-1, 1], prompts) -> (B,), by name in a registry that another
+file extends with register_reward (digits.py registers its classifier), or `--reward=module:function`.
+"""
+
+import importlib
+
+import torch
+
+from adapters import model_file
+
+REWARDS = {}  # reward name -> build(cfg, device) -> fn(images (B, C, H, W) in [-1, 1], prompts) -> (B,)
+
+
+def register_reward(name, build):
+    """Make `--reward=name` call build(cfg, device), which returns fn(images, prompts) -> (B,) rewards."""
+    REWARDS[name] = build
+
+
+def jpeg_reward(images, prompts):
+    """JPEG compressibility: minus the size in kB of each image encoded at quality 95 (flow_grpo's reward)."""
+    from torchvision.io import encode_jpeg
+
+    u8 = ((images.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return torch.tensor([-len(encode_jpeg(img, quality=95)) / 1000 for img in u8], device=images.device)
+
+
+class PickScore:
+    """PickScore: logit_scale · cos(CLIP image, CLIP text), CLIP preprocessing done in torch (224 px, CLIP stats)."""
+
+    MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+    def __init__(self, path, device):
+        from transformers import AutoTokenizer, CLIPModel
+
+        self.model = CLIPModel.from_pretrained(path).to(device).eval().requires_grad_(False)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.size, self.device = self.model.config.vision_config.image_size, device
+
+    @torch.no_grad()
+    def __call__(self, images, prompts):
+        x = (images.float() + 1) / 2
+        x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True).clamp(0, 1)
+        mean, std = (torch.tensor(c, device=x.device)[:, None, None] for c in (self.MEAN, self.STD))
+        x = (x - mean) / std
+        tok = self.tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt").to(self.device)
+        img = self.model.get_image_features(pixel_values=x.to(self.device))
+        txt = self.model.get_text_features(**tok)
+        # transformers 5 returns output objects whose pooler_output is the projected embedding (4.x: the tensor)
+        img, txt = (torch.nn.functional.normalize(getattr(e, "pooler_output", e), dim=-1) for e in (img, txt))
+        return self.model.logit_scale.exp() * (img * txt).sum(-1)
+
+
+register_reward("jpeg", lambda cfg, device: jpeg_reward)
+register_reward("pickscore", lambda cfg, device: PickScore(cfg.pickscore_model, device))
+
+
+def check_reward(cfg):
+    """Before the model loads: a registered reward (pickscore: its CLIP folder or hub id answers), or a
+    module:function that imports and is callable; a ValueError naming the key otherwise."""
+    if cfg.reward == "pickscore":
+        model_file("pickscore_model", cfg.pickscore_model, "config.json", "a CLIPModel folder or hub id")
+    if cfg.reward in REWARDS:
+        return
+    module, colon, name = cfg.reward.partition(":")
+    if not (module and colon and name):
+        raise ValueError(f"reward: expected one of {sorted(REWARDS)} or module:function, got {cfg.reward!r}")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except Exception as e:  # the user's module may fail in any way on import
+        raise ValueError(f"reward: cannot load {cfg.reward!r} ({type(e).__name__}: {e})") from None
+    if not callable(fn):
+        raise ValueError(f"reward: expected {cfg.reward!r} to be a function fn(images, prompts) -> (B,)")
+
+
+def build_reward(cfg, device):
+    if cfg.reward in REWARDS:
+        return REWARDS[cfg.reward](cfg, device)
+    module, colon, name = cfg.reward.partition(":")
+    if not colon:
+        raise ValueError(f"reward: expected one of {sorted(REWARDS)} or module:function, got {cfg.reward!r}")
+    return getattr(importlib.import_module(module), name)
