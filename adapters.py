@@ -249,3 +249,31 @@ PROMPTS = ["a photo of a cat", "a red bicycle leaning on a wall", "a bowl of ram
 TINY = dict(resolution=16, max_sequence_length=16)
 register_adapter("sd3", SD3Adapter, dict(resolution=512), TINY, PROMPTS)
 register_adapter("flux", FluxAdapter, dict(resolution=512, max_sequence_length=512), TINY, PROMPTS)
+
+
+def make_trainable(cfg, transformer, device, weight_dtype):
+    """LoRA (float32 adapters on frozen weights of weight_dtype), or all weights in float32 plus a frozen copy for
+    the reference, which is returned (None for LoRA: its reference is the adapter switched off)."""
+    frozen_copy = None
+    if cfg.full_finetune:
+        import copy
+
+        frozen_copy = copy.deepcopy(transformer).to(device, weight_dtype).requires_grad_(False).eval()
+        transformer.to(device, torch.float32).requires_grad_(True)
+    else:
+        from peft import LoraConfig
+
+        transformer.to(device).requires_grad_(False)
+        if weight_dtype != torch.float32:
+            transformer.to(weight_dtype)
+        targets = cfg.lora_targets.split(",")
+        lora = LoraConfig(
+            r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian", target_modules=targets
+        )
+        transformer.add_adapter(lora)
+        for p in transformer.parameters():
+            if p.requires_grad:  # LoRA weights train in float32 whatever the frozen weights' dtype
+                p.data = p.data.float()
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return frozen_copy

@@ -9,13 +9,15 @@
   naming the argument and what was expected.
 - `cli.run(main)` runs a script's `main(argv)` and turns a `UsageError` into one line on stderr and exit code 2,
   without a traceback. Other exceptions keep theirs.
-Imports only the standard library.
+Also `git_revision()`, the code version every script records. Imports only the standard library.
 """
 
 import dataclasses
 import inspect
 import re
+import subprocess
 import sys
+from pathlib import Path
 
 BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 
@@ -126,3 +128,15 @@ def run(main, argv=None):
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def git_revision():
+    """The commit of this checkout, for the config.json every script writes next to its outputs ("unknown"
+    outside git)."""
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+        return done.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

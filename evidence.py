@@ -27,7 +27,6 @@ import dataclasses
 import json
 import math
 import statistics
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -453,16 +452,6 @@ def json_safe(obj):
 def write_json(path, obj, indent=1):
     """Write obj as strict JSON (no NaN or Infinity tokens: json_safe first, then allow_nan=False)."""
     Path(path).write_text(json.dumps(json_safe(obj), indent=indent, allow_nan=False))
-
-
-def git_revision():
-    """The commit of this checkout, or "unknown" outside git."""
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -613,7 +613,7 @@ def run(cfg, frontier=False, progress=True, out_dir=None):
     result = {"metrics": metrics, "reference": ref.model(0), "models": models, "samples": samples}
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        info = {"config": dataclasses.asdict(cfg), "command": sys.argv, "git_revision": E.git_revision()}
+        info = {"config": dataclasses.asdict(cfg), "command": sys.argv, "git_revision": cli.git_revision()}
         E.write_json(Path(out_dir) / ("frontier.json" if frontier else "metrics.json"), {**info, **metrics})
         if not frontier:  # the frontier's config lives in frontier.json: both can share one out_dir
             E.write_json(Path(out_dir) / "config.json", info, indent=2)

@@ -33,7 +33,6 @@ import dataclasses
 import functools
 import math
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -43,11 +42,12 @@ import torch
 
 import cli
 import normguard as ng
-from adapters import ADAPTERS, SD3Adapter, export_lora, register_adapter, registered  # noqa: F401 (digits.py uses)
+from adapters import ADAPTERS, SD3Adapter, export_lora, make_trainable, register_adapter, registered  # noqa: F401
 from checkpoints import (
     Counter,
     PolicyCopy,
     check_run_folder,
+    checkpoint_step,
     clear_run,
     complete_checkpoints,
     dumps,
@@ -120,6 +120,8 @@ class Config:
     eval_seeds: int = 2  # images per eval prompt, fixed noise
     few_steps: int = 4  # the few-step eval sampler
     profile_bins: int = 10
+    drift_alarm: float = 0.0  # warn when an eval's norm ratio, overall or in any t bin, exceeds this (0 = off)
+    drift_stop: bool = False  # at the first drift alarm: save a checkpoint, export, and stop
     report_to: str = ""  # "" | tensorboard | wandb (through accelerate)
     # outputs
     out_dir: str = "runs/train_full"
@@ -143,7 +145,7 @@ RANGES = [  # (keys, test, what a value must be)
     (AT_LEAST_1, lambda v: v >= 1, "an int >= 1"),
     ("lr cfg_scale nft_beta adv_clip max_grad_norm shift", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     (
-        "lam kl_weight awm_ema_weight tolerance weight_decay ema_decay_rate warmup_steps",
+        "lam kl_weight awm_ema_weight tolerance weight_decay ema_decay_rate warmup_steps drift_alarm",
         lambda v: math.isfinite(v) and v >= 0,
         "a finite number >= 0",
     ),
@@ -153,6 +155,7 @@ RANGES = [  # (keys, test, what a value must be)
 # The run identity: every key that changes what a step computes. Not in it: where outputs go, how often to
 # evaluate, log and checkpoint, how far to train (steps), the eval sizes, gradient checkpointing (the same math).
 NOT_IDENTITY = "out_dir resume overwrite steps eval_every eval_seeds few_steps eval_prompts profile_bins report_to"
+NOT_IDENTITY += " drift_alarm drift_stop"
 NOT_IDENTITY += " checkpoint_every checkpoints_keep cache_dir gradient_checkpointing"
 
 
@@ -183,6 +186,8 @@ def check_config(cfg):
                 raise ValueError(f"{name}: expected {what}, got {getattr(cfg, name)}")
     if cfg.group_size < 2:
         raise ValueError(f"group_size: expected >= 2 (advantages compare samples of one prompt), got {cfg.group_size}")
+    if cfg.drift_stop and not cfg.drift_alarm:
+        raise ValueError("drift_stop: expected --drift_alarm=<ratio> > 0 with it (the ratio that stops the run)")
     if not cfg.out_dir.strip():
         raise ValueError("out_dir: expected a folder for the run's outputs, got ''")
     if not all(t.strip() for t in cfg.lora_targets.split(",")):
@@ -371,11 +376,13 @@ def train(cfg, model_path=None):
         stats = run.update(batch, step)
         run.log_step(step, batch, stats, time.time() - t0)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            keep, identity = cfg.checkpoints_keep, run_identity(cfg)
-            run.last_good = save_checkpoint(run.accelerator, run.ckpt_root, step + 1, keep, identity)
+            run.checkpoint(step + 1)
         if run.main and run.eval_due(step + 1):
             run.evaluate(step + 1)
         run.accelerator.wait_for_everyone()
+        if cfg.drift_stop and run.drift_alarmed(step + 1):  # a clean stop: this step's checkpoint, then the export
+            run.checkpoint(step + 1)
+            break
     return run.finish()
 
 
@@ -458,7 +465,7 @@ class Run:
             return
         (self.out_dir / "eval").mkdir(parents=True, exist_ok=True)
         saved = dict(config=dataclasses.asdict(cfg), identity=identity_hash(run_identity(cfg)), command=sys.argv)
-        saved.update(git_revision=git_revision(), model_path=self.model_path)
+        saved.update(git_revision=cli.git_revision(), model_path=self.model_path)
         (self.out_dir / "config.json").write_text(dumps(saved, indent=1))
         trainable = "full" if cfg.full_finetune else f"LoRA r={cfg.lora_rank}"
         guard = f"on: lam {cfg.lam}, {cfg.margin}" if cfg.guard else "off"
@@ -641,15 +648,36 @@ class Run:
                 result["norm_ratio"] = torch.cat(ratios).mean().item()
                 result["profile"] = [None if c == 0 else round(m, 5) for m, c in zip(means.tolist(), counts.tolist())]
             result.update({f"{key}_{name}": v for key, v in adapter.image_metrics(images, prompts).items()})
+        # the alarm reads the overall ratio and every t bin: drift concentrates at the noise end (see docs/digits.md)
+        result["norm_ratio_max"] = max([result["norm_ratio"]] + [m for m in result["profile"] if m is not None])
+        result["drift_alarm"] = bool(cfg.drift_alarm) and result["norm_ratio_max"] > cfg.drift_alarm
+        if result["drift_alarm"]:
+            print(f"DRIFT ALARM at step {step}: norm ratio {result['norm_ratio_max']:.4f} > {cfg.drift_alarm}")
         profile = " ".join("  -  " if m is None else f"{m:.3f}" for m in result["profile"])
         print(
             f"eval {step:6d} | reward full {result['reward_full']:.4f} few {result['reward_few']:.4f} | norm ratio "
             f"{result['norm_ratio']:.4f} | per t bin (0 -> 1): {profile}"
         )
         self.evals.append({"step": step, **result})
-        self.accelerator.log({f"eval/{k}": v for k, v in self.evals[-1].items() if k != "profile"}, step=step)
+        scalars = {f"eval/{k}": float(v) for k, v in self.evals[-1].items() if k != "profile"}
+        self.accelerator.log(scalars, step=step)
         with open(self.out_dir / "evals.jsonl", "a") as f:
             f.write(dumps(self.evals[-1]) + "\n")
+
+    def checkpoint(self, step):
+        """Save the checkpoint of `step` (once: a second call for the same step keeps the first)."""
+        if self.last_good is None or checkpoint_step(self.last_good) != step:
+            identity = run_identity(self.cfg)
+            self.last_good = save_checkpoint(
+                self.accelerator, self.ckpt_root, step, self.cfg.checkpoints_keep, identity
+            )
+
+    def drift_alarmed(self, step):
+        """Whether the eval at `step` raised the drift alarm: the main process decides, every process agrees."""
+        from accelerate.utils import broadcast_object_list
+
+        last = self.evals[-1] if self.main and self.evals else {}
+        return broadcast_object_list([last.get("step") == step and bool(last.get("drift_alarm"))])[0]
 
     def traced_velocity(self, cond, null, ratios, ts):
         """The policy's sampling velocity; with `ratios` a list, it also records ‖v_θ‖/‖v_ref‖ and t at each call:
@@ -681,34 +709,6 @@ class Run:
         return metrics
 
 
-def make_trainable(cfg, transformer, device, weight_dtype):
-    """LoRA (float32 adapters on frozen weights of weight_dtype), or all weights in float32 plus a frozen copy for
-    the reference, which is returned (None for LoRA: its reference is the adapter switched off)."""
-    frozen_copy = None
-    if cfg.full_finetune:
-        import copy
-
-        frozen_copy = copy.deepcopy(transformer).to(device, weight_dtype).requires_grad_(False).eval()
-        transformer.to(device, torch.float32).requires_grad_(True)
-    else:
-        from peft import LoraConfig
-
-        transformer.to(device).requires_grad_(False)
-        if weight_dtype != torch.float32:
-            transformer.to(weight_dtype)
-        targets = cfg.lora_targets.split(",")
-        lora = LoraConfig(
-            r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian", target_modules=targets
-        )
-        transformer.add_adapter(lora)
-        for p in transformer.parameters():
-            if p.requires_grad:  # LoRA weights train in float32 whatever the frozen weights' dtype
-                p.data = p.data.float()
-    if cfg.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    return frozen_copy
-
-
 def read_prompts(path, preset):
     if not path:
         return list(registered(preset).prompts)
@@ -724,15 +724,6 @@ def step_generator(cfg, step, rank, stream):
     """A generator seeded by (seed, step, process, stream): rollouts and train noise do not depend on RNG history,
     so a resumed run draws exactly what the uninterrupted run drew."""
     return torch.Generator().manual_seed(((cfg.seed * 1_000_003 + step) * 1009 + rank) * 7 + stream)
-
-
-def git_revision():
-    here = Path(__file__).resolve().parent
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=here)
-        return done.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def main(argv=None, preset="sd3"):

@@ -93,3 +93,8 @@ def test_run_prints_one_line_and_exits_2():
     )
     assert done.returncode == 2
     assert done.stderr.strip() == "error: --lr: expected a float, got 'x'"
+
+
+def test_git_revision_is_this_checkouts_commit():
+    rev = cli.git_revision()
+    assert rev == "unknown" or (len(rev) == 40 and all(c in "0123456789abcdef" for c in rev))

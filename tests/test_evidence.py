@@ -370,11 +370,6 @@ def test_write_json_round_trips_without_nan_tokens(tmp_path):
     assert back == {"x": [1.0, None], "y": "z"}
 
 
-def test_git_revision():
-    rev = E.git_revision()
-    assert rev == "unknown" or (len(rev) == 40 and all(c in "0123456789abcdef" for c in rev))
-
-
 def test_shared_figures_draw(tmp_path):
     import matplotlib
 

@@ -272,6 +272,36 @@ def test_resume_reproduces_the_uninterrupted_run(sd3_path, tmp_path, method):
     assert not (ckpt / "model.safetensors").exists()  # the frozen transformer is not copied into checkpoints
 
 
+def test_drift_alarm_fires_at_the_right_eval_and_stops_with_a_loadable_checkpoint(sd3_path, tmp_path, capsys):
+    """A first run measures the ratio at each eval; a threshold between its smallest and largest must fire at the
+    first eval above it, print one alarm line, save that step's checkpoint, export the LoRA and stop there; the
+    checkpoint then resumes."""
+    common = ("--method=nft", "--guard=false", "--eval_every=1", "--checkpoint_every=10", "--steps=3")
+    run(sd3_path, tmp_path / "probe", *common)
+    probe = read_jsonl(tmp_path / "probe" / "evals.jsonl")[1:]  # steps 1-3 (step 0 is the reference)
+    values = [e["norm_ratio_max"] for e in probe]
+    assert all(e["drift_alarm"] is False for e in probe) and max(values) > min(values)
+    threshold = (min(values) + max(values)) / 2
+    stop = next(e["step"] for e in probe if e["norm_ratio_max"] > threshold)
+    capsys.readouterr()
+    m = run(sd3_path, tmp_path / "stop", *common, f"--drift_alarm={threshold!r}", "--drift_stop=true")
+    evals = read_jsonl(tmp_path / "stop" / "evals.jsonl")
+    assert m["steps"] == stop and [e["step"] for e in evals][-1] == stop
+    assert [e["drift_alarm"] for e in evals[1:]] == [e["norm_ratio_max"] > threshold for e in evals[1:]]
+    assert f"DRIFT ALARM at step {stop}:" in capsys.readouterr().out
+    ckpt = tmp_path / "stop" / "checkpoints" / f"checkpoint-{stop:07d}"
+    assert (ckpt / "COMPLETE").is_file() and (tmp_path / "stop" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    resumed = run(sd3_path, tmp_path / "stop", *common, "--resume=latest")  # the alarm keys are not the identity
+    assert resumed["steps"] == 3
+
+
+def test_drift_stop_needs_a_threshold():
+    with pytest.raises(ValueError, match="drift_stop: expected --drift_alarm=<ratio> > 0"):
+        tf.make_config({"drift_stop": True, "pretrained_model_name_or_path": "x"})
+    with pytest.raises(ValueError, match="drift_alarm: expected a finite number >= 0"):
+        tf.make_config({"drift_alarm": -1.0, "pretrained_model_name_or_path": "x"})
+
+
 def test_killed_save_never_leaves_a_checkpoint_that_loads_wrong(sd3_path, tmp_path, monkeypatch):
     """A crash after accelerate wrote the state but before the rename leaves a temp folder only; --resume=latest
     skips it (and a folder without COMPLETE) and lands exactly on the uninterrupted run's weights."""
