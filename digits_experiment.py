@@ -141,12 +141,13 @@ def check_config(cfg):
 
 def arms(cfg, method, frontier):
     """{arm name: overrides} of one method: the headline arms and, with frontier, the family members. An override
-    "lr_scale" multiplies the method's lr; frontier members evaluate only at step 0 and the end (eval_every=steps):
-    the checkpoint path of early stopping is the official run's."""
-    out = {"none": dict(guard=False), "guard": dict(guard=True), "null": dict(guard=False, reward="digits_shuffled")}
+    "lr_scale" multiplies the method's lr. Only the official run ("none") evaluates every eval_every steps (its
+    checkpoints are the early-stopping path); every other arm only at step 0 and the end (eval_every=steps)."""
+    member = dict(eval_every=None)  # None: the run's own step count
+    out = {"none": {"guard": False}, "guard": dict(guard=True, **member)}
+    out["null"] = dict(guard=False, reward="digits_shuffled", **member)
     if not frontier or method not in cfg.frontier_methods.split(","):
         return out
-    member = dict(eval_every=None)  # None: the run's own step count
     for lam in floats(cfg.dpo_guard_lams if method == "dpo" else cfg.guard_lams):
         out[f"guard_lam{lam:g}"] = dict(guard=True, lam=lam, **member)
     if method != "dpo":
