@@ -1,6 +1,6 @@
 """The digits experiment: every method with and without the NormGuard hinge on the 8x8-digit testbed of digits.py.
 
-    python digits_experiment.py --seeds=0,1,2                       # the headline: exploration seeds (~15 min)
+    python digits_experiment.py --seeds=0,1,2                       # the headline: exploration seeds
     python digits_experiment.py --frontier --ref_seed=1 --seeds=10,11,12,13,14   # confirmation + frontier
     python digits_experiment.py --smoke                             # seconds, for tests
     python digits_experiment.py --lam=0.5 --full_finetune=true      # any train_full key is forwarded to every run
@@ -73,8 +73,8 @@ class Config:
     rescales: str = "0.95,1,1.05"  # the official un-guarded model sampled with |v| = s·|v_ref| at every step
     jobs: int = 2  # RL runs in parallel, each in a spawned process with `threads` threads (1: in this process)
     threads: int = 1  # these ops are tiny; on a shared 2-core machine a second thread can stall in sync (100x)
-    # evaluation: train_full's checkpoint evaluations and the final ones use this one set (50 per digit)
-    eval_samples: int = 500  # a multiple of 10; FD and disc_acc are compared only between sets of this size
+    # evaluation: train_full's checkpoint evaluations and the final ones use this one set (20 per digit)
+    eval_samples: int = 200  # a multiple of 10; FD and disc_acc are compared only between sets of this size
     adjoint_samples: int = 64
     out_dir: str = "runs/digits"
     # train_full overrides (--key=value with a train_full Config key), on top of the preset and TRAIN_DEFAULTS
