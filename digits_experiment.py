@@ -132,7 +132,7 @@ def check_config(cfg):
         raise ValueError(f"eval_samples: expected a multiple of 10 (every digit equally often), got {cfg.eval_samples}")
     if not cfg.dpo_lr > 0:
         raise ValueError(f"dpo_lr: expected a number > 0, got {cfg.dpo_lr}")
-    train_config(cfg, "nft", "none", seeds[0], "")  # the forwarded train_full keys fail here, before any work
+    train_config(cfg, "nft", "null", seeds[0], "")  # the forwarded train_full keys fail here, before any work
 
 
 # ---------------------------------------------------------------------------------------------------------------
