@@ -513,6 +513,25 @@ def label_reward(cfg, device):
     )
 
 
+def batch_permutation(seed, images):
+    """A permutation of range(B) drawn from a generator seeded by (seed, the batch's bytes): a fresh run and a
+    resumed one draw the same permutation for the same samples, and nothing in it depends on the rewards."""
+    import hashlib
+
+    data = images.detach().float().cpu().contiguous().numpy().tobytes()
+    digest = hashlib.blake2b(data, digest_size=8, key=str(seed).encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+    return torch.randperm(len(images), generator=gen).to(images.device)
+
+
+def shuffled_label_reward(cfg, device):
+    """train_full's `--reward=digits_shuffled`, the null-reward control: the digits reward of each call permuted
+    across its batch (a train_full rollout batch is one call when train_batch_size holds it). The rewards keep
+    their distribution and lose any relation to the samples they are given to; their batch mean is unchanged."""
+    real = label_reward(cfg, device)
+    return lambda images, prompts: real(images, prompts)[batch_permutation(cfg.seed, images)]
+
+
 PRESET = dict(
     resolution=8,
     reward="digits",
@@ -528,6 +547,7 @@ PRESET = dict(
 )
 tf.register_adapter("digits", DigitsAdapter, PRESET, dict(resolution=8), [str(d) for d in range(NUM_CLASSES)])
 tf.register_reward("digits", label_reward)
+tf.register_reward("digits_shuffled", shuffled_label_reward)
 
 
 def main(argv=None):

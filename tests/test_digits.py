@@ -7,7 +7,6 @@ even that budget gives digits a judge it has never met recognises far above chan
 """
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -200,7 +199,32 @@ def test_reference_velocity_follows_the_diffusers_convention(reference):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the experiment: train_full.py's digits preset, run per (method, variant, seed)
+# the null-reward control
+
+
+def test_shuffled_reward_is_a_reproducible_permutation_of_the_real_one(cache):
+    """digits_shuffled gives every sample some other sample's true reward: the same multiset per call, a fixed
+    permutation of the batch for a given run seed and batch (so a resumed run draws the same), another for
+    another seed."""
+    import train_full as tf
+
+    x, y = dg.load_split("heldout")
+    x, prompts = x[:32], [str(d) for d in y[:32].tolist()]
+    real = dg.reward_fn(x, y[:32], cache_dir=cache)
+    make = lambda seed: tf.make_config({"cache_dir": cache, "seed": seed}, False, "digits")
+    build = lambda seed: tf.REWARDS["digits_shuffled"](make(seed), "cpu")
+    shuffled = build(3)(x, prompts)
+    perm = dg.batch_permutation(3, x)
+    assert sorted(perm.tolist()) == list(range(32)) and perm.tolist() != list(range(32))
+    torch.testing.assert_close(shuffled, real[perm], rtol=0, atol=0)
+    torch.testing.assert_close(shuffled.sort().values, real.sort().values, rtol=0, atol=0)
+    torch.testing.assert_close(build(3)(x, prompts), shuffled, rtol=0, atol=0)  # reproducible
+    assert not torch.equal(build(4)(x, prompts), shuffled)  # another run seed, another permutation
+    assert not torch.equal(shuffled, real)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the experiment: train_full.py's digits preset, run per (method, arm, seed)
 
 
 def smoke_args(digits_cache, out, *extra):
@@ -210,13 +234,17 @@ def smoke_args(digits_cache, out, *extra):
     return ["--smoke", f"--cache_dir={cache}", f"--out_dir={out}", f"--pretrain_steps={steps}", *extra]
 
 
+# 4 RL steps with train_full's smoke eval_every=2: one checkpoint evaluation inside the early-stopping path
+SMOKE_EXTRA = ("--frontier", "--frontier_methods=nft,dpo", "--steps=4")
+
+
 @pytest.fixture(scope="module")
 def smoke(digits_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("digits_smoke")
-    return out, dx.main(smoke_args(digits_cache, out))
+    return out, dx.main(smoke_args(digits_cache, out, *SMOKE_EXTRA))
 
 
-def test_smoke_run_writes_every_output_and_a_verdict_per_claim(smoke):
+def test_smoke_run_writes_every_output_verdicts_and_frontier_lines(smoke):
     import train_full as tf
 
     out, metrics = smoke
@@ -224,57 +252,123 @@ def test_smoke_run_writes_every_output_and_a_verdict_per_claim(smoke):
         "metrics.json",
         "config.json",
         "digits.png",
-        "grids/reference_full.png",
+        "frontier_nft.png",
+        "frontier_awm.png",
+        "frontier_dpo.png",
+        "reference/seed0.pt",
+        "grids/reference_eval_seed0_full.png",
         "grids/nft_guard_seed0_few.png",
         "grids/dpo_none_seed0_rescale.png",
+        "grids/awm_none_seed0_rescale_1.05.png",
     ):
         assert (out / name).is_file(), name
     saved = json.loads((out / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
-    assert [line[:3] for line in saved["verdicts"]] == ["(1)", "(2)", "(3)", "(4)", "(5)"]
+    assert [line.split(" ")[0] for line in saved["verdicts"]] == ["(1)", "(2)", "(3)", "(4)", "(4b)", "(5)"]
+    assert "(rms_ratio)" in saved["verdicts"][0]
+    assert len(saved["frontier"]) == 3 * len(dx.METHODS) and "(primary)" in saved["frontier"][1]
+    assert set(saved["paths"]["nft"]) == {"guard", "kl", "lower_lr", "early_stop", "rescale"}
+    assert set(saved["paths"]["awm"]) == {"guard", "early_stop", "rescale"}  # not in frontier_methods: headline only
+    assert saved["config"]["frontier_methods"] == "nft,dpo" and saved["git_revision"]
     for m in dx.METHODS:
-        for v in dx.VARIANTS:
-            run = saved["runs"][m][v][0]
-            assert 0 <= run["full"]["reward"] <= 1 and run["full"]["ratio"] > 0
+        for v in dx.HEADLINE:
+            run = saved["null_runs"][m]["none"][0] if v == "null" else saved["runs"][m][v][0]
+            assert 0 <= run["full"]["reward"] <= 1 and run["full"]["ratio"] > 0 and run["full"]["rms_ratio"] > 0
             assert len(run["profile"]) == tf.Config().profile_bins
             history = saved["histories"][f"{m}_{v}_seed0"]
-            assert history["step"] == [0, tf.SMOKE["steps"]]  # train_full's own checkpoint evaluations
-    assert "rescale" in saved["runs"]["nft"]["none"][0] and "rescale" not in saved["runs"]["nft"]["guard"][0]
-    assert metrics["train_config"]["steps"] == tf.SMOKE["steps"] and metrics["train_config"]["lora_rank"] == 4
+            # train_full's own checkpoint evaluations: every eval_every steps for the official run only
+            assert history["step"] == ([0, 2, 4] if v == "none" else [0, 4])
+    assert len(saved["adjoint_reference"]) == 1 and set(saved["adjoint_reference"][0]) >= {"total_mean", "total_std"}
+    none = saved["runs"]["nft"]["none"][0]
+    assert {"rescale", "rescale_few", "rescale_0.95", "rescale_1.05"} <= set(none)
+    assert "rescale" not in saved["runs"]["nft"]["guard"][0]
+    assert abs(none["rescale_1.05"]["rms_ratio"] - 1.05) < 1e-4 and abs(none["rescale"]["ratio"] - 1) < 1e-4
+    assert metrics["train_config"]["steps"] == 4 and metrics["train_config"]["lora_rank"] == 4
+
+
+def test_final_evaluation_is_train_fulls_eval_set(smoke):
+    """Every point of a frontier path is measured on one sample set per seed: the final evaluation of the exported
+    model reproduces train_full's own evaluation of its last step (same noise, labels and count), and the
+    reference's evaluation reproduces step 0."""
+    out, _ = smoke
+    for name in ("nft_none_seed0", "awm_guard_seed0", "dpo_null_seed0", "nft_kl0.01_seed0"):
+        folder = out / "runs" / name
+        result = torch.load(folder / "result.pt", weights_only=False)
+        evals = [json.loads(line) for line in (folder / "evals.jsonl").read_text().splitlines()]
+        assert result["eval"]["full"]["reward"] == pytest.approx(evals[-1]["reward_full"], abs=1e-6)
+        assert result["eval"]["full"]["fd"] == pytest.approx(evals[-1]["fd_full"], rel=1e-6)
+        assert result["eval"]["few"]["fd"] == pytest.approx(evals[-1]["fd_few"], rel=1e-6)
+        assert result["eval"]["full"]["ratio"] == pytest.approx(evals[-1]["norm_ratio"], rel=1e-5)
+        reference = torch.load(out / "reference" / "seed0.pt", weights_only=False)["eval"]["full"]
+        assert reference["reward"] == pytest.approx(evals[0]["reward_full"], abs=1e-6)
+        assert reference["fd"] == pytest.approx(evals[0]["fd_full"], rel=1e-6)
+
+
+def test_frontier_paths_run_from_the_reference_through_the_members_to_the_official_run(smoke):
+    out, metrics = smoke
+    point = lambda name: tuple(
+        torch.load(out / "runs" / f"{name}_seed0" / "result.pt", weights_only=False)["eval"]["full"][k]
+        for k in ("reward", "fd")
+    )
+    reference = torch.load(out / "reference" / "seed0.pt", weights_only=False)["eval"]["full"]
+    start, end = (reference["reward"], reference["fd"]), point("nft_none")
+    paths = metrics["paths"]["nft"]
+    for family, (path,) in paths.items():
+        assert tuple(path[0]) == start and tuple(path[-1]) == end, family
+    # strongest effect first: guard by decreasing lam (2, then the headline 1), KL by decreasing weight
+    assert [tuple(p) for p in paths["guard"][0]] == [start, point("nft_guard_lam2"), point("nft_guard"), end]
+    assert [tuple(p) for p in paths["kl"][0]] == [start, point("nft_kl0.01"), end]
+    assert [tuple(p) for p in paths["lower_lr"][0]] == [start, point("nft_lr_x0.5"), end]
+    evals = [json.loads(line) for line in (out / "runs" / "nft_none_seed0" / "evals.jsonl").read_text().splitlines()]
+    assert tuple(paths["early_stop"][0][1]) == (evals[1]["reward_full"], evals[1]["fd_full"])  # the step-2 checkpoint
+    official = torch.load(out / "runs" / "nft_none_seed0" / "result.pt", weights_only=False)["eval"]
+    scaled = [(official[k]["reward"], official[k]["fd"]) for k in ("rescale_0.95", "rescale", "rescale_1.05")]
+    assert [tuple(p) for p in paths["rescale"][0]][1:-1] == scaled
+    assert [tuple(p) for p in metrics["paths"]["dpo"]["guard"][0]][1] == point("dpo_guard_lam4")
 
 
 def test_every_run_is_a_train_full_run(smoke):
-    """Each (method, variant, seed) folder is what train_full with the digits preset (`python digits.py`) writes,
+    """Each (method, arm, seed) folder is what train_full with the digits preset (`python digits.py`) writes,
     with the experiment's per-run settings in its config.json."""
     out, _ = smoke
     for m in dx.METHODS:
-        for v in dx.VARIANTS:
+        for v in dx.HEADLINE:
             folder = out / "runs" / f"{m}_{v}_seed0"
-            for name in (
-                "config.json",
-                "log.jsonl",
-                "evals.jsonl",
-                "metrics.json",
-                "train.log",
-                "result.pt",
-                "lora/pytorch_lora_weights.safetensors",
-            ):
+            for name in ("config.json", "log.jsonl", "evals.jsonl", "metrics.json", "train.log", "result.pt"):
                 assert (folder / name).is_file(), folder / name
+            assert (folder / "lora" / "pytorch_lora_weights.safetensors").is_file()
             saved = json.loads((folder / "config.json").read_text())["config"]
             assert saved["preset"] == "digits" and saved["method"] == m and saved["guard"] == (v == "guard")
+            assert saved["reward"] == ("digits_shuffled" if v == "null" else "digits")
             assert saved["lr"] == (dx.Config.dpo_lr if m == "dpo" else 1e-3)
             assert "step      2 | reward" in (folder / "train.log").read_text()
+    member = json.loads((out / "runs" / "nft_lr_x0.5_seed0" / "config.json").read_text())["config"]
+    assert member["lr"] == 5e-4 and not member["guard"] and member["eval_every"] == member["steps"] == 4
+    member = json.loads((out / "runs" / "nft_kl0.01_seed0" / "config.json").read_text())["config"]
+    assert member["kl_weight"] == 0.01 and not member["guard"]
 
 
-def test_an_interrupted_experiment_reuses_finished_runs_and_reruns_changed_ones(smoke, digits_cache):
+def test_an_interrupted_experiment_reuses_finished_runs_and_restarts_unfinished_ones(smoke, digits_cache):
     out, first = smoke
     result = out / "runs" / "dpo_guard_seed0" / "result.pt"
     stamp = result.stat().st_mtime_ns
-    again = dx.main(smoke_args(digits_cache, out, "--methods=dpo", "--jobs=1"))  # jobs=1: in this process
+    unfinished = out / "runs" / "dpo_null_seed0"
+    (unfinished / "result.pt").unlink()
+    (unfinished / "checkpoints" / "stale").mkdir(parents=True)
+    args = smoke_args(digits_cache, out, "--methods=dpo", "--steps=4", "--jobs=1")  # jobs=1: in this process
+    again = dx.main(args)
     assert result.stat().st_mtime_ns == stamp  # same train_full config: read back, not retrained
-    assert dx.json_safe(again["runs"]["dpo"]) == dx.json_safe(first["runs"]["dpo"])  # profile bins may be NaN
-    changed = dx.main(smoke_args(digits_cache, out, "--methods=dpo", "--lam=0.5", "--jobs=1"))
+    assert not (unfinished / "checkpoints" / "stale").exists() and (unfinished / "result.pt").is_file()
+    assert json.dumps(ev_safe(again["runs"]["dpo"])) == json.dumps(ev_safe(first["runs"]["dpo"]))
+    assert json.dumps(ev_safe(again["null_runs"])) == json.dumps(ev_safe({"dpo": first["null_runs"]["dpo"]}))
+    changed = dx.main(args + ["--lam=0.5"])
     assert result.stat().st_mtime_ns != stamp
     assert changed["train_config"]["lam"] == 0.5
+
+
+def ev_safe(x):
+    import evidence
+
+    return evidence.json_safe(x)
 
 
 def test_the_exported_lora_loads_as_the_trained_policy(smoke, digits_cache):
@@ -284,8 +378,8 @@ def test_the_exported_lora_loads_as_the_trained_policy(smoke, digits_cache):
 
     out, metrics = smoke
     ref_path = metrics["reference_path"]
-    tcfg = dx.train_config(dx.parse_args(smoke_args(digits_cache, out)), "nft", "guard", 0, ref_path)
-    fused = dx.load_trained(tcfg, ref_path)
+    cfg, _ = dx.parse_args(smoke_args(digits_cache, out, *SMOKE_EXTRA))
+    fused = dx.load_trained(dx.train_config(cfg, "nft", "guard", 0, ref_path), ref_path)
     unfused = SD3Transformer2DModel.from_pretrained(str(Path(ref_path) / "transformer"))
     unfused.load_lora_adapter(
         str(out / "runs" / "nft_guard_seed0" / "lora"),
@@ -301,11 +395,17 @@ def test_the_exported_lora_loads_as_the_trained_policy(smoke, digits_cache):
     assert (v_fused - v_ref).abs().max() > 1e-4
 
 
-def test_early_stopping_control_interpolates_the_unguarded_path():
-    none = {"reward": [0.5, 0.7, 0.9], "fd": [10.0, 30.0, 50.0]}
-    assert dx.early_stopping_control(none, {"reward": [0.5, 0.8], "fd": [10.0, 25.0]}) == pytest.approx(15.0)
-    assert dx.early_stopping_control(none, {"reward": [0.5, 0.4], "fd": [10.0, 12.0]}) == pytest.approx(-2.0)
-    assert math.isnan(dx.early_stopping_control(none, {"reward": [0.5, 0.95], "fd": [10.0, 20.0]}))
+def test_runs_start_in_the_order_the_protocol_cuts_them_last():
+    cfg, frontier = dx.parse_args(["--frontier", "--seeds=0,1"])
+    jobs = dx.all_jobs(cfg, frontier)
+    assert jobs[:2] == [("reference", None, 0), ("reference", None, 1)]
+    order = [dx.priority(cfg, m, a) for m, a, _ in jobs[2:]]
+    assert order == sorted(order) and len(jobs) == 2 + 2 * (3 * 3 + 2 * 7 + 1)
+    rank = {a: dx.priority(cfg, "nft", a) for a in dx.arms(cfg, "nft", True)}
+    inner, outer = {"guard_lam0.5": 1, "kl0.001": 1, "kl0.01": 1}, {"guard_lam0.25": 2, "guard_lam2": 2, "kl0.1": 2}
+    assert rank == {"none": 0, "guard": 0, "null": 0, **inner, **outer, "lr_x0.5": 3}
+    assert dx.priority(cfg, "dpo", "guard_lam4") == 4
+    assert set(dx.arms(cfg, "dpo", False)) == set(dx.HEADLINE)
 
 
 def test_bad_arguments_name_the_key():
@@ -319,13 +419,28 @@ def test_bad_arguments_name_the_key():
         dx.parse_args(["--lr=fast"])  # a train_full key, checked by train_full's own parser
     with pytest.raises(ValueError, match="method"):
         dx.parse_args(["--method=nft"])  # set per run by the experiment
-    with pytest.raises(ValueError, match="ckpt_samples"):
-        dx.parse_args(["--ckpt_samples=15"])
+    with pytest.raises(ValueError, match="eval_samples"):
+        dx.parse_args(["--eval_samples=15"])
+    with pytest.raises(ValueError, match="kl_weights"):
+        dx.parse_args(["--kl_weights=1e-3,-1"])
+    with pytest.raises(ValueError, match="train_batch_size"):
+        dx.parse_args(["--train_batch_size=8"])  # the null control's permutation must see the whole rollout batch
+
+
+def test_command_line_help_exits_0_and_a_bad_argument_exits_2_with_one_line():
+    import subprocess
+    import sys
+
+    script = str(Path(dx.__file__))
+    done = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--frontier" in done.stdout and "--kl_weights=" in done.stdout
+    done = subprocess.run([sys.executable, script, "--seeds=x"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "seeds" in done.stderr
 
 
 def test_forwarded_train_full_keys_reach_every_run():
-    cfg = dx.parse_args(["--lam=0.25", "--full_finetune=true", "--seeds=3,4"])
-    assert cfg.train == {"lam": 0.25, "full_finetune": True}  # converted by cli.parse to train_full's types
+    cfg, frontier = dx.parse_args(["--lam=0.25", "--full_finetune=true", "--seeds=3,4"])
+    assert cfg.train == {"lam": 0.25, "full_finetune": True} and not frontier  # converted to train_full's types
     for method in dx.METHODS:
         tcfg = dx.train_config(cfg, method, "guard", 4, "")
         assert tcfg.lam == 0.25 and tcfg.full_finetune and tcfg.seed == 4 and tcfg.steps == dx.TRAIN_DEFAULTS["steps"]
