@@ -654,7 +654,9 @@ def summarise(cfg, tc, results, frontier):
     out["members"] = format_members({j: r for j, r in results.items() if j[0] != "reference"}, methods, seeds)
     if frontier:
         out["paths"] = {m: frontier_paths(cfg, results, m, seeds) for m in methods}
-        out["frontier"], out["frontier_summary"] = ev.frontier(out["paths"], QUALITY)
+        # the primary comparison (protocol, amendment 1): at each seed's headline guarded run's own reward
+        operating = {m: [point(results[(m, "guard", s)]["eval"]["full"]) for s in seeds] for m in methods}
+        out["frontier"], out["frontier_summary"] = ev.frontier(out["paths"], QUALITY, operating)
     return out
 
 
@@ -682,7 +684,7 @@ def run(cfg, frontier=False, progress=True):
         plot_frontiers(summary["paths"], lambda m: out / f"frontier_{m}.png")
     train_settings = {k: v for k, v in dataclasses.asdict(tc).items() if k not in PER_RUN}
     info = dict(config=dataclasses.asdict(cfg), frontier=frontier, train_config=train_settings, command=sys.argv)
-    info.update(git_revision=ev.git_revision(), reference_path=ref_path)
+    info.update(git_revision=cli.git_revision(), reference_path=ref_path)
     wall = {"reference": t_pre, "total": time.time() - t0}
     wall["runs"] = {f"{m}_{a}_seed{s}": r["wall_time_s"] for (m, a, s), r in results.items() if m != "reference"}
     histories = {f"{m}_{a}_seed{s}": r["history"] for (m, a, s), r in results.items() if m != "reference"}
