@@ -592,7 +592,7 @@ def plot(results, inputs, methods, seeds, tc, path):
     for m in methods:
         rescaled = {"full": first(m, "none")["rescale"], "few": first(m, "none")["rescale_few"]}
         panels += [(m, first(m, "none")), (f"{m} + NormGuard", first(m, "guard")), (f"{m} rescaled", rescaled)]
-    fig = plt.figure(figsize=(2.1 * len(panels), 9.5))
+    fig = plt.figure(figsize=(max(2.1 * len(panels), 13), 9.5))  # the three bottom panels need 13 inches
     gs = fig.add_gridspec(3, 3, height_ratios=[1, 1, 2.2])
     plot_samples(fig, gs, panels, tc)
     ax_t, ax_q, ax_s = (fig.add_subplot(gs[2, j]) for j in range(3))
