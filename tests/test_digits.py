@@ -206,13 +206,14 @@ def test_shuffled_reward_is_a_reproducible_permutation_of_the_real_one(cache):
     """digits_shuffled gives every sample some other sample's true reward: the same multiset per call, a fixed
     permutation of the batch for a given run seed and batch (so a resumed run draws the same), another for
     another seed."""
+    import rewards
     import train_full as tf
 
     x, y = dg.load_split("heldout")
     x, prompts = x[:32], [str(d) for d in y[:32].tolist()]
     real = dg.reward_fn(x, y[:32], cache_dir=cache)
     make = lambda seed: tf.make_config({"cache_dir": cache, "seed": seed}, False, "digits")
-    build = lambda seed: tf.REWARDS["digits_shuffled"](make(seed), "cpu")
+    build = lambda seed: rewards.REWARDS["digits_shuffled"](make(seed), "cpu")
     shuffled = build(3)(x, prompts)
     perm = dg.batch_permutation(3, x)
     assert sorted(perm.tolist()) == list(range(32)) and perm.tolist() != list(range(32))
@@ -265,7 +266,8 @@ def test_smoke_run_writes_every_output_verdicts_and_frontier_lines(smoke):
     saved = json.loads((out / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
     assert [line.split(" ")[0] for line in saved["verdicts"]] == ["(1)", "(2)", "(3)", "(4)", "(4b)", "(5)"]
     assert "(rms_ratio)" in saved["verdicts"][0]
-    assert len(saved["frontier"]) == 3 * len(dx.METHODS) and "(primary)" in saved["frontier"][1]
+    # per method: the guarded run's own reward (primary, protocol amendment 1), then 50 %, 75 %, 90 % of the gain
+    assert len(saved["frontier"]) == 4 * len(dx.METHODS) and "own reward (primary)" in saved["frontier"][0]
     assert set(saved["paths"]["nft"]) == {"guard", "kl", "lower_lr", "early_stop", "rescale"}
     assert set(saved["paths"]["awm"]) == {"guard", "early_stop", "rescale"}  # not in frontier_methods: headline only
     assert saved["config"]["frontier_methods"] == "nft,dpo" and saved["git_revision"]
