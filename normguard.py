@@ -286,7 +286,7 @@ def velocity_norm(v, granularity="sample", channel_dim=None):
 
 
 def norm_ratio(v, v_ref, granularity="sample", channel_dim=None, eps=1e-6):
-    """Drift monitor ‖v_θ‖ / max(‖v_ref‖, eps), detached: (B,) per sample or (B, T) per token.
+    """Drift monitor ‖v_θ‖ / max(‖v_ref‖, eps), detached: (B,) per sample, (B, T) per token
 
     v, v_ref: (B, ...) velocities at the same (x_t, t, c); eps > 0. 1.0 means no drift; RL runs
     drift to 1.05-1.15.
@@ -364,17 +364,17 @@ def normguard_penalty(
                = ‖v_θ‖ - ‖v_ref‖                (margin="absolute")
         penalty = lam · mean_units( relu(excess - tolerance) ** power ),  units = samples or tokens
 
-    Add it to any velocity-local base loss: loss = base + penalty; it never pushes a norm up. v_ref
-    is detached here whatever the caller passes. Where active, the gradient w.r.t. v_θ is a positive
-    multiple of v_θ/‖v_θ‖: it shrinks the magnitude and leaves the direction alone, unlike the
-    symmetric KL terms of NFT/AWM that pull the whole vector to v_ref.
+    Add it to any velocity-local base loss: loss = base + penalty; it never pushes a norm up.
+    v_ref is detached here whatever the caller passes. Where active, the gradient w.r.t. v_θ is a
+    positive multiple of v_θ/‖v_θ‖: it shrinks the magnitude and leaves the direction alone,
+    unlike the symmetric KL terms of NFT/AWM that pull the whole vector to v_ref.
 
     Defaults are our reading (the paper's exact form is not public): per sample, because the drift
     the paper reports is a per-step norm; relative, so that lam carries over between resolutions,
-    latent channels and timesteps (‖v‖ grows with sqrt(dims)); squared, so the force fades to zero
-    at the boundary and a model that barely exceeds the reference is barely touched. power=1 gives
-    the plain hinge. In a few dims ‖v_ref‖ can come close to 0, where the relative hinge's gradient
-    (∝ 1/‖v_ref‖) blows up: use margin="absolute" there.
+    latent channels and timesteps (‖v‖ grows with sqrt(dims)); squared, so the force fades to
+    zero at the boundary and a model that barely exceeds the reference is barely touched. power=1
+    gives the plain hinge. In a few dims ‖v_ref‖ can come close to 0, where the relative hinge's
+    gradient (∝ 1/‖v_ref‖) blows up: use margin="absolute" there.
 
     v, v_ref: (B, ...); lam >= 0; power: the int 1 or 2; tolerance >= 0 (in units of the margin);
     eps > 0; granularity and channel_dim as in velocity_norm.
@@ -445,7 +445,8 @@ def nft_loss(v, v_old, v_ref, x_t, x0, t, advantages, *, beta=1.0, adv_clip=5.0,
         p = clip(clip(A, ±A_max) / A_max / 2 + 1/2, 0, 1)             (optimality probability)
         x0± = x_t - t·v±,  w± = sg(mean_dims |x0± - x0|) clamped >= 1e-5,
         ℓ± = mean_dims (x0± - x0)² / w±
-        L  = mean_B[ A_max·(p·ℓ+ + (1 - p)·ℓ-) / β ] + kl_weight·mean_B mean_dims (v_θ - v_ref)²
+        L  = mean_B[ A_max·(p·ℓ+ + (1 - p)·ℓ-) / β ]
+             + kl_weight·mean_B mean_dims (v_θ - v_ref)²
 
     v, v_old, v_ref, x_t, x0: (B, ...); t: (B,) in [0, 1]; advantages: (B,) finite. v_old (the
     EMA "old" policy) and v_ref (frozen base model) are detached here. beta > 0; adv_clip > 0;
@@ -502,7 +503,7 @@ def awm_time_weight(err, t, weighting="ghuber", power=0.25):
     """AWM's weighting w(ℓ, t) of the per-sample flow-matching error ℓ; log p~ = -w.
 
         "uniform": ℓ    "t": t·ℓ    "t2": t²·ℓ    "huber": t·(sqrt(ℓ + 1e-10) - 1e-5)
-        "ghuber":  (t / p)·((ℓ + 1e-10)^p - 1e-10^p),  p = power > 0 (0.25 in the official configs)
+        "ghuber":  (t / p)·((ℓ + 1e-10)^p - 1e-10^p),  p = power > 0 (official configs: 0.25)
 
     err: (B,) >= 0; t: (B,) in [0, 1], the same shape. Returns (B,).
     """
@@ -669,7 +670,8 @@ def dpo_loss(v_w, v_l, v_ref_w, v_ref_l, target_w, target_l, *, beta=2000.0):
 def velocity_scale_sensitivity(velocity_fn, reward_fn, noise, timesteps):
     """First-order change of a differentiable reward when step k's velocity is scaled.
 
-        v_k -> (1 + α_k)·v_k:   dR/dα_k = (t_{k+1} - t_k)·<a_{k+1}, v_k>,   a_{k+1} = ∂R/∂x_{k+1}
+        v_k -> (1 + α_k)·v_k:  dR/dα_k = (t_{k+1} - t_k)·<a_{k+1}, v_k>,
+        a_{k+1} = ∂R/∂x_{k+1}
 
     (a_{k+1} is the adjoint, by backprop), computed for every sample and step at α = 0 by one
     backward pass through euler_sample. "No coherent first-order signal" in magnitude means these
