@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from cli import dumps
+
 
 def trainable_params(model):
     return [p for p in model.parameters() if p.requires_grad]
@@ -218,19 +220,3 @@ def truncate_jsonl(path, last_step):
     tmp.write_text("".join(dumps(r) + "\n" for r in records))
     os.replace(tmp, path)
     return records
-
-
-def finite_or_none(obj):
-    """obj with every NaN/Inf float (in dicts, lists, tuples) replaced by None: strict JSON has no NaN."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite_or_none(v) for v in obj]
-    return obj
-
-
-def dumps(obj, **kw):
-    """Strict JSON (NaN/Inf written as null, never as the bare NaN other parsers reject)."""
-    return json.dumps(finite_or_none(obj), allow_nan=False, **kw)

@@ -9,11 +9,14 @@
   naming the argument and what was expected.
 - `cli.run(main)` runs a script's `main(argv)` and turns a `UsageError` into one line on stderr and exit code 2,
   without a traceback. Other exceptions keep theirs.
-Also `git_revision()`, the code version every script records. Imports only the standard library.
+Also what every script writes next to its outputs: `git_revision()`, the code version, and `dumps()`, strict JSON.
+Imports only the standard library.
 """
 
 import dataclasses
 import inspect
+import json
+import math
 import re
 import subprocess
 import sys
@@ -140,3 +143,22 @@ def git_revision():
         return done.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def json_safe(obj):
+    """NaN and ±inf -> None, dataclasses -> dicts, tuples -> lists, dict keys -> str, recursively: what strict JSON
+    can hold."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return json_safe(dataclasses.asdict(obj))
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def dumps(obj, **kw):
+    """Strict JSON: json_safe, then json.dumps with allow_nan=False (no bare NaN, which other parsers reject)."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kw)

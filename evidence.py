@@ -23,14 +23,14 @@ paired t interval and one-sided t-test per method, Holm across methods (docs/pro
 standard library; scipy (its t distribution) and matplotlib inside the functions that need them.
 """
 
-import dataclasses
-import json
 import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from cli import dumps, json_safe  # noqa: F401 (json_safe: strict JSON for the experiments' callers)
 
 VARIANTS = ("none", "guard")
 METHOD_COLORS = {"nft": "tab:blue", "awm": "tab:orange", "dpo": "tab:green"}
@@ -436,22 +436,9 @@ def format_table(runs, reference_eval, columns):
 # outputs: strict JSON, the code's version
 
 
-def json_safe(obj):
-    """NaN and ±inf -> None, tuples -> lists, dict keys -> str, recursively: what strict JSON can hold."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return json_safe(dataclasses.asdict(obj))
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
-
-
 def write_json(path, obj, indent=1):
-    """Write obj as strict JSON (no NaN or Infinity tokens: json_safe first, then allow_nan=False)."""
-    Path(path).write_text(json.dumps(json_safe(obj), indent=indent, allow_nan=False))
+    """Write obj as strict JSON (cli.dumps: no NaN or Infinity tokens)."""
+    Path(path).write_text(dumps(obj, indent=indent))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -50,7 +50,6 @@ from checkpoints import (
     checkpoint_step,
     clear_run,
     complete_checkpoints,
-    dumps,
     identity_hash,
     register_trainable_only_hooks,
     save_checkpoint,
@@ -466,7 +465,7 @@ class Run:
         (self.out_dir / "eval").mkdir(parents=True, exist_ok=True)
         saved = dict(config=dataclasses.asdict(cfg), identity=identity_hash(run_identity(cfg)), command=sys.argv)
         saved.update(git_revision=cli.git_revision(), model_path=self.model_path)
-        (self.out_dir / "config.json").write_text(dumps(saved, indent=1))
+        (self.out_dir / "config.json").write_text(cli.dumps(saved, indent=1))
         trainable = "full" if cfg.full_finetune else f"LoRA r={cfg.lora_rank}"
         guard = f"on: lam {cfg.lam}, {cfg.margin}" if cfg.guard else "off"
         n_params, grid = sum(p.numel() for p in self.params) / 1e6, [round(s, 3) for s in sigmas.tolist()]
@@ -612,7 +611,7 @@ class Run:
                 f"{line['loss']:.5f} ({extra}) | hinge {line['hinge']:.3g} active {line['active_frac']:.3f} | "
                 f"norm ratio {line['norm_ratio']:.4f} | {line['step_time']:.2f} s"
             )
-            self.log.write(dumps(line) + "\n")
+            self.log.write(cli.dumps(line) + "\n")
             self.log.flush()
         self.accelerator.log(line, step=step + 1)
 
@@ -662,7 +661,7 @@ class Run:
         scalars = {f"eval/{k}": float(v) for k, v in self.evals[-1].items() if k != "profile"}
         self.accelerator.log(scalars, step=step)
         with open(self.out_dir / "evals.jsonl", "a") as f:
-            f.write(dumps(self.evals[-1]) + "\n")
+            f.write(cli.dumps(self.evals[-1]) + "\n")
 
     def checkpoint(self, step):
         """Save the checkpoint of `step` (once: a second call for the same step keeps the first)."""
@@ -703,7 +702,7 @@ class Run:
         }
         if self.main:
             export_lora(self.cfg, self.adapter, self.base.module, self.out_dir)
-            (self.out_dir / "metrics.json").write_text(dumps(metrics, indent=1))
+            (self.out_dir / "metrics.json").write_text(cli.dumps(metrics, indent=1))
             self.log.close()
         self.accelerator.end_training()
         return metrics

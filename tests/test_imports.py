@@ -102,7 +102,7 @@ def test_train_full_knows_no_testbed():
     assert not graph["train_full"] & TESTBEDS
     assert graph["train_full"] <= {"normguard", "cli", "adapters", "rewards", "checkpoints"}, graph["train_full"]
     parts = {name: graph[name] for name in ("adapters", "rewards", "checkpoints")}
-    assert parts == {"adapters": {"normguard"}, "rewards": {"adapters"}, "checkpoints": set()}, parts
+    assert parts == {"adapters": {"normguard"}, "rewards": {"adapters"}, "checkpoints": {"cli"}}, parts
 
 
 def test_normguard_imports_only_torch_and_the_standard_library_at_module_level():
