@@ -343,6 +343,23 @@ def cached(path, key, compute):
     return result
 
 
+# A finished run is reused when it computed the same thing: equal train_full configs, less the keys that only say
+# where files go and how often to checkpoint (a moved output or cache folder reruns nothing; the reference is named
+# by its folder, reference-seed<s>-steps<n>), and equal eval sizes. A train_full key added after a run was cached
+# counts as unchanged when it holds the value under which the older code ran (KEYS_ADDED_SINCE).
+NOT_COMPARED = "out_dir cache_dir resume overwrite report_to checkpoint_every checkpoints_keep gradient_checkpointing"
+KEYS_ADDED_SINCE = {}  # train_full key -> the value every earlier run ran with
+
+
+def same_run(stored, current):
+    def compared(key):
+        config = {**KEYS_ADDED_SINCE, **{k: v for k, v in key.items() if k not in NOT_COMPARED.split()}}
+        config["pretrained_model_name_or_path"] = Path(key["pretrained_model_name_or_path"]).name
+        return config
+
+    return compared(stored) == compared(current)
+
+
 def eval_key(cfg):
     return {"eval_samples": cfg.eval_samples, "adjoint_samples": cfg.adjoint_samples, "rescales": cfg.rescales}
 
@@ -373,7 +390,7 @@ def run_job(cfg, ref_path, method, arm, seed):
     key = {**dataclasses.asdict(tcfg), "eval": eval_key(cfg)}
     if (out / "result.pt").is_file():
         result = torch.load(out / "result.pt", weights_only=False)
-        if result["key"] == key:
+        if same_run(result["key"], key):
             return result
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -627,10 +644,11 @@ def plot_frontiers(paths, path_for):
 
 
 def all_jobs(cfg, frontier):
-    """The seeds' reference evaluations, then every (method, arm, seed) by priority, then seed."""
+    """The seeds' reference evaluations, then every (method, arm, seed): method by method in the order given (so
+    that an experiment stopped early has whole methods), within a method by priority, then seed."""
     methods, seeds = cfg.methods.split(","), seed_list(cfg)
     runs = [(m, a, s) for s in seeds for m in methods for a in arms(cfg, m, frontier)]
-    runs.sort(key=lambda job: (priority(cfg, *job[:2]), seeds.index(job[2])))
+    runs.sort(key=lambda job: (methods.index(job[0]), priority(cfg, *job[:2]), seeds.index(job[2])))
     return [("reference", None, s) for s in seeds] + runs
 
 

@@ -6,6 +6,7 @@ trusted). The reference there is pretrained with a short budget (DIGITS_TEST_STE
 even that budget gives digits a judge it has never met recognises far above chance.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -401,13 +402,31 @@ def test_runs_start_in_the_order_the_protocol_cuts_them_last():
     cfg, frontier = dx.parse_args(["--frontier", "--seeds=0,1"])
     jobs = dx.all_jobs(cfg, frontier)
     assert jobs[:2] == [("reference", None, 0), ("reference", None, 1)]
-    order = [dx.priority(cfg, m, a) for m, a, _ in jobs[2:]]
-    assert order == sorted(order) and len(jobs) == 2 + 2 * (3 * 3 + 2 * 7 + 1)
+    order = [(dx.METHODS.index(m), dx.priority(cfg, m, a)) for m, a, _ in jobs[2:]]
+    assert order == sorted(order) and len(jobs) == 2 + 2 * (3 * 3 + 2 * 7 + 1)  # method by method, then priority
     rank = {a: dx.priority(cfg, "nft", a) for a in dx.arms(cfg, "nft", True)}
     inner, outer = {"guard_lam0.5": 1, "kl0.001": 1, "kl0.01": 1}, {"guard_lam0.25": 2, "guard_lam2": 2, "kl0.1": 2}
     assert rank == {"none": 0, "guard": 0, "null": 0, **inner, **outer, "lr_x0.5": 3}
     assert dx.priority(cfg, "dpo", "guard_lam4") == 4
     assert set(dx.arms(cfg, "dpo", False)) == set(dx.HEADLINE)
+
+
+def test_a_run_is_reused_on_what_it_computed_not_on_where_its_files_went(monkeypatch):
+    cfg, _ = dx.parse_args(["--seeds=0"])
+    key = {**dataclasses.asdict(dx.train_config(cfg, "nft", "guard", 0, "/a/reference-seed0-steps2000")), "eval": 1}
+    moved = {
+        **key,
+        "out_dir": "/b/runs/x",
+        "cache_dir": "/b",
+        "pretrained_model_name_or_path": "/b/reference-seed0-steps2000",
+    }
+    assert dx.same_run(key, moved) and dx.same_run(key, {**key, "checkpoint_every": 7})
+    assert not dx.same_run(key, {**key, "lam": 0.5}) and not dx.same_run(key, {**key, "eval": 2})
+    assert not dx.same_run(key, {**key, "pretrained_model_name_or_path": "/a/reference-seed1-steps2000"})
+    added = {**key, "new_option": "old behaviour"}  # a train_full key that did not exist when `key` was cached
+    assert not dx.same_run(key, added)
+    monkeypatch.setitem(dx.KEYS_ADDED_SINCE, "new_option", "old behaviour")
+    assert dx.same_run(key, added) and not dx.same_run(key, {**key, "new_option": "new behaviour"})
 
 
 def test_bad_arguments_name_the_key():
