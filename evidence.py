@@ -11,6 +11,8 @@ The data every function reads, per method (nft, awm, dpo) and variant ("none": b
                            ‖v_θ‖/‖v_ref‖) and "rms_ratio" (√mean‖v_θ‖² / √mean‖v_ref‖²), both absent under
                            rescale, where they are 1 by construction; "profile" is the ratio per bin of t.
     null_runs[method]["none"]  the same for the shuffled-reward control (rewards permuted across the batch).
+    reference_eval         the reference's evaluation: one dict for every seed (a shared eval set, the toy) or a
+                           list, one per seed (each seed its own eval set, digits): gains pair with the seed's own.
     adjoint[method]        a list, one per seed, of the un-guarded model's {"total_mean", "total_std",
                            "frac_positive"} of Σ_k dR/dα_k (ng.velocity_scale_sensitivity); adjoint_reference the
                            reference's, one per seed on that seed's noise (or one dict for every seed).
@@ -237,12 +239,13 @@ def claim_adjoint(adjoint, adjoint_reference, m):
 
 def claim_keeps_reward(runs, m, quality, r0):
     """(4) The guard improves quality over the un-guarded run and keeps >= KEEP_GAIN of its reward gain, tested as
-    non-inferiority r_guard - r_none + (1 - KEEP_GAIN)·(r_none - r0) > 0. Returns (p, quality gains, text)."""
+    non-inferiority r_guard - r_none + (1 - KEEP_GAIN)·(r_none - r0) > 0, r0 the seed's reference reward. Returns
+    (p, quality gains, text)."""
     q = quality.key
     r_none, r_guard = collect(runs, m, "none", "full", "reward"), collect(runs, m, "guard", "full", "reward")
     gains = quality.gain(collect(runs, m, "guard", "full", q), collect(runs, m, "none", "full", q))
-    keeps = paired([g - n + (1 - KEEP_GAIN) * (n - r0) for g, n in zip(r_guard, r_none)])
-    kept = (statistics.fmean(r_guard) - r0) / (statistics.fmean(r_none) - r0)
+    keeps = paired([g - n + (1 - KEEP_GAIN) * (n - r) for g, n, r in zip(r_guard, r_none, r0)])
+    kept = statistics.fmean(paired_diff(r_guard, r0)) / statistics.fmean(paired_diff(r_none, r0))
     better = paired(gains)
     text = f"{m} reward gain kept {kept:.0%}, {quality.label} better by {better.text(quality.digits)}"
     return max(better.p, keeps.p), gains, text
@@ -267,6 +270,17 @@ def claim_not_early_stopping(control, m, quality):
     )
 
 
+def reference_rewards(reference_eval, runs):
+    """The reference's reward per seed: one evaluation for every seed (a dict: a shared eval set) or one per seed
+    (a list in the seeds' order: each seed its own eval set), so that gains are paired with the seed's own."""
+    n = len(next(iter(next(iter(runs.values())).values())))
+    if isinstance(reference_eval, dict):
+        return [reference_eval["full"]["reward"]] * n
+    if len(reference_eval) != n:
+        raise ValueError(f"reference_eval: expected one evaluation per seed ({n}), got {len(reference_eval)}")
+    return [e["full"]["reward"] for e in reference_eval]
+
+
 def verdicts(
     runs, reference_eval, adjoint, adjoint_reference, control, quality, few_steps, null_runs=None, ratio_key="rms_ratio"
 ):
@@ -277,8 +291,8 @@ def verdicts(
     apart. Differences print as mean [95 % interval] over seeds; quality differences as "better by", signed by
     the metric's direction. See the module docstring for the inputs and docs/protocol.md for the rules.
     """
-    r0 = reference_eval["full"]["reward"]
-    gained = {m: paired([r - r0 for r in collect(runs, m, "none", "full", "reward")]).p <= ALPHA for m in runs}
+    r0 = reference_rewards(reference_eval, runs)
+    gained = {m: paired(paired_diff(collect(runs, m, "none", "full", "reward"), r0)).p <= ALPHA for m in runs}
     methods = [m for m, ok in gained.items() if ok]
     note = "".join(f"; {m} set aside: its un-guarded run gained no reward" for m, ok in gained.items() if not ok)
     flags, lines = {"not_tested": [m for m, ok in gained.items() if not ok]}, []

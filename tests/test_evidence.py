@@ -258,6 +258,31 @@ def test_claim_3_is_an_equivalence_with_the_reference_reported():
     assert "reference +0.00, change" in judged()[0][2]
 
 
+def test_each_seed_gains_from_its_own_reference():
+    """Digits evaluates each seed on its own eval set, so each seed has its own reference reward: a seed offset
+    50x the reward gain, added to every reward of that seed and to its reference, leaves every verdict as it was
+    when the per-seed references are given; judged against their mean the gain is lost in the offsets."""
+    runs, reference, adjoint, adjoint_ref, histories, null_runs = experiment(random.Random(0))
+    rng, per_seed = random.Random(1), []
+    for s in range(len(adjoint_ref)):
+        offset = rng.choice((-1, 1)) * 4.0  # 50x the reward gain (0.08)
+        for m in METHODS:
+            for variant, phases in (("none", ("full", "rescale")), ("guard", ("full",))):
+                for phase in phases:
+                    runs[m][variant][s][phase]["reward"] += offset
+        per_seed.append({**reference, "full": {**reference["full"], "reward": reference["full"]["reward"] + offset}})
+    args = (adjoint, adjoint_ref, controls(histories, LOGP), LOGP, 3)
+    lines, flags = E.verdicts(runs, per_seed, *args, null_runs=null_runs)
+    assert all(": REPRODUCED — " in line for line in lines), lines
+    mean_reference = {
+        **reference,
+        "full": {**reference["full"], "reward": statistics.fmean(r["full"]["reward"] for r in per_seed)},
+    }
+    assert set(E.verdicts(runs, mean_reference, *args, null_runs=null_runs)[1]["not_tested"]) == set(METHODS)
+    with pytest.raises(ValueError, match="reference_eval"):
+        E.verdicts(runs, per_seed[:-1], *args, null_runs=null_runs)
+
+
 def test_claim_4_keeps_seventy_percent_of_the_reward_gain():
     assert all(judged(kept=0.8, sd=0.002)[1]["4"].values()) and not any(judged(kept=0.6, sd=0.002)[1]["4"].values())
 
