@@ -624,8 +624,8 @@ def plot(results, inputs, methods, seeds, tc, path):
     plt.close(fig)
 
 
-def plot_frontiers(paths, path_for):
-    """One figure per method (evidence.plot_frontier), saved at path_for(method)."""
+def plot_frontiers(paths, operating, path_for):
+    """One figure per method (evidence.plot_frontier, the matched levels marked), saved at path_for(method)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -633,7 +633,7 @@ def plot_frontiers(paths, path_for):
 
     for m, families in paths.items():
         fig, ax = plt.subplots(figsize=(6, 4.5))
-        ev.plot_frontier(ax, families, QUALITY, f"digits, {m}: reward vs FD, mean over seeds")
+        ev.plot_frontier(ax, families, QUALITY, f"digits, {m}: reward vs FD, mean over seeds", operating[m])
         fig.tight_layout()
         fig.savefig(path_for(m), dpi=110)
         plt.close(fig)
@@ -673,8 +673,8 @@ def summarise(cfg, tc, results, frontier):
     if frontier:
         out["paths"] = {m: frontier_paths(cfg, results, m, seeds) for m in methods}
         # the primary comparison (protocol, amendment 1): at each seed's headline guarded run's own reward
-        operating = {m: [point(results[(m, "guard", s)]["eval"]["full"]) for s in seeds] for m in methods}
-        out["frontier"], out["frontier_summary"] = ev.frontier(out["paths"], QUALITY, operating)
+        out["operating"] = {m: [point(results[(m, "guard", s)]["eval"]["full"]) for s in seeds] for m in methods}
+        out["frontier"], out["frontier_summary"] = ev.frontier(out["paths"], QUALITY, out["operating"])
     return out
 
 
@@ -699,7 +699,7 @@ def run(cfg, frontier=False, progress=True):
     summary = summarise(cfg, tc, results, frontier)
     plot(results, summary, methods, seeds, tc, out / "digits.png")
     if frontier:
-        plot_frontiers(summary["paths"], lambda m: out / f"frontier_{m}.png")
+        plot_frontiers(summary["paths"], summary["operating"], lambda m: out / f"frontier_{m}.png")
     train_settings = {k: v for k, v in dataclasses.asdict(tc).items() if k not in PER_RUN}
     info = dict(config=dataclasses.asdict(cfg), frontier=frontier, train_config=train_settings, command=sys.argv)
     info.update(git_revision=cli.git_revision(), reference_path=ref_path)

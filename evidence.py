@@ -530,15 +530,24 @@ def plot_reward_quality(ax, runs, reference_eval, quality, steps):
     ax.legend(fontsize=6, ncol=2)
 
 
-def plot_frontier(ax, paths, quality, title):
+def plot_frontier(ax, paths, quality, title, operating=None, levels=LEVELS):
     """One method's frontier: each family's path, mean over seeds point by point, reward against quality; the
-    guard's line is bold. paths: {family: [per-seed [(reward, quality), ...]]} (one method of frontier's input)."""
+    guard's line is bold. paths: {family: [per-seed [(reward, quality), ...]]} (one method of frontier's input).
+    The matched reward levels are marked, means over seeds: the guarded run's own reward (operating: per-seed
+    (reward, quality), the primary level, dashed) and each fraction f of the un-guarded gain (dotted)."""
     for family, per_seed in paths.items():
         points = torch.tensor(per_seed, dtype=torch.float64).mean(0)
         bold = family == "guard"
         ax.plot(
             points[:, 0], points[:, 1], marker="o", ms=3, lw=2.5 if bold else 1.2, label=family, zorder=3 if bold else 2
         )
+    ends = torch.tensor([[p[0][0], p[-1][0]] for p in next(iter(paths.values()))], dtype=torch.float64).mean(0)
+    marks = [(float(ends[0] + f * (ends[1] - ends[0])), f"{f:.0%} of gain", ":") for f in levels]
+    if operating:
+        marks.insert(0, (statistics.fmean(r for r, _ in operating), "guard's reward", "--"))
+    for reward, text, style in marks:
+        ax.axvline(reward, ls=style, c="grey", lw=0.8, zorder=1)
+        ax.annotate(text, (reward, 1), xycoords=("data", "axes fraction"), rotation=90, fontsize=6, va="top")
     better = "higher" if quality.higher_is_better else "lower"
     ax.set(xlabel="reward (proxy)", ylabel=f"{quality.label} ({better} = better)", title=title)
     ax.legend(fontsize=7)

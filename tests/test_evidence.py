@@ -409,9 +409,11 @@ def test_shared_figures_draw(tmp_path):
     E.plot_profile(axes[0], runs, 2)
     E.plot_curves(axes[1], histories, "reward", "logp")
     E.plot_reward_quality(axes[2], runs, reference, LOGP, (10, 3))
-    E.plot_frontier(axes[3], paths, LOGP, "nft")
+    E.plot_frontier(axes[3], paths, LOGP, "nft", operating=[(0.5, -1.0), (0.7, -1.0)])
     assert len(axes[0].lines) == 2 + 1 and len(axes[1].lines) == 2  # two variants (+ the line at ratio 1)
-    assert [line.get_label() for line in axes[3].lines] == ["guard", "kl"]
+    assert [line.get_label() for line in axes[3].lines[:2]] == ["guard", "kl"]
+    marks = [line.get_xdata()[0] for line in axes[3].lines[2:]]  # the guarded reward, then 50 / 75 / 90 % of gain
+    assert marks == pytest.approx([0.6, *E.LEVELS]) and len(axes[3].texts) == 4
     assert list(axes[3].lines[1].get_xdata()) == [0.0, 0.6, 1.0]  # the mean path over seeds
     fig.savefig(tmp_path / "f.png")
     plt.close(fig)
