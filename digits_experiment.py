@@ -50,6 +50,11 @@ TRAIN_DEFAULTS = dict(steps=160, sample_steps=10, few_steps=3, eval_every=20, ch
 # train_full settings the experiment sets per run (or leaves at the digits 0..9 the judges expect)
 PER_RUN = "preset method guard seed out_dir pretrained_model_name_or_path cache_dir eval_seeds train_prompts"
 PER_RUN = tuple((PER_RUN + " eval_prompts resume reward").split())
+# the drift alarm's lead (docs/train_full.md, fixed before the confirmation's official runs finished): alarm
+# thresholds on train_full's norm_ratio_max (1.05 primary: the bottom of the paper's 5-15 %), against the first
+# checkpoint whose FD is worse than step 0's by DRIFT_DAMAGE (about double the reference's FD of 9.5 on seed 0)
+DRIFT_ALARMS = (1.05, 1.10)
+DRIFT_DAMAGE = 10.0
 EVAL_NOISE_OFFSET = 12345  # train_full's Run.evaluate draws its eval noise from seed + 12345
 ADJOINT_NOISE_OFFSET = 54321  # the adjoint diagnostic's noise: per seed, shared by the reference and every model
 
@@ -319,10 +324,12 @@ def adjoint(cfg, tcfg, policy_t, ref):
     }
 
 
-def read_history(tcfg):
-    """train_full's checkpoint evaluations of one run (evals.jsonl, step 0 = the reference) as lists per metric."""
-    evals = [json.loads(line) for line in (Path(tcfg.out_dir) / "evals.jsonl").read_text().splitlines() if line]
+def read_history(run_folder):
+    """train_full's checkpoint evaluations of one run (evals.jsonl, step 0 = the reference) as lists per metric;
+    ratio_max is what train_full's drift alarm reads (the overall norm ratio or its largest t bin)."""
+    evals = [json.loads(line) for line in (Path(run_folder) / "evals.jsonl").read_text().splitlines() if line]
     keys = dict(step="step", reward="reward_full", fd="fd_full", judge_acc="judge_acc_full", ratio="norm_ratio")
+    keys["ratio_max"] = "norm_ratio_max"
     return {name: [e[key] for e in evals] for name, key in keys.items()}
 
 
@@ -406,7 +413,7 @@ def run_job(cfg, ref_path, method, arm, seed):
         return {
             "eval": evaluation,
             "images": images,
-            "history": read_history(tcfg),
+            "history": read_history(out),
             "adjoint": adjoint(cfg, tcfg, policy, ref) if official else None,
             "wall_time_s": {"train": t_train, "total": time.time() - t0},
         }
@@ -670,6 +677,13 @@ def summarise(cfg, tc, results, frontier):
     out = dict(inputs, verdicts=lines, verdict_flags=flags)
     out["table"] = ev.format_table(inputs["runs"], inputs["reference_eval"], columns(tc))
     out["members"] = format_members({j: r for j, r in results.items() if j[0] != "reference"}, methods, seeds)
+    out["drift_lead"] = {}  # the official run's checkpoints, read from its folder (older results lack ratio_max)
+    for m in methods:
+        histories = [read_history(run_dir(cfg, m, "none", s)) for s in seeds]
+        for alarm in DRIFT_ALARMS:
+            leads = [ev.drift_lead(h, QUALITY, alarm, DRIFT_DAMAGE) for h in histories]
+            out["drift_lead"][f"{m}@{alarm:g}"] = leads
+            out.setdefault("drift_lines", []).append(ev.drift_lead_line(m, leads, QUALITY, alarm, DRIFT_DAMAGE))
     if frontier:
         out["paths"] = {m: frontier_paths(cfg, results, m, seeds) for m in methods}
         # the primary comparison (protocol, amendment 1): at each seed's headline guarded run's own reward
@@ -727,6 +741,7 @@ def main(argv=None):
     print(metrics["table"])
     print("\n".join(metrics["verdicts"]))
     print(metrics["members"])
+    print("\n".join(metrics["drift_lines"]))
     if frontier:
         print("\n".join(metrics["frontier"]))
     print(

@@ -196,6 +196,53 @@ def early_stopping_control(history_none, history_guard, quality):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the drift alarm's lead: does the norm ratio cross its threshold before quality degrades?
+
+
+def drift_lead(history, quality, alarm, damage):
+    """One run's checkpoint evaluations (history: lists "step", "reward", quality.key and "ratio_max", the largest
+    of the overall norm ratio and its t bins, as train_full's alarm reads it; the first entry is step 0): the
+    first step whose ratio_max exceeds `alarm`, the first whose quality is worse than step 0's by at least
+    `damage` (in the metric's own units), the reward at each, and lead = damage step - alarm step (> 0: the alarm
+    came first). A step never reached is None, and so is the lead then."""
+    worse = quality.gain([history[quality.key][0]] * len(history["step"]), history[quality.key])
+
+    def first(crossed):
+        i = next((i for i, c in enumerate(crossed) if c), None)
+        return (None, None) if i is None else (history["step"][i], history["reward"][i])
+
+    step_alarm, reward_alarm = first([r > alarm for r in history["ratio_max"]])
+    step_damage, reward_damage = first([w >= damage for w in worse])
+    lead = None if step_alarm is None or step_damage is None else step_damage - step_alarm
+    return dict(
+        step_alarm=step_alarm,
+        reward_alarm=reward_alarm,
+        step_damage=step_damage,
+        reward_damage=reward_damage,
+        lead=lead,
+    )
+
+
+def drift_lead_line(method, leads, quality, alarm, damage):
+    """One line over seeds: the lead's mean [95 % t interval] (one-sided test of lead > 0), the seeds where the
+    alarm never fired or quality never degraded (counted, not dropped), and the mean reward at each event."""
+    both = [x["lead"] for x in leads if x["lead"] is not None]
+    missed = sum(x["step_alarm"] is None and x["step_damage"] is not None for x in leads)
+    early = sum(x["step_alarm"] is not None and x["step_damage"] is None for x in leads)
+    lead = paired(both).text(0) + " steps" if both else "n/a"
+
+    def mean(key):
+        values = [x[key] for x in leads if x[key] is not None]
+        return f"{statistics.fmean(values):.3f}" if values else "n/a"
+
+    return (
+        f"{method}: alarm at ratio {alarm:g} against {quality.label} worse by {damage:g}: lead {lead} on {len(both)} "
+        f"of {len(leads)} seeds; {missed} seeds degraded without an alarm, {early} alarmed without degrading; mean "
+        f"reward at the alarm {mean('reward_alarm')}, at the damage {mean('reward_damage')}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # the verdicts (docs/protocol.md): one one-sided p value per method and claim, Holm across the methods
 
 

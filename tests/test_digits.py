@@ -270,6 +270,11 @@ def test_smoke_run_writes_every_output_verdicts_and_frontier_lines(smoke):
     # per method: the guarded run's own reward (primary, protocol amendment 1), then 50 %, 75 %, 90 % of the gain
     assert len(saved["frontier"]) == 4 * len(dx.METHODS) and "own reward (primary)" in saved["frontier"][0]
     assert set(saved["paths"]["nft"]) == {"guard", "kl", "lower_lr", "early_stop", "rescale"}
+    # the drift alarm's lead per method and threshold, on the official run's checkpoints (train_full's evals.jsonl)
+    assert len(saved["drift_lines"]) == len(dx.METHODS) * len(dx.DRIFT_ALARMS) and "lead" in saved["drift_lines"][0]
+    lead = saved["drift_lead"]["nft@1.05"][0]
+    ratio_max = saved["histories"]["nft_none_seed0"]["ratio_max"]
+    assert lead["step_alarm"] == next((s for s, r in zip([0, 2, 4], ratio_max) if r > 1.05), None)
     assert set(saved["paths"]["awm"]) == {"guard", "early_stop", "rescale"}  # not in frontier_methods: headline only
     assert saved["config"]["frontier_methods"] == "nft,dpo" and saved["git_revision"]
     for m in dx.METHODS:

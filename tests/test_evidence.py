@@ -306,6 +306,22 @@ def test_a_method_that_did_not_learn_is_set_apart():
     assert "nft set aside: its un-guarded run gained no reward" in lines[0]
 
 
+def test_drift_lead_finds_the_first_crossings_and_counts_the_seeds_without_one():
+    history = {"step": [0, 20, 40, 60], "reward": [0.5, 0.6, 0.7, 0.8], "ratio_max": [1.0, 1.06, 1.2, 1.3]}
+    fd = {**history, "fd": [10.0, 14.0, 21.0, 30.0]}  # lower is better: worse by >= 10 first at step 40
+    lead = E.drift_lead(fd, FD, alarm=1.05, damage=10)
+    assert lead == dict(step_alarm=20, reward_alarm=0.6, step_damage=40, reward_damage=0.7, lead=20)
+    logp = {**history, "logp": [-1.0, -1.5, -2.5, -3.0]}  # higher is better: worse by >= 1 first at step 40
+    assert E.drift_lead(logp, LOGP, alarm=1.1, damage=1.0)["lead"] == 0  # the alarm at 40 too
+    flipped = E.Quality("logp", "log p", higher_is_better=False)
+    assert E.drift_lead(logp, flipped, alarm=1.1, damage=1.0)["step_damage"] is None
+    silent = E.drift_lead(fd, FD, alarm=2.0, damage=10)
+    assert silent["step_alarm"] is None and silent["lead"] is None and silent["step_damage"] == 40
+    line = E.drift_lead_line("nft", [lead, lead, silent], FD, 1.05, 10)
+    assert "lead +20 [+20, +20] steps on 2 of 3 seeds; 1 seeds degraded without an alarm" in line
+    assert "mean reward at the alarm 0.600, at the damage 0.700" in line
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the frontier
 
