@@ -27,10 +27,19 @@ DIGITS_TEST_STEPS = 400  # pretraining steps of the suite's digits reference (th
 
 @pytest.fixture(scope="session")
 def digits_cache(tmp_path_factory):
-    """One digits cache for the whole session, in a temp dir (no file from an earlier run is trusted): the reference
-    pretrained once with DIGITS_TEST_STEPS, and the reward and judge classifiers, trained on first use, shared by
-    every test that needs them. Returns (cache dir, reference path)."""
+    """One digits cache for the whole session, in this session's temp root (no file from an earlier session is
+    trusted) and shared by the pytest-xdist workers: the reference pretrained once with DIGITS_TEST_STEPS, and the
+    reward and judge classifiers, built by whichever worker takes the lock first and read by the others. Returns
+    (cache dir, reference path)."""
+    from filelock import FileLock
+
     import digits
 
-    cache = str(tmp_path_factory.mktemp("digits_cache"))
-    return cache, digits.get_reference(cache, "cpu", steps=DIGITS_TEST_STEPS, progress=False)
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # the root every worker shares
+    cache = str(root / "digits_cache")
+    with FileLock(str(root / "digits_cache.lock")):
+        path = digits.get_reference(cache, "cpu", steps=DIGITS_TEST_STEPS, progress=False)
+        for kind in ("reward", "judge"):
+            digits.classifier(kind, cache, "cpu")
+    return cache, path
