@@ -101,6 +101,7 @@ class Config:
     nft_decay_type: int = 1  # NFT 0: d = 0 | 1: min(0.001 n, 0.5) | 2: 0 until n = 75, then min(0.0075 (n - 75), 0.999)
     ema_decay_rate: float = 0.001  # AWM: d = min(rate * n, 0.3)
     decay_lag: int = 0  # d at n - decay_lag (official 0; the digits preset keeps 1, the schedule its runs have used)
+    recipe: str = ""  # "" | an official per-reward recipe of recipes.py (nft_ocr, awm_geneval, ...): see --help
     dpo_beta: float = 2000.0
     # NormGuard (ng.normguard_penalty): zero unless |v_theta| > |v_ref|; loss = base + penalty
     guard: bool = True
@@ -161,7 +162,7 @@ RANGES = [  # (keys, test, what a value must be)
 # The run identity: every key that changes what a step computes. Not in it: where outputs go, how often to
 # evaluate, log and checkpoint, how far to train (steps), the eval sizes, gradient checkpointing (the same math).
 NOT_IDENTITY = "out_dir resume overwrite steps eval_every eval_seeds few_steps eval_prompts profile_bins report_to"
-NOT_IDENTITY += " drift_alarm drift_stop"
+NOT_IDENTITY += " drift_alarm drift_stop recipe"  # a recipe's values are keys of their own
 NOT_IDENTITY += " checkpoint_every checkpoints_keep cache_dir gradient_checkpointing"
 
 
@@ -172,10 +173,10 @@ def parse_args(argv, preset="sd3"):
 
 
 def make_config(overrides, smoke=False, preset="sd3"):
-    """The preset's defaults, then (smoke) SMOKE and the preset's smoke sizes, then `overrides`; checked."""
+    """The preset's defaults < the recipe's < (smoke) SMOKE and the preset's smoke sizes < `overrides`; checked."""
     name = overrides.get("preset", preset)
-    family = registered(name)
-    cfg = Config(**{**family.defaults, **({**SMOKE, **family.smoke_sizes} if smoke else {}), **overrides})
+    family, recipe = registered(name), recipes.settings(overrides.get("recipe", ""))
+    cfg = Config(**{**family.defaults, **recipe, **({**SMOKE, **family.smoke_sizes} if smoke else {}), **overrides})
     cfg.preset = name
     check_config(cfg)
     return cfg
@@ -199,6 +200,7 @@ def check_config(cfg):
     if not all(t.strip() for t in cfg.lora_targets.split(",")):
         raise ValueError(f"lora_targets: expected comma-separated module names, got {cfg.lora_targets!r}")
     check_train_timesteps(cfg)
+    recipes.check(cfg)
     registered(cfg.preset).adapter.check(cfg)
 
 

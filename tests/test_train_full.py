@@ -498,6 +498,27 @@ def test_guard_weight_per_method():
     assert off[0] == 0 and off[1]["hinge"] == hinge  # guard off: the statistics only, for the log
 
 
+def test_recipes_sit_between_the_preset_and_the_command_line():
+    """A recipe's official values replace the preset's; --smoke's sizes and the command line replace the recipe's."""
+    path = dict(pretrained_model_name_or_path="owner/model")
+    cfg = tf.make_config({"recipe": "nft_ocr", "reward": "jpeg", **path})
+    assert (cfg.method, cfg.nft_beta, cfg.nft_decay_type, cfg.kl_weight, cfg.sample_steps) == ("nft", 0.1, 2, 1e-4, 10)
+    cfg = tf.make_config({"recipe": "awm_geneval", "reward": "jpeg", "kl_weight": 5e-3, **path}, smoke=True)
+    assert (cfg.method, cfg.kl_weight, cfg.sample_steps, cfg.awm_ema_weight) == ("awm", 5e-3, 3, 1.0)
+    official = {"awm_pickscore": 1e-4, "awm_geneval": 1e-3, "awm_ocr": 3e-3, "nft_pickscore": 1e-4}
+    betas = {"nft_ocr": 0.1, "nft_multi_reward": 0.1, "nft_pickscore": 1.0, "nft_geneval": 1.0, "nft_hpsv2": 1.0}
+    for name in recipes.RECIPES:  # each is a valid config, at full size and at --smoke's
+        for smoke in (False, True):
+            cfg = tf.make_config({"recipe": name, "reward": "jpeg", **path}, smoke=smoke)
+        assert cfg.kl_weight == official.get(name, 1e-4) and cfg.method == name.split("_")[0]
+        assert cfg.method == "awm" or cfg.nft_beta == betas[name]
+    assert tf.make_config({"recipe": "awm_pickscore", **path}).reward == "pickscore"
+    with pytest.raises(ValueError, match=r"^reward: the nft_ocr recipe's ocr reward is not built in"):
+        tf.make_config({"recipe": "nft_ocr", **path})
+    with pytest.raises(ValueError, match=r"^recipe: expected one of \['awm_geneval'"):
+        tf.make_config({"recipe": "nft_jpeg", **path})
+
+
 def test_old_policy_decay_is_the_official_schedule():
     """DiffusionNFT's return_decay (decay types 0, 1, 2) and AWM's linear EMA decay, at n optimiser steps so far."""
     d = lambda n, **kw: recipes.old_policy_decay(tf.Config(**kw), n)
@@ -746,6 +767,8 @@ BAD_SETTINGS = [  # (arguments, what the one-line error must start with)
     (["--awm_kl_weighting=ELBO"], "awm_kl_weighting: expected one of ('uniform', 'elbo')"),
     (["--nft_decay_type=3"], "nft_decay_type: expected one of (0, 1, 2)"),
     (["--decay_lag=-1"], "decay_lag: expected a finite number >= 0"),
+    (["--recipe=nft_jpeg"], "recipe: expected one of"),
+    (["--recipe=awm_ocr", "--reward="], "reward: the awm_ocr recipe's ocr reward is not built in"),
     (["--warmup_steps=-1"], "warmup_steps: expected a finite number >= 0"),
     (["--out_dir="], "out_dir: expected a folder"),
     *[([f"--{k}=inf"], f"{k}: expected a finite number") for k in ("lr", "kl_weight", "weight_decay", "lam")],
