@@ -544,6 +544,7 @@ PRESET = dict(
     gradient_checkpointing=False,
     lr=1e-3,
     eval_seeds=4,
+    decay_lag=1,  # the old/EMA decay one update late, as every digits run so far (the official schedules: 0)
 )
 tf.register_adapter("digits", DigitsAdapter, PRESET, dict(resolution=8), [str(d) for d in range(NUM_CLASSES)])
 tf.register_reward("digits", label_reward)

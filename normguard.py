@@ -75,20 +75,22 @@ def _check(batch, per_sample=None):
             )
 
 
-def _check_values(inputs, derived=None, ranges=None, explain=None):
+def _check_values(inputs, derived=None, ranges=None, explain=None, rules=None):
     """Raise ValueError naming the input that holds NaN/Inf or leaves its range; one host sync.
 
     derived: small per-sample results the caller computes anyway (norms, errors). Sums propagate
     NaN and Inf, so they are finite exactly when the inputs are (barring an overflow), and checking
     them replaces a pass over every input; only on failure are the inputs scanned to name the
-    culprit. ranges: name -> (low, high), closed. explain: called when the inputs are fine but a
-    derived value is not (an overflow); returns the message, or None for the generic one.
+    culprit. ranges: name -> (low, high), closed. rules: message -> 0-dim bool tensor, a relation
+    the inputs must satisfy (the message starts with the argument's name). explain: called when
+    the inputs are fine but a derived value is not (an overflow); returns the message, or None for
+    the generic one.
     """
-    ranges = ranges or {}
+    ranges, rules = ranges or {}, rules or {}
     tensors = derived if derived is not None else list(inputs.values())
     flags = [torch.isfinite(x).all() for x in tensors]
     flags += [((inputs[n] >= lo) & (inputs[n] <= hi)).all() for n, (lo, hi) in ranges.items()]
-    if bool(torch.stack(flags).all()):
+    if bool(torch.stack(flags + list(rules.values())).all()):
         return
     for name, x in inputs.items():
         if not bool(torch.isfinite(x).all()):
@@ -101,6 +103,9 @@ def _check_values(inputs, derived=None, ranges=None, explain=None):
                 f"{name}: expected values {want}, got min {x.min().item():.4g}, "
                 f"max {x.max().item():.4g}"
             )
+    for message, holds in rules.items():
+        if not bool(holds):
+            raise ValueError(message)
     message = explain() if explain is not None else None
     raise ValueError(
         message
@@ -524,6 +529,43 @@ def awm_time_weight(err, t, weighting="ghuber", power=0.25):
     return w
 
 
+AWM_KL_WEIGHTINGS = ("uniform", "elbo")
+
+
+def _kl_weight(t, kl_weighting):
+    if kl_weighting == "uniform":
+        return torch.ones_like(t)
+    sigma = 0.7 * torch.sqrt(t / (1 - t.clamp(max=0.99)))  # the official std_dev_t
+    return 1 / (2 * sigma**2)
+
+
+def _elbo_rule(t, kl_weighting):
+    """The rule that keeps the "elbo" weight finite: σ_t = 0 at t = 0."""
+    if kl_weighting != "elbo":
+        return {}
+    return {"t: expected values > 0 with kl_weighting='elbo' (σ_t = 0 at t = 0)": (t > 0).all()}
+
+
+def awm_kl_weight(t, kl_weighting="uniform"):
+    """AWM's weight k(t) of a KL term mean_dims (v_θ - v')², per row: 1 or 1 / (2·σ_t²).
+
+        "uniform": k = 1 (every official config)
+        "elbo":    k = 1 / (2·σ_t²),  σ_t = 0.7·sqrt(t / (1 - min(t, 0.99)))
+
+    σ_t is the noise std at t of Flow-GRPO's SDE sampler at noise level 0.7 (the official code's
+    std_dev_t), so "elbo" is the Gaussian KL form |Δv|²/(2σ²): it weighs rows near the noise end
+    less (σ_1 = 7) and rows near the data end more (σ_t -> 0 as t -> 0).
+    t: (B,) in [0, 1], > 0 for "elbo". Returns (B,) in the dtype rule's dtype.
+    """
+    _tensor("t", t)
+    if t.ndim != 1 or t.numel() == 0:
+        raise ValueError(f"t: expected a non-empty (B,) tensor, got {tuple(t.shape)}")
+    _choice("kl_weighting", kl_weighting, AWM_KL_WEIGHTINGS)
+    k = _kl_weight(t.to(_acc(t)), kl_weighting)
+    _check_values({"t": t}, ranges={"t": UNIT}, rules=_elbo_rule(t, kl_weighting))
+    return k
+
+
 def _awm_overflow(gap, adv, dt):
     """The message when AWM's loss overflows: only a large log-ratio at A < 0 can do that."""
     if not bool((adv < 0).any()) or bool(torch.isfinite(gap.exp()[adv < 0]).all()):
@@ -549,18 +591,26 @@ def awm_loss(
     adv_clip=5.0,
     ref_weight=1e-4,
     v_ema=None,
-    ema_weight=0.0,
+    ema_weight=1.0,
+    kl_weighting="uniform",
+    loss_type="exp_first",
+    timesteps_per_sample=1,
 ):
     """Advantage Weighted Matching loss (arXiv 2509.25050), one row per (sample, train timestep).
 
         ℓ = mean_dims (v - u)²,  log p~ = -w(ℓ, t)  (awm_time_weight)
         ρ = exp(log p~_θ - log p~_old),  A' = clip(A, ±A_max) / A_max  (in [-1, 1])
-        L = mean_B[ max(-A'·ρ, -A'·clip(ρ, 1 - c, 1 + c)) ]
-            + ref_weight·mean_B mean_dims (v_θ - v_ref)²
-            + ema_weight·mean_B mean_dims (v_θ - v_ema)²
+        L = mean_units[ max(-A'·ρ, -A'·clip(ρ, 1 - c, 1 + c)) ]
+            + ref_weight·mean_B[ k(t)·mean_dims (v_θ - v_ref)² ]
+            + ema_weight·mean_B[ k(t)·mean_dims (v_θ - v_ema)² ]    (when v_ema is given)
 
-    This is the official "exp_first" form. At ρ = 1 (v_old = v_θ before the update) the policy
-    gradient equals that of mean_B[A'·w(ℓ, t)].
+    loss_type: "exp_first" (every official config) forms ρ per row: units = rows. "sum_first"
+    averages log p~_θ - log p~_old over a sample's T = timesteps_per_sample rows first: one ρ per
+    sample, units = samples. Its rows are laid out timestep-major, B = T·N: row j·N + i is sample
+    i at its j-th train timestep, and the T rows of a sample carry the same advantage. At ρ = 1
+    (v_old = v_θ before the update) both give the gradient of mean_B[A'·w(ℓ, t)].
+    k(t) = awm_kl_weight(t, kl_weighting): "uniform" (1, every official config) or "elbo"
+    (1 / (2σ_t²)), for both KL terms (the official code has a switch per term).
     Overflow: for A' >= 0 the policy term is -A'·min(ρ, 1 + c), constant once ρ > 1 + c, so the
     exponent is capped just above log(1 + c) there: same value and gradient, and no exp overflow
     (nor 0·inf = NaN at A' = 0) however far v is from v_old. For A' < 0 it is |A'|·max(ρ, 1 - c),
@@ -570,11 +620,13 @@ def awm_loss(
     SD3-sized latents (8, 16, 64, 64), ghuber weighting, log-ratios up to 0.08 (a few optimiser
     steps): relative error at most 3e-7 for ρ, 3e-6 for the loss, 4e-7 for the gradient (largest
     entry); bf16 inputs add only the bf16 gradient's own rounding (3e-3).
-    v, v_old, v_ref, target (= u = ε - x0), v_ema: (B, ...); t: (B,) in [0, 1]; advantages: (B,)
-    finite. v_old, v_ref, v_ema are detached. weighting, power as in awm_time_weight; clip_range
-    c > 0; adv_clip > 0; ref_weight, ema_weight >= 0 (v_ema required when ema_weight > 0).
-    Returns (loss, stats) with detached "policy", "kl_ref", "kl_ema", "ratio" (mean ρ, Inf when ρ
-    overflows), "clip_frac", "norm_ratio".
+    v, v_old, v_ref, target (= u = ε - x0), v_ema: (B, ...); t: (B,) in [0, 1] (> 0 for "elbo");
+    advantages: (B,) finite. v_old, v_ref, v_ema are detached. weighting, power as in
+    awm_time_weight; clip_range c > 0; adv_clip > 0; ref_weight >= 0; ema_weight >= 0 weighs the
+    EMA term, which is there only when v_ema is given (official ema_beta: 1); timesteps_per_sample
+    an int dividing B. Returns (loss, stats) with detached "policy", "kl_ref", "kl_ema" (both
+    weighted by k(t)), "ratio" (mean ρ over units, Inf when ρ overflows), "clip_frac",
+    "norm_ratio".
     """
     _choice("weighting", weighting, ("uniform", "t", "t2", "huber", "ghuber"))
     _positive("power", power)
@@ -582,24 +634,37 @@ def awm_loss(
     _positive("adv_clip", adv_clip)
     _positive("ref_weight", ref_weight, allow_zero=True)
     _positive("ema_weight", ema_weight, allow_zero=True)
+    _choice("kl_weighting", kl_weighting, AWM_KL_WEIGHTINGS)
+    _choice("loss_type", loss_type, ("exp_first", "sum_first"))
+    _integer("timesteps_per_sample", timesteps_per_sample)
     batch = {"v": v, "v_old": v_old, "v_ref": v_ref, "target": target}
     if v_ema is not None:
         batch["v_ema"] = v_ema
-    elif ema_weight > 0:
-        raise ValueError(f"v_ema: required when ema_weight > 0 (got ema_weight={ema_weight})")
     per_sample = {"t": t, "advantages": advantages}
     _check(batch, per_sample)
+    rows = v.shape[0]
+    if rows % timesteps_per_sample:
+        raise ValueError(
+            f"timesteps_per_sample: expected a divisor of B = {rows}, got {timesteps_per_sample}"
+        )
     dt = _acc(v)
     v, target, t_dt = v.to(dt), target.to(dt), t.to(dt)
     log_p = -_time_weight(_per_sample_mean((v - target) ** 2), t_dt, weighting, power)
     err_old = _per_sample_mean((v_old.detach().to(dt) - target) ** 2)
     log_p_old = -_time_weight(err_old, t_dt, weighting, power)
-    kl_ref = _per_sample_mean((v - v_ref.detach().to(dt)) ** 2)
+    k = _kl_weight(t_dt, kl_weighting)
+    kl_ref = k * _per_sample_mean((v - v_ref.detach().to(dt)) ** 2)
     kl_ema = torch.zeros_like(kl_ref)
     if v_ema is not None:
-        kl_ema = _per_sample_mean((v - v_ema.detach().to(dt)) ** 2)
+        kl_ema = k * _per_sample_mean((v - v_ema.detach().to(dt)) ** 2)
     adv = advantages.to(dt).clamp(-adv_clip, adv_clip) / adv_clip
     gap = log_p - log_p_old
+    rules = _elbo_rule(t, kl_weighting)
+    if loss_type == "sum_first":  # one ratio per sample, from its rows' mean log-ratio
+        n = timesteps_per_sample
+        gap, adv, by_row = gap.view(n, -1).mean(0), adv.view(n, -1)[0], advantages.view(n, -1)
+        message = "advantages: expected the same value on the timesteps_per_sample rows of a sample"
+        rules[f"{message} (rows j·N + i, loss_type='sum_first')"] = (by_row == by_row[:1]).all()
     capped = torch.where(adv >= 0, gap.clamp(max=math.log1p(clip_range) + 1.0), gap)
     ratio = torch.exp(capped)
     policy = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
@@ -608,6 +673,7 @@ def awm_loss(
         {**batch, **per_sample},
         derived=derived + [advantages],  # the raw advantages: clipping would hide an Inf
         ranges={"t": UNIT},
+        rules=rules,
         explain=lambda: _awm_overflow(gap.detach(), adv, dt),
     )
     kl_ref, kl_ema = kl_ref.mean(), kl_ema.mean()

@@ -42,6 +42,7 @@ import torch
 
 import cli
 import normguard as ng
+import recipes
 from adapters import ADAPTERS, SD3Adapter, export_lora, make_trainable, register_adapter, registered  # noqa: F401
 from checkpoints import (
     Counter,
@@ -94,7 +95,13 @@ class Config:
     adv_clip: float = 5.0
     awm_weighting: str = "ghuber"
     awm_ema_weight: float = 1.0  # AWM's pull towards its EMA policy (official 1.0; 0 skips that forward)
-    ema_decay_rate: float = 0.001  # old/EMA decay = min(rate * step, max): NFT max 0.5, AWM max 0.3
+    awm_loss_type: str = "exp_first"  # exp_first: a ratio per (sample, t) (official) | sum_first: one per sample
+    awm_kl_weighting: str = "uniform"  # AWM's KL terms: uniform (official) | elbo (divided by 2 sigma_t^2)
+    # old/EMA policy per rollout batch: old <- d old + (1 - d) theta, d at n optimiser steps so far (recipes.py):
+    nft_decay_type: int = 1  # NFT 0: d = 0 | 1: min(0.001 n, 0.5) | 2: 0 until n = 75, then min(0.0075 (n - 75), 0.999)
+    ema_decay_rate: float = 0.001  # AWM: d = min(rate * n, 0.3)
+    decay_lag: int = 0  # d at n - decay_lag (official 0; the digits preset keeps 1, the schedule its runs have used)
+    recipe: str = ""  # "" | an official per-reward recipe of recipes.py (nft_ocr, awm_geneval, ...): see --help
     dpo_beta: float = 2000.0
     # NormGuard (ng.normguard_penalty): zero unless |v_theta| > |v_ref|; loss = base + penalty
     guard: bool = True
@@ -138,13 +145,14 @@ FLAGS = {"smoke": "tiny sizes (2 steps, 2x2 rollouts, LoRA r=4), each run replac
 CHOICES = dict(method=METHODS, margin=("relative", "absolute"), power=(1, 2), granularity=("sample", "token"))
 CHOICES.update(dpo_guard=("both", "winner", "loser"), mixed_precision=("no", "fp16", "bf16"))
 CHOICES.update(report_to=("", "tensorboard", "wandb"), awm_weighting=("uniform", "t", "t2", "huber", "ghuber"))
+CHOICES.update(awm_loss_type=("exp_first", "sum_first"), awm_kl_weighting=("uniform", "elbo"), nft_decay_type=(0, 1, 2))
 AT_LEAST_1 = "steps prompts_per_step group_size sample_steps few_steps train_batch_size eval_every eval_seeds"
 AT_LEAST_1 += " checkpoint_every checkpoints_keep lora_rank lora_alpha resolution profile_bins max_sequence_length"
 RANGES = [  # (keys, test, what a value must be)
     (AT_LEAST_1, lambda v: v >= 1, "an int >= 1"),
     ("lr cfg_scale nft_beta adv_clip max_grad_norm shift", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     (
-        "lam kl_weight awm_ema_weight tolerance weight_decay ema_decay_rate warmup_steps drift_alarm",
+        "lam kl_weight awm_ema_weight tolerance weight_decay ema_decay_rate warmup_steps drift_alarm decay_lag",
         lambda v: math.isfinite(v) and v >= 0,
         "a finite number >= 0",
     ),
@@ -154,7 +162,7 @@ RANGES = [  # (keys, test, what a value must be)
 # The run identity: every key that changes what a step computes. Not in it: where outputs go, how often to
 # evaluate, log and checkpoint, how far to train (steps), the eval sizes, gradient checkpointing (the same math).
 NOT_IDENTITY = "out_dir resume overwrite steps eval_every eval_seeds few_steps eval_prompts profile_bins report_to"
-NOT_IDENTITY += " drift_alarm drift_stop"
+NOT_IDENTITY += " drift_alarm drift_stop recipe"  # a recipe's values are keys of their own
 NOT_IDENTITY += " checkpoint_every checkpoints_keep cache_dir gradient_checkpointing"
 
 
@@ -165,10 +173,10 @@ def parse_args(argv, preset="sd3"):
 
 
 def make_config(overrides, smoke=False, preset="sd3"):
-    """The preset's defaults, then (smoke) SMOKE and the preset's smoke sizes, then `overrides`; checked."""
+    """The preset's defaults < the recipe's < (smoke) SMOKE and the preset's smoke sizes < `overrides`; checked."""
     name = overrides.get("preset", preset)
-    family = registered(name)
-    cfg = Config(**{**family.defaults, **({**SMOKE, **family.smoke_sizes} if smoke else {}), **overrides})
+    family, recipe = registered(name), recipes.settings(overrides.get("recipe", ""))
+    cfg = Config(**{**family.defaults, **recipe, **({**SMOKE, **family.smoke_sizes} if smoke else {}), **overrides})
     cfg.preset = name
     check_config(cfg)
     return cfg
@@ -192,6 +200,7 @@ def check_config(cfg):
     if not all(t.strip() for t in cfg.lora_targets.split(",")):
         raise ValueError(f"lora_targets: expected comma-separated module names, got {cfg.lora_targets!r}")
     check_train_timesteps(cfg)
+    recipes.check(cfg)
     registered(cfg.preset).adapter.check(cfg)
 
 
@@ -299,15 +308,18 @@ def micro_batches(cfg, batch, sigmas, gen):
         pairs = zip((first + groups.argmax(1)).split(bs), (first + groups.argmin(1)).split(bs))
         pair_cond = lambda w: {k: torch.cat([v[w], v[w]]) for k, v in cond.items()}  # one prompt per group
         return [functools.partial(pair_loss, x_w=x0[w], x_l=x0[lo], cond=pair_cond(w)) for w, lo in pairs]
-    chunks = torch.arange(len(x0), device=x0.device).split(bs)
     plan = train_timestep_plan(cfg, sigmas, gen)
+    if cfg.method == "awm" and cfg.awm_loss_type == "sum_first":  # a sample's ratio needs all its timesteps at once
+        plan, bs = [plan], max(1, bs // len(plan))  # so a forward still holds about train_batch_size rows
+    chunks = torch.arange(len(x0), device=x0.device).split(bs)
     part = lambda i, t: dict(x0=x0[i], cond={k: v[i] for k, v in cond.items()}, adv=batch.adv[i], t_value=t)
     return [functools.partial(sample_loss, **part(i, t)) for t in plan for i in chunks]
 
 
 def sample_loss(cfg, adapter, model, base, old, gen, x0, cond, adv, t_value):
-    """NFT or AWM + guard on samples x0 (B, C, H, W) with advantages adv (B,) at one train timestep."""
-    t = t_value.expand(len(x0)).to(x0.device)
+    """NFT or AWM + guard on samples x0 (B, C, H, W), advantages adv (B,), at one t_value or (AWM sum_first) at T."""
+    n, t = t_value.numel(), t_value.repeat_interleave(len(x0)).to(x0.device)  # AWM sum_first: T·B rows, T-major
+    x0, adv, cond = torch.cat([x0] * n), adv.repeat(n), {k: torch.cat([v] * n) for k, v in cond.items()}
     eps = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
     x_t, u = ng.forward_process(x0, eps, t)
     with torch.no_grad():  # before the policy forward: swapping the old weights in writes to the parameters
@@ -323,8 +335,8 @@ def sample_loss(cfg, adapter, model, base, old, gen, x0, cond, adv, t_value):
         loss, stats = ng.nft_loss(v, v_extra, v_ref, x_t, x0, t, adv, **kw)
     else:  # one optimiser step per rollout batch: the pre-update policy is v itself, detached (ratio 1, no forward)
         kw = dict(weighting=cfg.awm_weighting, adv_clip=cfg.adv_clip, ref_weight=cfg.kl_weight, v_ema=v_extra)
-        kw["ema_weight"] = cfg.awm_ema_weight if v_extra is not None else 0.0
-        loss, stats = ng.awm_loss(v, v.detach(), v_ref, u, t, adv, **kw)
+        kw.update(ema_weight=cfg.awm_ema_weight, loss_type=cfg.awm_loss_type, kl_weighting=cfg.awm_kl_weighting)
+        loss, stats = ng.awm_loss(v, v.detach(), v_ref, u, t, adv, timesteps_per_sample=n, **kw)
     penalty, g = guard_terms(cfg, v, v_ref)
     return loss + penalty, {**stats, "hinge": g["hinge"], "active_frac": g["active_frac"], "guard": penalty.detach()}
 
@@ -564,8 +576,8 @@ class Run:
         grad_norm = self.step_optimizer(step)
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        if self.old is not None:  # NFT's old policy / AWM's EMA: decay = min(rate * step, max), once per rollout batch
-            self.old.update(min(cfg.ema_decay_rate * step, 0.5 if cfg.method == "nft" else 0.3))
+        if self.old is not None:  # NFT's old policy / AWM's EMA, once per rollout batch (step + 1 updates so far)
+            self.old.update(recipes.old_policy_decay(cfg, step + 1))
         self.counter.step = step + 1
         return {**sums, "grad_norm": float(grad_norm)}
 

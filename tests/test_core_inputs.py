@@ -39,6 +39,7 @@ def valid(fn):
         "nft_loss": dict(v=v, v_old=v_old, v_ref=v_ref, x_t=noise, x0=x0, t=t, advantages=adv),
         "awm_time_weight": dict(err=rand(B, seed=7).abs(), t=t),
         "awm_loss": dict(v=v, v_old=v_old, v_ref=v_ref, target=u, t=t, advantages=adv),
+        "awm_kl_weight": dict(t=t, kl_weighting="elbo"),
         "dpo_loss": dict(v_w=v, v_l=v_old, v_ref_w=v_ref, v_ref_l=u, target_w=x0, target_l=noise),
         "velocity_scale_sensitivity": dict(
             velocity_fn=lambda x, t: -x,
@@ -150,6 +151,24 @@ BAD = [
     ),
     ("awm_time_weight", poke("t", 1.5), ValueError, r"^t: expected values in \[0, 1\]"),
     ("awm_time_weight", set_(power=0.0), ValueError, r"^power:"),
+    # AWM's options: loss_type, its row layout and advantages, the KL weighting and its t > 0
+    ("awm_loss", set_(loss_type="sum"), ValueError, r"^loss_type: expected one of \('exp_first', 'sum_first'\)"),
+    ("awm_loss", set_(kl_weighting="ELBO"), ValueError, r"^kl_weighting: expected one of \('uniform', 'elbo'\)"),
+    ("awm_loss", set_(timesteps_per_sample=3), ValueError, r"^timesteps_per_sample: expected a divisor of B = 4"),
+    ("awm_loss", set_(timesteps_per_sample=True), TypeError, r"^timesteps_per_sample: expected an int"),
+    ("awm_loss", set_(timesteps_per_sample=0), ValueError, r"^timesteps_per_sample: expected an int >= 1"),
+    (
+        "awm_loss",
+        set_(loss_type="sum_first", timesteps_per_sample=2),  # advantages 1.5, -0.5 | 0.0, 3.0
+        ValueError,
+        r"^advantages: expected the same value on the timesteps_per_sample rows of a sample",
+    ),
+    ("awm_loss", lambda kw: {**poke("t", 0.0)(kw), "kl_weighting": "elbo"}, ValueError, r"^t: .*> 0 .*'elbo'"),
+    ("awm_kl_weight", poke("t", 0.0), ValueError, r"^t: expected values > 0 with kl_weighting='elbo'"),
+    ("awm_kl_weight", poke("t", 1.5), ValueError, r"^t: expected values in \[0, 1\]"),
+    ("awm_kl_weight", poke("t", NAN), ValueError, r"^t: expected finite"),
+    ("awm_kl_weight", set_(kl_weighting="ELBO"), ValueError, r"^kl_weighting:"),
+    ("awm_kl_weight", lambda kw: {**kw, "t": kw["t"][:, None]}, ValueError, r"^t: expected a non-empty \(B,\)"),
     # velocity_norm's channel dim
     ("velocity_norm", set_(granularity="token", channel_dim=0), ValueError, r"^channel_dim: .*non-batch"),
     ("velocity_norm", set_(granularity="token", channel_dim=-4), ValueError, r"^channel_dim:"),
@@ -309,6 +328,10 @@ def check_forward_process_int_free(out, kw):
     torch.testing.assert_close(u, kw["noise"].float() - kw["x0"])
 
 
+def check_ones(out, kw):
+    assert torch.equal(out, torch.ones(B))
+
+
 RIGHT = [
     ("norm_ratio_profile", bf16_profile, check_bf16_profile),
     ("rescale_to_reference", fp16_rescale, check_fp16_rescale),
@@ -335,6 +358,8 @@ RIGHT = [
     ("forward_process", mixed(noise=torch.float64), check_forward_process_int_free),
     ("rescale_to_reference", mixed(v=torch.bfloat16, v_ref=torch.float64), dtype_is(torch.bfloat16)),
     ("awm_time_weight", mixed(t=torch.float64), dtype_is(torch.float32)),
+    ("awm_kl_weight", mixed(t=torch.float64), dtype_is(torch.float64)),
+    ("awm_kl_weight", set_(kl_weighting="uniform", t=torch.zeros(B)), check_ones),  # t = 0 is fine uniform
     ("group_advantages", mixed(rewards=torch.float64), dtype_is(torch.float64)),
     ("euler_sample", set_(velocity_fn=lambda x, t: -x.double()), dtype_is(torch.float32)),
     ("norm_ratio_profile", mixed(ratio=torch.bfloat16), dtype_is(torch.float32, lambda out: out[0])),
@@ -351,8 +376,18 @@ def test_edge_input_gets_the_right_answer(fn, modify, check):
 # the checks stay on the hot path's budget: one host sync per loss call
 
 
-@pytest.mark.parametrize("fn", ["normguard_penalty", "nft_loss", "awm_loss", "dpo_loss"])
-def test_a_loss_call_syncs_with_the_host_once(fn, monkeypatch):
+def awm_options(kw):
+    """sum_first over 2 timesteps per sample (each sample's advantage on both rows), ELBO KL weights."""
+    adv = kw["advantages"][:2].repeat(2)
+    return {**kw, "advantages": adv, "loss_type": "sum_first", "timesteps_per_sample": 2, "kl_weighting": "elbo"}
+
+
+@pytest.mark.parametrize(
+    "fn, modify",
+    [(fn, lambda kw: kw) for fn in ("normguard_penalty", "nft_loss", "awm_loss", "dpo_loss")]
+    + [("awm_loss", awm_options)],
+)
+def test_a_loss_call_syncs_with_the_host_once(fn, modify, monkeypatch):
     """Every way a value reaches Python (bool, item, tolist, float) is counted during one call."""
     syncs = []
     for name in ("__bool__", "item", "tolist", "__float__"):
@@ -363,5 +398,5 @@ def test_a_loss_call_syncs_with_the_host_once(fn, monkeypatch):
             return _original(self, *args)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
-    getattr(ng, fn)(**valid(fn))
+    getattr(ng, fn)(**modify(valid(fn)))
     assert syncs == ["__bool__"]

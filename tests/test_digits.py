@@ -16,6 +16,8 @@ import torch
 import digits as dg
 import digits_experiment as dx
 import normguard as ng
+import recipes
+import train_full as tf
 
 
 @pytest.fixture(scope="module")
@@ -471,3 +473,36 @@ def test_forwarded_train_full_keys_reach_every_run():
         tcfg = dx.train_config(cfg, method, "guard", 4, "")
         assert tcfg.lam == 0.25 and tcfg.full_finetune and tcfg.seed == 4 and tcfg.steps == dx.TRAIN_DEFAULTS["steps"]
         assert tcfg.lr == (cfg.dpo_lr if method == "dpo" else 1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the digits runs stay what they were: the experiment running on the preset must not change under it
+
+# Every key of the digits preset's run identity as its runs resolved it (git cfe7b99, before the AWM/NFT options).
+DIGITS_RUN = dict(preset="digits", pretrained_model_name_or_path="", resolution=8, max_sequence_length=256)
+DIGITS_RUN.update(train_prompts="", full_finetune=False, lora_rank=8, lora_alpha=16, prompts_per_step=4, group_size=8)
+DIGITS_RUN.update(lora_targets="to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out")
+DIGITS_RUN.update(sample_steps=10, cfg_scale=1.0, flux_guidance=3.5, shift=1.0, reward="digits", train_timesteps=0)
+DIGITS_RUN.update(pickscore_model="yuvalkirstain/PickScore_v1", method="nft", nft_beta=1.0, kl_weight=1e-4)
+DIGITS_RUN.update(adv_clip=5.0, awm_weighting="ghuber", awm_ema_weight=1.0, ema_decay_rate=0.001, dpo_beta=2000.0)
+DIGITS_RUN.update(guard=True, lam=1.0, margin="relative", power=2, granularity="sample", tolerance=0.0, seed=0)
+DIGITS_RUN.update(dpo_guard="both", lr=1e-3, weight_decay=1e-4, warmup_steps=0, max_grad_norm=1.0)
+DIGITS_RUN.update(train_batch_size=32, mixed_precision="no")
+
+
+def test_the_digits_preset_computes_what_its_runs_computed():
+    """A key added to train_full must be declared in digits_experiment.KEYS_ADDED_SINCE (the cached runs' reuse reads
+    it too) with the value that keeps the digits runs as they were, and the preset must resolve to it; a changed
+    default the preset inherits fails here. The old/EMA decay, step by step, is the formula those runs used:
+    min(rate * step, 0.5 NFT / 0.3 AWM) at the 0-based step of the update just made."""
+    added = dx.KEYS_ADDED_SINCE
+    for method in ("nft", "awm", "dpo"):
+        cfg = tf.make_config({"method": method}, preset="digits")
+        identity = tf.run_identity(cfg)
+        assert set(identity) <= set(DIGITS_RUN) | set(added), "declare the new key in KEYS_ADDED_SINCE"
+        assert identity == {**DIGITS_RUN, **{k: v for k, v in added.items() if k in identity}, "method": method}
+        assert {k: dataclasses.asdict(cfg)[k] for k in added} == added
+    for method, cap in (("nft", 0.5), ("awm", 0.3)):
+        cfg = tf.make_config({"method": method}, preset="digits")
+        schedule = [recipes.old_policy_decay(cfg, step + 1) for step in range(1000)]
+        assert schedule == [min(cfg.ema_decay_rate * step, cap) for step in range(1000)]  # bit for bit

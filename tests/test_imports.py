@@ -96,13 +96,17 @@ def test_the_project_import_graph_has_no_cycle():
 
 
 def test_train_full_knows_no_testbed():
-    """train_full.py imports only normguard, cli and its own parts (adapters, rewards, checkpoints) of the project: a
-    testbed registers itself from its own file."""
+    """train_full.py imports only normguard, cli and its own parts (adapters, rewards, checkpoints, recipes) of the
+    project: a testbed registers itself from its own file."""
     graph = project_graph()
     assert not graph["train_full"] & TESTBEDS
-    assert graph["train_full"] <= {"normguard", "cli", "adapters", "rewards", "checkpoints"}, graph["train_full"]
-    parts = {name: graph[name] for name in ("adapters", "rewards", "checkpoints")}
-    assert parts == {"adapters": {"normguard"}, "rewards": {"adapters"}, "checkpoints": {"cli"}}, parts
+    assert graph["train_full"] <= {"normguard", "cli", "adapters", "rewards", "checkpoints", "recipes"}, graph[
+        "train_full"
+    ]
+    parts = {name: graph[name] for name in ("adapters", "rewards", "checkpoints", "recipes")}
+    assert parts == {"adapters": {"normguard"}, "rewards": {"adapters"}, "checkpoints": {"cli"}, "recipes": set()}, (
+        parts
+    )
 
 
 def test_normguard_imports_only_torch_and_the_standard_library_at_module_level():

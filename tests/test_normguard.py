@@ -267,6 +267,86 @@ def test_awm_policy_gradient_at_ratio_one_is_advantage_weighted_matching(weighti
     torch.testing.assert_close(grad, expected)
 
 
+def elbo_weight_reference(t):
+    """1 / (2·σ_t²), σ_t = 0.7·sqrt(t / (1 - min(t, 0.99))), for a Python float t."""
+    sigma = 0.7 * math.sqrt(t / (1 - min(t, 0.99)))
+    return 1 / (2 * sigma**2)
+
+
+def test_awm_kl_weight_closed_forms():
+    t = torch.tensor([0.5, 1.0, 0.995, 0.1, 0.0], dtype=torch.float64)
+    # σ² = 0.49·t / (1 - min(t, 0.99)): 0.49, 49, 0.49·0.995/0.01 = 48.755, 0.49/9; uniform: 1 even at t = 0
+    expected = torch.tensor([1 / 0.98, 1 / 98, 1 / 97.51, 9 / 0.98], dtype=torch.float64)
+    torch.testing.assert_close(ng.awm_kl_weight(t[:4], "elbo"), expected, rtol=1e-14, atol=0)
+    assert torch.equal(ng.awm_kl_weight(t), torch.ones(5, dtype=torch.float64))
+
+
+def awm_sum_first_reference(d, v, T, weighting, clip_range, adv_clip, ref_weight, kl_weighting, ema_weight, v_ema):
+    """The official sum_first loss written per sample: rows j·N + i hold sample i at its j-th timestep."""
+    B = v.shape[0]
+    N, policy, kl = B // T, 0.0, 0.0
+    for i in range(N):
+        gaps = []
+        for j in range(T):
+            r = j * N + i
+            t = d["t"][r].item()
+            err, err_old = ((v[r] - d["u"][r]) ** 2).mean(), ((d["v_old"][r] - d["u"][r]) ** 2).mean().item()
+            gaps.append(-awm_weight_reference(err, t, weighting) + awm_weight_reference(err_old, t, weighting))
+        ratio = torch.exp(sum(gaps) / T)
+        a = min(max(d["adv"][i].item(), -adv_clip), adv_clip) / adv_clip
+        policy = policy + torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip_range, 1 + clip_range))
+    for r in range(B):
+        k = elbo_weight_reference(d["t"][r].item()) if kl_weighting == "elbo" else 1.0
+        kl = kl + k * (ref_weight * ((v[r] - d["v_ref"][r]) ** 2).mean() + ema_weight * ((v[r] - v_ema[r]) ** 2).mean())
+    return policy / N + kl / B
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kl_weighting", ["uniform", "elbo"])
+@pytest.mark.parametrize("T", [1, 3])
+def test_awm_sum_first_and_elbo_match_the_per_sample_loop(shape, kl_weighting, T):
+    d = batch(shape)
+    d["adv"] = d["adv"][: shape[0] // T].repeat(T)  # each sample's advantage on each of its T rows
+    v_ema = d["u"] + 0.2 * rand(shape, 9)
+    kw = dict(clip_range=0.2, ref_weight=1e-2, v_ema=v_ema, ema_weight=0.5, kl_weighting=kl_weighting)
+    loss, stats = ng.awm_loss(
+        d["v"], d["v_old"], d["v_ref"], d["u"], d["t"], d["adv"], loss_type="sum_first", timesteps_per_sample=T, **kw
+    )
+    expected = awm_sum_first_reference(d, d["v"], T, "ghuber", 0.2, 5.0, 1e-2, kl_weighting, 0.5, v_ema)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
+    exp_first, _ = ng.awm_loss(d["v"], d["v_old"], d["v_ref"], d["u"], d["t"], d["adv"], **kw)
+    if T == 1:  # one row per sample: the two orders are the same loss
+        assert loss.item() == exp_first.item()
+    else:  # the KL terms are the same; the policy terms are not
+        assert loss.item() != pytest.approx(exp_first.item(), rel=1e-6)
+
+
+def test_awm_sum_first_gradient_at_ratio_one_equals_exp_firsts():
+    d = batch((6, 3, 4, 4))
+    d["adv"] = d["adv"][:3].repeat(2)
+    v = d["v"].clone().requires_grad_(True)
+    grads = []
+    for loss_type in ("exp_first", "sum_first"):
+        loss, stats = ng.awm_loss(
+            v, v.detach(), d["v_ref"], d["u"], d["t"], d["adv"], loss_type=loss_type, timesteps_per_sample=2
+        )
+        grads.append(torch.autograd.grad(loss, v)[0])
+        assert stats["ratio"].item() == 1.0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-15)
+
+
+def test_awm_ema_term_is_on_with_weight_one_when_v_ema_is_given():
+    """ema_weight defaults to 1 (every official config); without v_ema there is no EMA term."""
+    d = batch((6, 5))
+    v_ema = d["u"] + 0.2 * rand((6, 5), 9)
+    args = (d["v"], d["v_old"], d["v_ref"], d["u"], d["t"], d["adv"])
+    with_default, stats = ng.awm_loss(*args, v_ema=v_ema)
+    assert with_default.item() == ng.awm_loss(*args, v_ema=v_ema, ema_weight=1.0)[0].item()
+    without = ng.awm_loss(*args)[0]
+    assert with_default.item() == pytest.approx(without.item() + stats["kl_ema"].item(), rel=1e-12)
+    assert stats["kl_ema"] > 0 and ng.awm_loss(*args)[1]["kl_ema"] == 0
+
+
 def dpo_reference(v_w, v_l, r_w, r_l, u_w, u_l, beta):
     total = 0.0
     for i in range(v_w.shape[0]):
@@ -442,7 +522,7 @@ def test_bad_inputs_raise_value_errors_that_name_the_argument():
         (lambda: ng.nft_loss(d["v"], d["v_old"], d["v_ref"], d["x_t"], d["x0"][:, :2], d["t"], d["adv"]), "x0"),
         (lambda: ng.nft_loss(d["v"], d["v_old"], d["v_ref"], d["x_t"], d["x0"], d["t"], d["adv"], beta=0.0), "beta"),
         (lambda: ng.nft_loss(d["v"], d["v_old"], d["v_ref"], d["x_t"], d["x0"], d["t"] + 1, d["adv"]), "t"),
-        (lambda: ng.awm_loss(d["v"], d["v_old"], d["v_ref"], d["u"], d["t"], d["adv"], ema_weight=1.0), "v_ema"),
+        (lambda: ng.awm_loss(d["v"], d["v_old"], d["v_ref"], d["u"], d["t"], d["adv"], loss_type="sum"), "loss_type"),
         (lambda: ng.awm_loss(d["v"], d["v_old"], d["v_ref"], d["u"], d["t"], d["adv"], weighting="sqrt"), "weighting"),
         (lambda: ng.dpo_loss(d["v"], d["v"], d["v_ref"], d["v_ref"], d["u"], d["u"], beta=0.0), "beta"),
         (lambda: ng.dpo_loss(d["v"], d["v"][:2], d["v_ref"], d["v_ref"], d["u"], d["u"]), "v_l"),

@@ -12,6 +12,7 @@ import torch
 import checkpoints
 import cli
 import normguard as ng
+import recipes
 import rewards
 import train_full as tf
 
@@ -497,6 +498,59 @@ def test_guard_weight_per_method():
     assert off[0] == 0 and off[1]["hinge"] == hinge  # guard off: the statistics only, for the log
 
 
+def test_recipes_sit_between_the_preset_and_the_command_line():
+    """A recipe's official values replace the preset's; --smoke's sizes and the command line replace the recipe's."""
+    path = dict(pretrained_model_name_or_path="owner/model")
+    cfg = tf.make_config({"recipe": "nft_ocr", "reward": "jpeg", **path})
+    assert (cfg.method, cfg.nft_beta, cfg.nft_decay_type, cfg.kl_weight, cfg.sample_steps) == ("nft", 0.1, 2, 1e-4, 10)
+    cfg = tf.make_config({"recipe": "awm_geneval", "reward": "jpeg", "kl_weight": 5e-3, **path}, smoke=True)
+    assert (cfg.method, cfg.kl_weight, cfg.sample_steps, cfg.awm_ema_weight) == ("awm", 5e-3, 3, 1.0)
+    official = {"awm_pickscore": 1e-4, "awm_geneval": 1e-3, "awm_ocr": 3e-3, "nft_pickscore": 1e-4}
+    betas = {"nft_ocr": 0.1, "nft_multi_reward": 0.1, "nft_pickscore": 1.0, "nft_geneval": 1.0, "nft_hpsv2": 1.0}
+    for name in recipes.RECIPES:  # each is a valid config, at full size and at --smoke's
+        for smoke in (False, True):
+            cfg = tf.make_config({"recipe": name, "reward": "jpeg", **path}, smoke=smoke)
+        assert cfg.kl_weight == official.get(name, 1e-4) and cfg.method == name.split("_")[0]
+        assert cfg.method == "awm" or cfg.nft_beta == betas[name]
+    assert tf.make_config({"recipe": "awm_pickscore", **path}).reward == "pickscore"
+    with pytest.raises(ValueError, match=r"^reward: the nft_ocr recipe's ocr reward is not built in"):
+        tf.make_config({"recipe": "nft_ocr", **path})
+    with pytest.raises(ValueError, match=r"^recipe: expected one of \['awm_geneval'"):
+        tf.make_config({"recipe": "nft_jpeg", **path})
+
+
+def test_old_policy_decay_is_the_official_schedule():
+    """DiffusionNFT's return_decay (decay types 0, 1, 2) and AWM's linear EMA decay, at n optimiser steps so far."""
+    d = lambda n, **kw: recipes.old_policy_decay(tf.Config(**kw), n)
+    assert [d(n, nft_decay_type=0) for n in (1, 100, 10_000)] == [0.0] * 3
+    assert [d(n) for n in (1, 250, 500, 501, 10_000)] == pytest.approx([0.001, 0.25, 0.5, 0.5, 0.5], abs=1e-15)
+    type_2 = [d(n, nft_decay_type=2) for n in (1, 74, 75, 76, 175, 208, 209, 10_000)]
+    assert type_2 == pytest.approx([0, 0, 0, 0.0075, 0.75, 0.9975, 0.999, 0.999], abs=1e-15)
+    awm = [d(n, method="awm") for n in (1, 100, 300, 301)]
+    assert awm == pytest.approx([0.001, 0.1, 0.3, 0.3], abs=1e-15)
+    assert d(1, decay_lag=1) == 0.0 and d(77, nft_decay_type=2, decay_lag=1) == d(76, nft_decay_type=2)
+
+
+def test_awm_sum_first_and_elbo_reach_the_loss(sd3_path, tmp_path, monkeypatch, capsys):
+    """--awm_loss_type=sum_first puts each sample's train timesteps into one loss call (rows timestep-major), so a
+    micro-batch of train_batch_size rows holds train_batch_size // T samples (at least one)."""
+    calls, real = [], ng.awm_loss
+
+    def recorded(v, v_old, v_ref, target, t, advantages, **kw):
+        calls.append((v.shape[0], t.tolist(), advantages.tolist(), kw))
+        return real(v, v_old, v_ref, target, t, advantages, **kw)
+
+    monkeypatch.setattr(tf.ng, "awm_loss", recorded)
+    args = ("--method=awm", "--awm_loss_type=sum_first", "--awm_kl_weighting=elbo", "--train_batch_size=1")
+    m = run(sd3_path, tmp_path, *args)
+    assert m["steps"] == 2 and all(math.isfinite(m["last_step"][k]) for k in ("loss", "kl_ref", "kl_ema"))
+    assert "| 4 micro-batch losses" in capsys.readouterr().out  # 4 samples, each at its 2 timesteps, one call each
+    assert len(calls) == 8  # 2 steps x 4 calls
+    for rows, t, adv, kw in calls:
+        assert rows == 2 and kw["timesteps_per_sample"] == 2 and t[0] != t[1] and adv[0] == adv[1]
+        assert (kw["loss_type"], kw["kl_weighting"], kw["ema_weight"]) == ("sum_first", "elbo", 1.0)
+
+
 def test_digits_preset(digits_cache, tmp_path):
     """The 8x8-digit SD3 transformer of digits.py (pixel space, label "prompts", classifier reward, quality judges),
     registered by digits.py and run as `python digits.py --smoke ...` runs it (the session's reference)."""
@@ -709,6 +763,12 @@ BAD_SETTINGS = [  # (arguments, what the one-line error must start with)
     (["--lora_alpha=0"], "lora_alpha: expected an int >= 1"),
     (["--lora_alpha=-8"], "lora_alpha: expected an int >= 1"),
     (["--ema_decay_rate=-0.1"], "ema_decay_rate: expected a finite number >= 0"),
+    (["--awm_loss_type=sum"], "awm_loss_type: expected one of ('exp_first', 'sum_first')"),
+    (["--awm_kl_weighting=ELBO"], "awm_kl_weighting: expected one of ('uniform', 'elbo')"),
+    (["--nft_decay_type=3"], "nft_decay_type: expected one of (0, 1, 2)"),
+    (["--decay_lag=-1"], "decay_lag: expected a finite number >= 0"),
+    (["--recipe=nft_jpeg"], "recipe: expected one of"),
+    (["--recipe=awm_ocr", "--reward="], "reward: the awm_ocr recipe's ocr reward is not built in"),
     (["--warmup_steps=-1"], "warmup_steps: expected a finite number >= 0"),
     (["--out_dir="], "out_dir: expected a folder"),
     *[([f"--{k}=inf"], f"{k}: expected a finite number") for k in ("lr", "kl_weight", "weight_decay", "lam")],
