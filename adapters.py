@@ -264,7 +264,7 @@ def make_trainable(cfg, transformer, device, weight_dtype):
         from peft import LoraConfig
 
         transformer.to(device).requires_grad_(False)
-        if weight_dtype != torch.float32:
+        if transformer.dtype != weight_dtype:  # (loaded in it already: diffusers warns on a needless cast)
             transformer.to(weight_dtype)
         targets = cfg.lora_targets.split(",")
         lora = LoraConfig(
