@@ -327,7 +327,7 @@ def plot(cfg, result, out, frontier):
 
 def main(argv):
     """The command line: the setup, then run() with its outputs in out_dir, then the table and verdicts (or the
-    frontiers)."""
+    frontiers). Returns run()'s result."""
     cfg, frontier = parse_args(argv)
     torch.set_num_threads(cfg.threads)
     n_arms = len(arms(cfg, frontier))
@@ -337,7 +337,8 @@ def main(argv):
         f"RL steps | lr {cfg.rl_lr:g} (dpo {cfg.dpo_lr:g}) | {cfg.sample_steps} and {cfg.few_steps} Euler steps | "
         f"reference seed {cfg.ref_seed}, RL seeds {cfg.seed}-{cfg.seed + cfg.seeds - 1}"
     )
-    metrics = run(cfg, frontier, out_dir=cfg.out_dir)["metrics"]
+    result = run(cfg, frontier, out_dir=cfg.out_dir)
+    metrics = result["metrics"]
     ideal = metrics["ideal_tilted"]
     print(
         f"pretrain loss {metrics['pretrain_loss']:.3f} | ideal tilted: reward {ideal['reward']:.3f}, "
@@ -350,6 +351,7 @@ def main(argv):
             print(f"{m} shuffled-reward control: rms ratio {ratio:.3f}, reward {r:.3f}")
     print("\n".join(metrics["frontier" if frontier else "verdicts"]))
     print(f"wall time {metrics['wall_time_s']:.1f} s | outputs in {cfg.out_dir}")
+    return result
 
 
 if __name__ == "__main__":

@@ -28,6 +28,11 @@
 #
 # Every function comes from `normguard.py`, `toy_2d.py`, `toy_experiment.py` or `evidence.py`; nothing is
 # re-implemented here, and every number about the experiment is printed from what `toy_experiment.run` returns.
+#
+# Section 4 runs the toy's headline, about a minute on a laptop CPU. To run it with other arguments of
+# `toy_experiment.py`, set the environment variable `NORMGUARD_TOY_ARGS` before starting Jupyter (for example
+# `NORMGUARD_TOY_ARGS="--seeds=3"`); the test suite sets `--smoke`, which runs the notebook top to bottom in seconds
+# on tiny sizes (its numbers then mean nothing).
 
 # %%
 import inspect
@@ -213,7 +218,10 @@ for granularity in ("sample", "token"):
 # dropped modes), with the mean log-density under the true ring beside it.
 
 # %%
-cfg = toy_2d.Config(out_dir=str(OUT / "toy_2d"))  # the defaults of `python toy_experiment.py`; only out_dir differs
+# the config of `python toy_experiment.py` (plus NORMGUARD_TOY_ARGS, see the top); only where outputs go differs
+toy_args = os.environ.get("NORMGUARD_TOY_ARGS", "").split()
+cfg, _ = toy_experiment.parse_args([*toy_args, f"--out_dir={OUT / 'toy_2d'}"])
+print("toy_experiment.py arguments:", " ".join(toy_args) or "none (the headline's defaults)")
 torch.set_num_threads(cfg.threads)  # as toy_experiment.main does, so the numbers match the command line's
 lim = cfg.radius + 1.6
 side = torch.linspace(-lim, lim, 200)

@@ -1,8 +1,11 @@
 """toy_2d.py and toy_experiment.py: the closed-form world, the ensemble trick it rests on, the pairing of arms by
 seed, the null-reward control, the norm ratios, smoke runs of the headline and the frontier, and regression tests
-that pin, at the default settings and fixed seeds, what the toy shows."""
+that pin, at the default settings and fixed seeds, what the toy shows (marked `experiment`; the headline runs once
+per session, in conftest.toy_headline)."""
 
+import contextlib
 import dataclasses
+import io
 import json
 import math
 import subprocess
@@ -272,18 +275,22 @@ def test_help_exits_0_and_lists_every_key_and_a_bad_argument_exits_2_in_one_line
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
+    """`python toy_experiment.py --smoke`, run once for every test below that reads it: (config, out_dir, run()'s
+    result, what it printed)."""
     out = tmp_path_factory.mktemp("toy_smoke")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result = toy_experiment.main(["--smoke", f"--out_dir={out}"])
     cfg, _ = toy_experiment.parse_args(["--smoke", f"--out_dir={out}"])
-    return cfg, out, toy_experiment.run(cfg, progress=False, out_dir=out)
+    return cfg, out, result, printed.getvalue()
 
 
-def test_smoke_run_writes_config_metrics_and_figure(tmp_path, capsys):
-    toy_experiment.main(["--smoke", f"--out_dir={tmp_path}"])
-    printed = capsys.readouterr().out
+def test_smoke_run_writes_config_metrics_and_figure(smoke):
+    _, out, _, printed = smoke
     assert "nft+guard" in printed and printed.count("\n(") == 6  # six verdict lines: 1, 2, 3, 4, 4b, 5
-    metrics = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
-    config = json.loads((tmp_path / "config.json").read_text())
-    assert (tmp_path / "toy_2d.png").stat().st_size > 10_000
+    metrics = json.loads((out / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    config = json.loads((out / "config.json").read_text())
+    assert (out / "toy_2d.png").stat().st_size > 10_000
     assert config["config"]["rl_steps"] == toy_experiment.SMOKE["rl_steps"] and len(config["git_revision"]) > 0
     assert config["command"] == sys.argv
     assert len(metrics["verdicts"]) == 6 and metrics["table"] in printed
@@ -303,7 +310,7 @@ def test_smoke_run_writes_config_metrics_and_figure(tmp_path, capsys):
 
 def test_checkpoints_are_measured_like_the_final_evaluation(smoke):
     """The last checkpoint is the final model on the same noise and sample count: the same numbers."""
-    _, _, result = smoke
+    _, _, result, _ = smoke
     metrics = result["metrics"]
     for m, variants in metrics["runs"].items():
         for v, evals in variants.items():
@@ -314,7 +321,7 @@ def test_checkpoints_are_measured_like_the_final_evaluation(smoke):
 
 def test_run_returns_the_models_it_evaluated(smoke):
     """The walkthrough samples from what run() returns: each VelocityMLP reproduces its run's evaluation."""
-    cfg, _, result = smoke
+    cfg, _, result, _ = smoke
     grid = ng.flow_timesteps(cfg.sample_steps)
     noise = toy.evaluation_inputs(cfg)["noise"]
     models, i = result["models"], 0
@@ -335,7 +342,7 @@ def test_run_returns_the_models_it_evaluated(smoke):
 def test_the_verdicts_are_evidence_rules_on_the_run(smoke):
     """toy_experiment judges by evidence.verdicts with SW to the tilted target, lower is better: recomputing them
     from the saved metrics gives the same lines."""
-    cfg, _, result = smoke
+    cfg, _, result, _ = smoke
     metrics = result["metrics"]
     assert toy_experiment.QUALITY == E.Quality("sw", "SW→tilted", higher_is_better=False, digits=3)
     control = metrics["early_stopping_control"]
@@ -377,12 +384,13 @@ def test_frontier_smoke_writes_figures_and_json_with_paths_from_the_reference_to
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# regression: what the toy shows at the default settings (fixed exploration seeds; ~60 s)
+# regression: what the toy shows at the default settings (fixed exploration seeds; the headline, run once per
+# session by conftest.toy_headline, ~60 s)
 
 
 @pytest.fixture(scope="module")
-def default_run():
-    return toy_experiment.run(toy.Config(plot=False), progress=False)["metrics"]
+def default_run(toy_headline):
+    return toy_headline["metrics"]
 
 
 def mean(x):
