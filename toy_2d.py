@@ -232,7 +232,7 @@ def make_reference(cfg):
 
 @dataclass(frozen=True)
 class Arm:
-    """A training recipe: a method and its per-model knobs. An arm trains one model per RL seed."""
+    """A training recipe: a method and its knobs (toy_experiment.arms lists the experiment's). One model per seed."""
 
     method: str
     name: str  # "none" (the official loss), "guard", "null", or a frontier member "<family> <value>"

@@ -26,6 +26,9 @@ import evidence as E
 import normguard as ng
 import toy_2d as toy
 
+# ---------------------------------------------------------------------------------------------------------------
+# the experiment's settings: its quality endpoint, the frontier families, the smoke sizes, the command line
+
 QUALITY = E.Quality("sw", "SW→tilted", higher_is_better=False, digits=3)
 
 # the frontier families of docs/protocol.md, each member from the strongest effect to the weakest
@@ -48,12 +51,9 @@ def check_config(cfg):
     """A ValueError naming the first key whose value the run cannot use, and what it expects."""
     targets = [int(k) for k in cfg.target_modes.split(",") if k.isdigit()]
     ok_targets = len(set(targets)) == len(cfg.target_modes.split(",")) < cfg.n_modes > max(targets, default=0)
+    ok_methods = all(m in toy.METHODS for m in cfg.methods.split(","))
     rules = [
-        (
-            "methods",
-            all(m in toy.METHODS for m in cfg.methods.split(",")),
-            f"a comma-separated subset of {toy.METHODS}",
-        ),
+        ("methods", ok_methods, f"a comma-separated subset of {toy.METHODS}"),
         ("target_modes", ok_targets, f"distinct indices in [0, {cfg.n_modes}) leaving a non-target mode"),
         ("margin", cfg.margin in ("relative", "absolute"), "relative or absolute"),
         ("power", cfg.power in (1, 2), "1 or 2"),
