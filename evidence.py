@@ -1,6 +1,6 @@
 """The evidence behind every experiment here: statistics over seeds, the verdict rules of docs/protocol.md, the
 early-stopping control, the reward-quality frontiers, the results table, strict JSON and the shared figures.
-Written once, used by toy_2d.py and the digits experiment.
+Written once, used by both experiments (toy_experiment.py, digits_experiment.py).
 
 The data every function reads, per method (nft, awm, dpo) and variant ("none": base loss, "guard": + NormGuard):
 
@@ -49,7 +49,7 @@ PRIMARY_FALLBACK = 0.75  # the primary level where no guarded run's point is giv
 class Quality:
     """The quality metric the verdicts judge by: its key in an evaluation, its name in the text, its direction.
 
-    toy_2d: Quality("logp", "log p", higher_is_better=True); digits: Quality("fd", "FD", False, digits=1).
+    toy: Quality("sw", "SW→tilted", higher_is_better=False, digits=3); digits: Quality("fd", "FD", False, digits=1).
     """
 
     key: str

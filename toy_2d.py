@@ -1,47 +1,28 @@
-"""NormGuard on a 2D flow: RL inflates the velocity norm, and the one-sided hinge stops it — or the toy says not.
+"""NormGuard on a 2D flow: the world, the model and RL through normguard.py's losses, to read top to bottom.
 
-    python toy_2d.py               # the headline: each method un-guarded, guarded and on shuffled rewards (~1 min)
-    python toy_2d.py --frontier    # the guard against a stronger KL, a lower lr, early stopping, rescaling (~7 min)
-    python toy_2d.py --smoke       # tiny sizes, for tests
+    python toy_experiment.py    # the experiment built on this file: table and verdicts (~1 min)
 
-Top to bottom: the world (a ring of Gaussians with a closed-form density, and a classifier-style reward that, like
-a learned reward model, grows more confident off the data's support: a policy can raise it by overshooting); the
-velocity MLP, pretrained by flow matching in the diffusers convention and frozen as the reference; RL of arms ×
-seeds models as one batched ensemble, an arm being a method (DiffusionNFT, AWM, Diffusion-DPO: every loss from
-normguard.py) with its knobs, every arm of seed s on the same rollout and training noise (paired by seed);
-sampling, reward, quality and the norm ratio along each policy's own trajectories; then evidence.py judges each
-claim of the paper, or traces the frontiers, by the rules of docs/protocol.md. Quality is what the reward cannot
-see: the sliced Wasserstein distance to the ideal tilted target p(x)·exp(r(x)/τ)/Z (the endpoint), the mean
-log-density under the ring and the fraction of samples on its support.
+The config; the world: a ring of Gaussians with a closed-form density and a classifier-style reward that, like a
+learned reward model, grows more confident off the data's support (a policy can raise it by overshooting); the
+velocity MLP, pretrained by flow matching (diffusers convention) as the frozen reference, and S of them run as one
+batched ensemble; RL, one step per method (DiffusionNFT, AWM, Diffusion-DPO, each optionally guarded by the hinge)
+for arms × seeds models at once, every arm of seed s on the same noise; sampling, with reward, quality (the sliced
+Wasserstein distance to the ideal tilted target p(x)·exp(r(x)/τ)/Z, which the reward cannot see) and the norm ratio
+‖v_θ‖/‖v_ref‖ along each policy's own trajectories. toy_experiment.py picks the arms, evaluates them and asks
+evidence.py for the verdicts.
 """
 
-import dataclasses
 import math
-import sys
-import time
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import cli
-import evidence as E
 import normguard as ng
 
 METHODS = ("nft", "awm", "dpo")
-QUALITY = E.Quality("sw", "SW→tilted", higher_is_better=False, digits=3)
-# the frontier families of docs/protocol.md, each member from the strongest effect to the weakest
-GRIDS = {
-    "guard": (0.4, 0.2, 0.1, 0.05, 0.025),  # λ, absolute margin
-    "guard_relative": (0.4, 0.1),  # λ, relative margin
-    "kl": (1.0, 0.1, 0.01, 1e-3),  # β_KL, no guard (official: 1e-4)
-    "lower_lr": (0.25, 0.5),  # learning-rate factor, no guard
-}
-DPO_GRIDS = {"guard": (0.4, 0.1)}
-RESCALES = (0.95, 1.0, 1.05)  # inference: v <- s·v·‖v_ref‖/‖v‖ on the official un-guarded model
 
 
 @dataclass
@@ -92,43 +73,6 @@ class Config:
     out_dir: str = "runs/toy_2d"
     plot: bool = True
     threads: int = 1  # torch intra-op threads: these ops are tiny, so extra threads only add sync cost
-
-
-SMOKE = dict(pretrain_steps=100, rl_steps=6, seeds=2, groups=2, group_size=4, eval_samples=200, eval_every=3)
-SMOKE.update(adjoint_samples=32, sample_steps=4, few_steps=2, out_dir="runs/toy_2d_smoke")
-FLAGS = {"smoke": f"tiny sizes, for tests ({SMOKE})", "frontier": "the frontier families of docs/protocol.md"}
-
-
-def check_config(cfg):
-    """A ValueError naming the first key whose value the run cannot use, and what it expects."""
-    targets = [int(k) for k in cfg.target_modes.split(",") if k.isdigit()]
-    ok_targets = len(set(targets)) == len(cfg.target_modes.split(",")) < cfg.n_modes > max(targets, default=0)
-    rules = [
-        ("methods", all(m in METHODS for m in cfg.methods.split(",")), f"a comma-separated subset of {METHODS}"),
-        ("target_modes", ok_targets, f"distinct indices in [0, {cfg.n_modes}) leaving a non-target mode"),
-        ("margin", cfg.margin in ("relative", "absolute"), "relative or absolute"),
-        ("power", cfg.power in (1, 2), "1 or 2"),
-        ("group_size", cfg.group_size >= 2 and cfg.group_size % 2 == 0, "an even int >= 2 (DPO pairs best and worst)"),
-        ("lam", cfg.lam >= 0, "a number >= 0"),
-    ]
-    counts = ("seeds", "rl_steps", "groups", "sample_steps", "few_steps", "eval_every", "pretrain_steps")
-    rules += [(k, getattr(cfg, k) >= 1, "an int >= 1") for k in counts]
-    scales = ("rl_lr", "dpo_lr", "pretrain_lr", "reward_width", "tilt_temp", "mode_std")
-    rules += [(k, getattr(cfg, k) > 0, "a number > 0") for k in scales]
-    for key, ok, expected in rules:
-        if not ok:
-            raise ValueError(f"{key}: expected {expected}, got {getattr(cfg, key)!r}")
-
-
-def parse_args(argv):
-    """(Config, frontier?) from --key=value overrides and the --smoke and --frontier flags (cli.py)."""
-    (overrides,), flags = cli.parse(argv, [Config], flags=FLAGS, doc=__doc__)
-    cfg = Config(**{**(SMOKE if "smoke" in flags else {}), **overrides})
-    cli.checked(check_config, cfg)
-    on_grid = cfg.lam in GRIDS["guard"] and cfg.lam in DPO_GRIDS["guard"] and cfg.margin == "absolute"
-    if "frontier" in flags and not on_grid:  # the guard family's member at lam is the frontier's operating point
-        raise cli.UsageError(f"lam, margin: --frontier needs lam in {DPO_GRIDS['guard']} with the absolute margin")
-    return cfg, "frontier" in flags
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -214,16 +158,15 @@ class Ensemble(nn.Module):
     forward(x (S', N, 2), t (S', N), models) -> (S', N, 2): row s is VelocityMLP.forward of model s (one baddbmm
     per layer does the S matmuls at once; tests/test_toy.py checks it against a loop over VelocityMLP). `models`
     picks S' of the models: a slice (a view: gradients reach only those) or an index tensor (a copy, to evaluate).
-    Adam is elementwise, so the models train independently. The init is nn.Linear's: uniform ±1/sqrt(fan_in).
+    Adam is elementwise, so the models train independently.
     """
 
     def __init__(self, cfg, num_models=1):
         super().__init__()
         dims = [2 + cfg.temb_dim] + [cfg.hidden] * cfg.depth + [2]
         self.cfg = cfg
-        init = lambda d_in, *shape: nn.Parameter(
-            torch.empty(num_models, *shape).uniform_(-1 / d_in**0.5, 1 / d_in**0.5)
-        )
+        bound = lambda d_in: 1 / d_in**0.5  # nn.Linear's init: uniform ±1/sqrt(fan_in)
+        init = lambda d_in, *shape: nn.Parameter(torch.empty(num_models, *shape).uniform_(-bound(d_in), bound(d_in)))
         layers = [(init(i, i, o), init(i, 1, o)) for i, o in zip(dims[:-1], dims[1:])]  # weight, bias, layer by layer
         self.weights, self.biases = (nn.ParameterList(p) for p in zip(*layers))
 
@@ -289,7 +232,7 @@ def make_reference(cfg):
 
 @dataclass(frozen=True)
 class Arm:
-    """A training recipe: a method and its per-model knobs. An arm trains one model per RL seed."""
+    """A training recipe: a method and its knobs (toy_experiment.arms lists the experiment's). One model per seed."""
 
     method: str
     name: str  # "none" (the official loss), "guard", "null", or a frontier member "<family> <value>"
@@ -299,27 +242,6 @@ class Arm:
     kl_weight: float = 1e-4  # NFT's kl_weight, AWM's ref_weight
     lr_scale: float = 1.0  # times rl_lr
     shuffle_rewards: bool = False  # the null-reward control: rewards permuted across the rollout batch every step
-
-
-def arms(cfg, frontier=False):
-    """Per method: "none", "guard" (at lam, margin) and "null" (shuffled rewards); or, for the frontier, "none"
-    and every member of the method's families (GRIDS, DPO_GRIDS), in grid order."""
-    out = []
-    for m in cfg.methods.split(","):
-        lr = cfg.dpo_lr / cfg.rl_lr if m == "dpo" else 1.0
-        none = Arm(m, "none", lam=cfg.lam, margin=cfg.margin, kl_weight=cfg.kl_weight, lr_scale=lr)
-        knobs = {
-            "guard": lambda v: dict(guard=True, lam=v, margin="absolute"),
-            "guard_relative": lambda v: dict(guard=True, lam=v, margin="relative"),
-            "kl": lambda v: dict(kl_weight=v),
-            "lower_lr": lambda v, lr=lr: dict(lr_scale=lr * v),
-        }
-        out.append(none)
-        if not frontier:
-            out += [replace(none, name="guard", guard=True), replace(none, name="null", shuffle_rewards=True)]
-        for family, grid in (DPO_GRIDS if m == "dpo" else GRIDS).items() if frontier else ():
-            out += [replace(none, name=f"{family} {v:g}", **knobs[family](v)) for v in grid]
-    return out
 
 
 def draw_noise(cfg, generators):
@@ -344,6 +266,7 @@ def arm_rewards(arm, rewards, perm):
 
 
 def hinge(cfg, arm, v, v_ref, lam):
+    """The arm's NormGuard penalty (normguard.py), or 0 for an un-guarded arm."""
     return ng.normguard_penalty(v, v_ref, lam=lam, margin=arm.margin, power=cfg.power)[0] if arm.guard else 0.0
 
 
@@ -382,6 +305,22 @@ def nft_awm_loss(cfg, arm, policy, old, ref, sl, x0, rewards, noise):
     return loss + hinge(cfg, arm, v, v_ref, arm.lam)
 
 
+def rl_loss(cfg, arm_list, policy, old, ref, noise):
+    """One RL step's loss for every model: on-policy rollouts from the step's noise, their rewards, and each arm's
+    loss on its own slice of models (arm a holds models a·S .. a·S + S - 1, one per seed)."""
+    S = cfg.seeds
+    with torch.no_grad():
+        rollout_noise = noise["rollout"].repeat(len(arm_list), 1, 1)  # every arm of seed s starts from row s
+        x0 = ng.euler_sample(velocity_fn(policy), rollout_noise, ng.flow_timesteps(cfg.sample_steps))
+        rewards = reward(cfg, x0)
+    loss = 0.0
+    for a, arm in enumerate(arm_list):  # the core's losses are batch means: times S, each model its own gradient
+        sl = slice(a * S, (a + 1) * S)
+        args = (cfg, arm, policy, ref, sl, x0[sl], arm_rewards(arm, rewards[sl], noise["perm"]), noise)
+        loss = loss + S * (dpo_loss(*args) if arm.method == "dpo" else nft_awm_loss(*args[:3], old, *args[3:]))
+    return loss
+
+
 def adam_step_per_model_lr(opt, model, lr_scale):
     """opt.step() with model s's update multiplied by lr_scale[s]: a per-model learning rate in one optimiser.
 
@@ -406,7 +345,7 @@ def train(cfg, ref, arm_list, fixed, progress=True):
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.rl_lr)
     lr_scale = torch.tensor([arm.lr_scale for arm in arm_list]).repeat_interleave(S)
     generators = [torch.Generator().manual_seed(1000 * (cfg.seed + s)) for s in range(S)]
-    curves, grid = [{"step": []} for _ in range(M)], ng.flow_timesteps(cfg.sample_steps)
+    curves = [{"step": []} for _ in range(M)]
 
     def checkpoint(step):
         for curve, score in zip(curves, sample_and_score(cfg, velocity_fn(policy), M, ref, cfg.sample_steps, fixed)[0]):
@@ -415,15 +354,7 @@ def train(cfg, ref, arm_list, fixed, progress=True):
 
     checkpoint(0)
     for step in tqdm(range(1, cfg.rl_steps + 1), desc="rl", disable=not progress, leave=False):
-        noise = draw_noise(cfg, generators)
-        with torch.no_grad():
-            x0 = ng.euler_sample(velocity_fn(policy), noise["rollout"].repeat(len(arm_list), 1, 1), grid)
-            rewards = reward(cfg, x0)
-        loss = 0.0
-        for a, arm in enumerate(arm_list):  # the core's losses are batch means: times S, each model its own gradient
-            sl = slice(a * S, (a + 1) * S)
-            args = (cfg, arm, policy, ref, sl, x0[sl], arm_rewards(arm, rewards[sl], noise["perm"]), noise)
-            loss = loss + S * (dpo_loss(*args) if arm.method == "dpo" else nft_awm_loss(*args[:3], old, *args[3:]))
+        loss = rl_loss(cfg, arm_list, policy, old, ref, draw_noise(cfg, generators))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         adam_step_per_model_lr(opt, policy, lr_scale)
@@ -436,7 +367,7 @@ def train(cfg, ref, arm_list, fixed, progress=True):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# evaluation: sampling, the norm ratio along the policy's own trajectories, quality, the adjoint diagnostic
+# sampling: reward, quality and the norm ratio along the policy's own trajectories
 
 
 def evaluation_inputs(cfg):
@@ -474,224 +405,3 @@ def sample_and_score(cfg, velocity, M, ref, steps, fixed):
     x, states, vels = ng.euler_sample(velocity, fixed["noise"].expand(M, -1, -1), ng.flow_timesteps(steps), True)
     ratio, rms = trajectory_ratios(reference_fn(ref), states, vels)
     return scores(cfg, x, fixed, ratio=ratio.mean((0, 2)), rms_ratio=rms), x, ratio
-
-
-def rescaled(policy, ref, models, s):
-    """The inference-time baseline on `models` of the ensemble: v <- s·v·‖v_ref‖/‖v‖ at every point."""
-
-    def velocity(x, t):
-        v, v_ref = velocity_fn(policy, models)(x, t), reference_fn(ref)(x, t[:, None].expand(x.shape[:2]))
-        return s * ng.rescale_to_reference(v.reshape(-1, 2), v_ref.reshape(-1, 2)).reshape(v.shape)
-
-    return velocity
-
-
-def evaluate(cfg, policy, ref, arm_list, fixed, scales=(1.0,)):
-    """Every model's final evaluation at the full and few-step samplers, its norm ratio profile over t, and the
-    un-guarded ("none") models rescaled by each s in scales (phases "rescale", "rescale_few" at s = 1, else
-    "rescale_<s>"). Returns (evaluations in model order, the reference's, samples for the figures)."""
-    M = len(arm_list) * cfg.seeds
-    evals, reference, samples = [{} for _ in range(M)], {}, {"ideal": fixed["ideal"][:600]}
-    none = [i for i in range(M) if arm_list[i // cfg.seeds].name == "none"]
-    for phase, steps in (("full", cfg.sample_steps), ("few", cfg.few_steps)):
-        scored, x, ratio = sample_and_score(cfg, velocity_fn(policy), M, ref, steps, fixed)
-        for ev, score in zip(evals, scored):
-            ev[phase] = score
-        for s in scales if phase == "full" else (1.0,):
-            key = f"rescale_{s:g}" if s != 1 else {"full": "rescale", "few": "rescale_few"}[phase]
-            scored_rescaled = sample_and_score(cfg, rescaled(policy, ref, none, s), len(none), ref, steps, fixed)[0]
-            for i, score in zip(none, scored_rescaled):
-                evals[i][key] = score
-        (reference[phase],), x_ref, _ = sample_and_score(cfg, velocity_fn(ref), 1, ref, steps, fixed)
-        if phase == "full":
-            t = ng.flow_timesteps(steps)[:-1].repeat_interleave(ratio.shape[2])
-            for i, ev in enumerate(evals):
-                ev["profile"] = ng.norm_ratio_profile(ratio[:, i].reshape(-1), t, cfg.profile_bins)[0].tolist()
-            samples.update(models=x[:, :600], reference=x_ref[0, :600])
-    return evals, reference, samples
-
-
-def adjoint_diagnostic(cfg, policy, ref, arm_list):
-    """dR/dα_k for v_k -> (1 + α_k)·v_k (ng.velocity_scale_sensitivity) of every un-guarded model, and of the
-    reference once per seed on that seed's noise (so the per-seed change after RL is paired). Returns
-    ({method: per seed stats}, [the reference's stats per seed]): "total_mean", "total_std", "frac_positive" over
-    samples of the uniform scaling Σ_k dR/dα_k."""
-    S, n, grid = cfg.seeds, cfg.adjoint_samples, ng.flow_timesteps(cfg.sample_steps)
-    gens = [torch.Generator().manual_seed(1000 * (cfg.seed + s) + 2) for s in range(S)]
-    noise = torch.stack([torch.randn(n, 2, generator=g) for g in gens])
-
-    def stats(model, M):  # model m runs on seed m % S's noise, flattened: one α per sample
-        v = lambda x, t: model(x.reshape(M, n, 2), t.reshape(M, n)).reshape(-1, 2)
-        x = noise.repeat(M // S, 1, 1).reshape(-1, 2)
-        total = ng.velocity_scale_sensitivity(v, lambda x0: reward(cfg, x0), x, grid)[0].sum(-1).reshape(M, n)
-        out = dict(total_mean=total.mean(1), total_std=total.std(1, unbiased=False))
-        out["frac_positive"] = (total > 0).float().mean(1)
-        return [dict(zip(out, row)) for row in zip(*(value.tolist() for value in out.values()))]
-
-    idx = [i for i in range(len(arm_list) * S) if arm_list[i // S].name == "none"]
-    rows = stats(policy.replicate(len(idx), idx), len(idx))
-    methods = [arm.method for arm in arm_list if arm.name == "none"]
-    return {m: rows[k * S : (k + 1) * S] for k, m in enumerate(methods)}, stats(ref.replicate(S), S)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the experiments: the headline verdicts, the frontiers
-
-
-def by_arm(cfg, arm_list, per_model):
-    """{method: {arm name: [per_model[i] for each seed]}} from a list in model order."""
-    out = {}
-    for a, arm in enumerate(arm_list):
-        out.setdefault(arm.method, {})[arm.name] = per_model[a * cfg.seeds : (a + 1) * cfg.seeds]
-    return out
-
-
-def frontier_paths(evals, history_none, reference):
-    """One method's paths (docs/protocol.md): {family: per seed [(reward, quality), ...]}, each from the reference
-    through the family's members, strongest effect first, to the official un-guarded run ("none")."""
-    point = lambda phase: (phase["reward"], phase[QUALITY.key])
-    members = {}  # family -> per member, per seed
-    for name, per_seed in evals.items():
-        if " " in name:
-            members.setdefault(name.split()[0], []).append([point(ev["full"]) for ev in per_seed])
-    checkpoints = [list(zip(h["reward"], h[QUALITY.key]))[1:-1] for h in history_none]  # inner: step 0 and the end
-    members["early_stop"] = [list(c) for c in zip(*checkpoints)]  # are the reference and the official run
-    rescale = ["rescale" if s == 1 else f"rescale_{s:g}" for s in RESCALES]
-    members["rescale"] = [[point(ev[key]) for ev in evals["none"]] for key in rescale]
-    ends = [(point(reference["full"]), point(ev["full"])) for ev in evals["none"]]
-    return {f: [[start, *(m[s] for m in ms), end] for s, (start, end) in enumerate(ends)] for f, ms in members.items()}
-
-
-def columns(cfg):
-    """The results table's columns (evidence.format_table)."""
-    few = [E.Column("few", "reward", f"reward@{cfg.few_steps}"), E.Column("few", "sw", f"SW@{cfg.few_steps}")]
-    keys = [("rms_ratio", "rms ratio", 3), ("ratio", "mean ratio", 3), ("reward", "reward", 3), ("sw", "SW→tilted", 3)]
-    return [E.Column("full", *k) for k in keys + [("logp", "log p", 2), ("support", "support", 3)]] + few
-
-
-def run(cfg, frontier=False, progress=True, out_dir=None):
-    """The headline experiment (or, with frontier, the frontiers) in memory; with out_dir, also its JSON (config,
-    command, git revision, metrics) and figures there.
-
-    Returns {"metrics": everything measured (JSON-able; runs, null_runs, histories, adjoint, paths as evidence.py
-    reads them), "reference": the reference as a VelocityMLP, "models": {method: {arm: [VelocityMLP per seed]}},
-    "samples": {"models": (M, 600, 2) in model order, "reference", "ideal"}}."""
-    t0 = time.time()
-    ref, pretrain_loss = make_reference(cfg)
-    arm_list, fixed = arms(cfg, frontier), evaluation_inputs(cfg)
-    policy, curves = train(cfg, ref, arm_list, fixed, progress)
-    evals, reference, samples = evaluate(cfg, policy, ref, arm_list, fixed, RESCALES if frontier else (1.0,))
-    by, histories = by_arm(cfg, arm_list, evals), by_arm(cfg, arm_list, curves)
-    metrics = {
-        "pretrain_loss": pretrain_loss,
-        "reference": reference,
-        "ideal_tilted": scores(cfg, fixed["ideal"][None], fixed)[0],
-    }
-    if frontier:
-        paths = {m: frontier_paths(by[m], histories[m]["none"], reference) for m in by}
-        headline = f"guard {cfg.lam:g}"  # the guard family's member at the headline's lam: its operating point
-        operating = {m: [(ev["full"]["reward"], ev["full"][QUALITY.key]) for ev in by[m][headline]] for m in by}
-        lines, summary = E.frontier(paths, QUALITY, operating)
-        metrics.update(paths=paths, frontier=lines, summary=summary, runs=by, histories=histories)
-    else:
-        runs, null_runs = {m: {v: by[m][v] for v in E.VARIANTS} for m in by}, {m: {"none": by[m]["null"]} for m in by}
-        histories = {m: {v: histories[m][v] for v in E.VARIANTS} for m in by}
-        adjoint, adjoint_ref = adjoint_diagnostic(cfg, policy, ref, arm_list)
-        control = {m: [E.early_stopping_control(*pair, QUALITY) for pair in zip(*histories[m].values())] for m in by}
-        lines, flags = E.verdicts(runs, reference, adjoint, adjoint_ref, control, QUALITY, cfg.few_steps, null_runs)
-        metrics.update(
-            runs=runs, null_runs=null_runs, histories=histories, adjoint=adjoint, adjoint_reference=adjoint_ref
-        )
-        metrics.update(
-            early_stopping_control=control,
-            table=E.format_table(runs, reference, columns(cfg)),
-            verdicts=lines,
-            verdict_flags=flags,
-        )
-    metrics["wall_time_s"] = time.time() - t0
-    models = by_arm(cfg, arm_list, [policy.model(i) for i in range(len(arm_list) * cfg.seeds)])
-    result = {"metrics": metrics, "reference": ref.model(0), "models": models, "samples": samples}
-    if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        info = {"config": dataclasses.asdict(cfg), "command": sys.argv, "git_revision": cli.git_revision()}
-        E.write_json(Path(out_dir) / ("frontier.json" if frontier else "metrics.json"), {**info, **metrics})
-        if not frontier:  # the frontier's config lives in frontier.json: both can share one out_dir
-            E.write_json(Path(out_dir) / "config.json", info, indent=2)
-        if cfg.plot:
-            plot(cfg, result, Path(out_dir), frontier)
-    return result
-
-
-def plot(cfg, result, out, frontier):
-    """frontier_<method>.png per method; or toy_2d.png: samples (first seed) over the true density, norm ratio vs
-    t and during RL, reward vs quality, training paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics, samples = result["metrics"], result["samples"]
-    if frontier:
-        for m, paths in metrics["paths"].items():
-            fig, ax = plt.subplots(figsize=(6, 4.5))
-            E.plot_frontier(ax, paths, QUALITY, f"{m}: reward vs {QUALITY.label}, mean of {cfg.seeds} seeds")
-            fig.tight_layout()
-            fig.savefig(out / f"frontier_{m}.png", dpi=110)
-            plt.close(fig)
-        return
-    lim = cfg.radius + 1.6
-    gx, gy = torch.meshgrid(torch.linspace(-lim, lim, 200), torch.linspace(-lim, lim, 200), indexing="xy")
-    density = log_density(cfg, torch.stack([gx, gy], -1)).exp()
-    targets = mode_centers(cfg)[[int(k) for k in cfg.target_modes.split(",")]]
-    panels = [("reference", samples["reference"]), ("ideal tilted p·e^{r/τ}", samples["ideal"])]
-    names = [f"{m} {arm} (seed {cfg.seed})" for m, per_arm in result["models"].items() for arm in per_arm]
-    panels += [(name, samples["models"][i * cfg.seeds]) for i, name in enumerate(names)]
-    rows = math.ceil(len(panels) / 4) + 1
-    fig, axes = plt.subplots(rows, 4, figsize=(16, 4 * rows))
-    for ax, (title, x) in zip(axes.flat, panels):
-        ax.contourf(gx, gy, density, levels=12, cmap="Greys")
-        ax.scatter(x[:, 0], x[:, 1], s=2, c="tab:red", alpha=0.5)
-        ax.scatter(targets[:, 0], targets[:, 1], marker="*", s=120, c="gold", edgecolors="k", zorder=3)
-        ax.set(title=title, xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xticks=[], yticks=[])
-    for ax in list(axes.flat)[len(panels) : -4]:
-        ax.axis("off")
-    ax_t, ax_steps, ax_rq, ax_path = axes[-1]
-    E.plot_profile(ax_t, metrics["runs"], cfg.profile_bins)
-    E.plot_curves(ax_steps, metrics["histories"], "step", "rms_ratio")
-    ax_steps.axhline(1, c="k", lw=0.8)
-    ax_steps.set(xlabel="RL step", ylabel="√mean‖v_θ‖² / √mean‖v_ref‖²", title="RMS norm ratio during RL")
-    E.plot_reward_quality(ax_rq, metrics["runs"], metrics["reference"], QUALITY, (cfg.sample_steps, cfg.few_steps))
-    E.plot_curves(ax_path, metrics["histories"], "reward", QUALITY.key)
-    ax_path.set(xlabel="reward", ylabel=QUALITY.label, title=f"training path (every {cfg.eval_every} steps)")
-    fig.tight_layout()
-    fig.savefig(out / "toy_2d.png", dpi=110)
-    plt.close(fig)
-
-
-def main(argv):
-    cfg, frontier = parse_args(argv)
-    torch.set_num_threads(cfg.threads)
-    n_arms = len(arms(cfg, frontier))
-    print(
-        f"device cpu | float32 | {torch.get_num_threads()} thread(s) | {n_arms} arms x {cfg.seeds} seeds = "
-        f"{n_arms * cfg.seeds} models trained at once | {cfg.groups}x{cfg.group_size} rollouts/step | {cfg.rl_steps} "
-        f"RL steps | lr {cfg.rl_lr:g} (dpo {cfg.dpo_lr:g}) | {cfg.sample_steps} and {cfg.few_steps} Euler steps | "
-        f"reference seed {cfg.ref_seed}, RL seeds {cfg.seed}-{cfg.seed + cfg.seeds - 1}"
-    )
-    metrics = run(cfg, frontier, out_dir=cfg.out_dir)["metrics"]
-    ideal = metrics["ideal_tilted"]
-    print(
-        f"pretrain loss {metrics['pretrain_loss']:.3f} | ideal tilted: reward {ideal['reward']:.3f}, "
-        f"log p {ideal['logp']:.2f}"
-    )
-    if not frontier:
-        print(metrics["table"])
-        for m, null in metrics["null_runs"].items():
-            ratio, r = (sum(e["full"][k] for e in null["none"]) / cfg.seeds for k in ("rms_ratio", "reward"))
-            print(f"{m} shuffled-reward control: rms ratio {ratio:.3f}, reward {r:.3f}")
-    print("\n".join(metrics["frontier" if frontier else "verdicts"]))
-    print(f"wall time {metrics['wall_time_s']:.1f} s | outputs in {cfg.out_dir}")
-
-
-if __name__ == "__main__":
-    cli.run(main)

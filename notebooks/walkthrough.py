@@ -22,11 +22,17 @@
 # 1. the convention every function uses,
 # 2. the hinge, in math and in code, and what its gradient does,
 # 3. what the paper leaves open and which defaults we chose,
-# 4. the 2D experiment of `toy_2d.py`, run from here: samples against the true density, the norm ratio per
-#    timestep, the inference-time rescale and the guard, and the adjoint diagnostic.
+# 4. the 2D experiment (the world and RL in `toy_2d.py`, the experiment in `toy_experiment.py`), run from here:
+#    samples against the true density, the norm ratio per timestep, the inference-time rescale and the guard, and
+#    the adjoint diagnostic.
 #
-# Every function comes from `normguard.py`, `toy_2d.py` or `evidence.py`; nothing is re-implemented here, and every
-# number about the experiment is printed from what `toy_2d.run` returns.
+# Every function comes from `normguard.py`, `toy_2d.py`, `toy_experiment.py` or `evidence.py`; nothing is
+# re-implemented here, and every number about the experiment is printed from what `toy_experiment.run` returns.
+#
+# Section 4 runs the toy's headline, about a minute on a laptop CPU. To run it with other arguments of
+# `toy_experiment.py`, set the environment variable `NORMGUARD_TOY_ARGS` before starting Jupyter (for example
+# `NORMGUARD_TOY_ARGS="--seeds=3"`); the test suite sets `--smoke`, which runs the notebook top to bottom in seconds
+# on tiny sizes (its numbers then mean nothing).
 
 # %%
 import inspect
@@ -47,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 import evidence
 import normguard as ng
 import toy_2d
+import toy_experiment
 
 OUT = Path(os.environ.get("NORMGUARD_NOTEBOOK_OUT", ROOT / "outputs" / "notebooks")) / "walkthrough"
 OUT.mkdir(parents=True, exist_ok=True)
@@ -211,8 +218,11 @@ for granularity in ("sample", "token"):
 # dropped modes), with the mean log-density under the true ring beside it.
 
 # %%
-cfg = toy_2d.Config(out_dir=str(OUT / "toy_2d"))  # the defaults of `python toy_2d.py`; only where outputs go differs
-torch.set_num_threads(cfg.threads)  # as toy_2d.main does, so the numbers match the command line's
+# the config of `python toy_experiment.py` (plus NORMGUARD_TOY_ARGS, see the top); only where outputs go differs
+toy_args = os.environ.get("NORMGUARD_TOY_ARGS", "").split()
+cfg, _ = toy_experiment.parse_args([*toy_args, f"--out_dir={OUT / 'toy_2d'}"])
+print("toy_experiment.py arguments:", " ".join(toy_args) or "none (the headline's defaults)")
+torch.set_num_threads(cfg.threads)  # as toy_experiment.main does, so the numbers match the command line's
 lim = cfg.radius + 1.6
 side = torch.linspace(-lim, lim, 200)
 gx, gy = torch.meshgrid(side, side, indexing="xy")
@@ -235,17 +245,17 @@ plt.show()
 # %% [markdown]
 # ### Run it
 #
-# `toy_2d.run` is the whole experiment of `python toy_2d.py`: pretrain the reference, RL-train every arm — each
-# method un-guarded ("none"), guarded ("guard") and on shuffled rewards ("null", the control for drift without a
-# reward signal) — on every seed at once, evaluate, and judge each claim of the paper by the rules of
-# `docs/protocol.md`, written once in `evidence.py`. It returns the measurements and the trained models
-# themselves, so nothing below retrains. The table and verdicts are the ones the command line prints (seeds and
-# thread count are in `cfg`).
+# `toy_experiment.run` is the whole experiment of `python toy_experiment.py`: pretrain the reference
+# (`toy_2d.make_reference`), RL-train every arm — each method un-guarded ("none"), guarded ("guard") and on
+# shuffled rewards ("null", the control for drift without a reward signal) — on every seed at once (`toy_2d.train`),
+# evaluate, and judge each claim of the paper by the rules of `docs/protocol.md`, written once in `evidence.py`. It
+# returns the measurements and the trained models themselves, so nothing below retrains. The table and verdicts are
+# the ones the command line prints (seeds and thread count are in `cfg`).
 
 # %%
 start = time.perf_counter()
-result = toy_2d.run(cfg, progress=False, out_dir=cfg.out_dir)
-print(f"toy_2d.run: {time.perf_counter() - start:.1f} s\n")
+result = toy_experiment.run(cfg, progress=False, out_dir=cfg.out_dir)
+print(f"toy_experiment.run: {time.perf_counter() - start:.1f} s\n")
 metrics = result["metrics"]
 print(metrics["table"])
 print()
@@ -308,7 +318,7 @@ plt.show()
 # ### The norm ratio per timestep, and over training
 #
 # Left: $\|v_\theta\|/\|v_\mathrm{ref}\|$ along each policy's own sampling trajectories, binned by $t$ (mean over
-# seeds; `ng.norm_ratio_profile` inside `toy_2d.evaluate`). Right: the ratio of RMS norms
+# seeds; `ng.norm_ratio_profile` inside `toy_experiment.evaluate`). Right: the ratio of RMS norms
 # $\sqrt{\operatorname{mean}\|v_\theta\|^2}/\sqrt{\operatorname{mean}\|v_\mathrm{ref}\|^2}$ over the same points — the
 # verdicts' measure, robust where $\|v_\mathrm{ref}\|$ nears 0 — at the checkpoints taken during training.
 # Solid: no guard; dashed: NormGuard. Both panels are `evidence.py`'s figures, shared with the digits experiment.
@@ -343,7 +353,7 @@ def mean(values):
 
 fig, ax = plt.subplots(figsize=(7, 5))
 evidence.plot_reward_quality(
-    ax, metrics["runs"], metrics["reference"], toy_2d.QUALITY, (cfg.sample_steps, cfg.few_steps)
+    ax, metrics["runs"], metrics["reference"], toy_experiment.QUALITY, (cfg.sample_steps, cfg.few_steps)
 )
 low, high = ax.get_ylim()
 ax.set_yscale("symlog" if high - low > 50 else "linear")  # log-like only when some run is off by magnitudes
@@ -410,7 +420,7 @@ for m in methods:
 # %% [markdown]
 # ## Where to go next
 #
-# - `python toy_2d.py` prints the table and verdicts above and writes its figure, config and metrics to
+# - `python toy_experiment.py` prints the table and verdicts above and writes its figure, config and metrics to
 #   `runs/toy_2d/`; `--frontier` sets the guard against what users already have — a stronger KL, a lower learning
 #   rate, stopping early, rescaling at inference — each traced from the reference to the official run.
 # - `notebooks/put_normguard_in_your_trainer.py` puts the same hinge into a LoRA trainer of a diffusers SD3

@@ -1,4 +1,5 @@
-"""Suite-wide settings: no model hub, the repo root importable, deterministic CPU math, one shared digits cache."""
+"""Suite-wide settings: no model hub, the repo root importable, deterministic CPU math, one shared digits cache, one
+run of the toy's headline."""
 
 import os
 import sys
@@ -43,3 +44,13 @@ def digits_cache(tmp_path_factory):
         for kind in ("reward", "judge"):
             digits.classifier(kind, cache, "cpu")
     return cache, path
+
+
+@pytest.fixture(scope="session")
+def toy_headline():
+    """`python toy_experiment.py` at its default settings (the headline, ~1 min), run once per session for every
+    test that pins what it shows: run()'s result (metrics, models, samples), without figures or files."""
+    import toy_2d
+    import toy_experiment
+
+    return toy_experiment.run(toy_2d.Config(plot=False), progress=False)

@@ -15,7 +15,7 @@ FILES = sorted(
     if not any(part.startswith(".") or part in ("runs", "__pycache__") for part in p.relative_to(ROOT).parts)
 )
 MODULES = {p.stem for p in FILES}  # a project module is imported by its file name (scripts run from the repo root)
-TESTBEDS = {"digits", "digits_experiment", "toy_2d"}
+TESTBEDS = {"digits", "digits_experiment", "toy_2d", "toy_experiment"}
 
 
 def imported_names(tree, module_level_only=False):
@@ -107,6 +107,14 @@ def test_train_full_knows_no_testbed():
     assert parts == {"adapters": {"normguard"}, "rewards": {"adapters"}, "checkpoints": {"cli"}, "recipes": set()}, (
         parts
     )
+
+
+def test_the_toy_reads_alone_and_its_experiment_drives_it():
+    """toy_2d.py (the world, the model, RL) imports only normguard of the project, so a student reads it alone;
+    toy_experiment.py (arms, evaluation, verdicts, figures, command line) imports it, never the other way."""
+    graph = project_graph()
+    assert graph["toy_2d"] == {"normguard"}, graph["toy_2d"]
+    assert "toy_2d" in graph["toy_experiment"] and "evidence" in graph["toy_experiment"]
 
 
 def test_normguard_imports_only_torch_and_the_standard_library_at_module_level():

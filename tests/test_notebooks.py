@@ -1,7 +1,9 @@
 """Execute every notebooks/*.py (jupytext percent format) headless; any cell error fails the test.
 
 Notebooks that are never run rot: each one is converted with jupytext and run top to bottom by nbclient on the
-python3 kernel, from the notebooks/ folder (where Jupyter would start it), with its figures sent to a temp dir.
+python3 kernel, from the notebooks/ folder (where Jupyter would start it), with its figures sent to a temp dir. The
+walkthrough runs the toy with NORMGUARD_TOY_ARGS=--smoke: this test checks that it runs, not what the toy shows
+(tests/test_toy.py pins the headline's results at full size, once per session).
 """
 
 from pathlib import Path
@@ -22,6 +24,7 @@ def test_notebook_runs_clean(path, tmp_path, monkeypatch):
     monkeypatch.setenv("NORMGUARD_NOTEBOOK_OUT", str(tmp_path))  # the kernel inherits it: figures land in tmp
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("NORMGUARD_TOY_ARGS", "--smoke")  # the walkthrough's toy run at smoke size (its first cell)
     notebook = jupytext.read(path)
     # raises CellExecutionError, with the failing cell and its traceback, on the first error
     NotebookClient(

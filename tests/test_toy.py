@@ -1,7 +1,11 @@
-"""toy_2d.py: its closed-form world, the ensemble trick it rests on, the pairing of arms by seed, the null-reward
-control, the norm ratios, smoke runs of the headline and the frontier, and regression tests that pin, at the
-default settings and fixed seeds, what the toy shows."""
+"""toy_2d.py and toy_experiment.py: the closed-form world, the ensemble trick it rests on, the pairing of arms by
+seed, the null-reward control, the norm ratios, smoke runs of the headline and the frontier, and regression tests
+that pin, at the default settings and fixed seeds, what the toy shows (marked `experiment`; the headline runs once
+per session, in conftest.toy_headline)."""
 
+import contextlib
+import dataclasses
+import io
 import json
 import math
 import subprocess
@@ -15,6 +19,7 @@ import cli
 import evidence as E
 import normguard as ng
 import toy_2d as toy
+import toy_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -166,7 +171,9 @@ def test_per_model_learning_rate_equals_separate_adam_runs():
 
 def train_arms(method, arm_list, **overrides):
     """Smoke-sized training of arm_list from a tiny reference: the ensemble's weights, one (seeds, ...) per arm."""
-    cfg = toy.Config(**{**toy.SMOKE, "hidden": 16, "depth": 2, "pretrain_steps": 20, "rl_steps": 4, **overrides})
+    cfg = toy.Config(
+        **{**toy_experiment.SMOKE, "hidden": 16, "depth": 2, "pretrain_steps": 20, "rl_steps": 4, **overrides}
+    )
     ref, _ = toy.make_reference(cfg)
     policy, _ = toy.train(cfg, ref, arm_list, toy.evaluation_inputs(cfg), progress=False)
     S = cfg.seeds
@@ -179,8 +186,12 @@ def test_arms_of_one_seed_share_rollout_and_training_noise(method):
     arm of seed s draws the same rollouts, t and ε. A guard at λ > 0 and a second seed do differ."""
     lr = 5e-3 if method != "dpo" else 2e-3  # large enough that four steps move every model
     none = toy.Arm(method, "none", lr_scale=1.0)
-    arm_list = [none, toy.replace(none, name="twin"), toy.replace(none, name="guard 0", guard=True, lam=0.0)]
-    arm_list.append(toy.replace(none, name="guard 10", guard=True, lam=10.0))
+    arm_list = [
+        none,
+        dataclasses.replace(none, name="twin"),
+        dataclasses.replace(none, name="guard 0", guard=True, lam=0.0),
+    ]
+    arm_list.append(dataclasses.replace(none, name="guard 10", guard=True, lam=10.0))
     weights = train_arms(method, arm_list, rl_lr=lr, dpo_lr=lr)
     for other in weights[1:3]:
         assert all(torch.equal(a, b) for a, b in zip(weights[0], other))
@@ -225,59 +236,65 @@ def test_trajectory_ratios_mean_and_rms_in_closed_form():
 
 
 def test_overrides_are_typed_and_unknown_keys_rejected():
-    cfg, frontier = toy.parse_args(["--rl_steps=7", "--lam=0.5", "--plot=false"])
+    cfg, frontier = toy_experiment.parse_args(["--rl_steps=7", "--lam=0.5", "--plot=false"])
     assert (cfg.rl_steps, cfg.lam, cfg.plot, frontier) == (7, 0.5, False, False)
-    cfg, frontier = toy.parse_args(["--smoke", "--seeds=3"])
-    assert cfg.seeds == 3 and cfg.rl_steps == toy.SMOKE["rl_steps"] and not frontier
-    assert toy.parse_args(["--frontier"])[1]
+    cfg, frontier = toy_experiment.parse_args(["--smoke", "--seeds=3"])
+    assert cfg.seeds == 3 and cfg.rl_steps == toy_experiment.SMOKE["rl_steps"] and not frontier
+    assert toy_experiment.parse_args(["--frontier"])[1]
     with pytest.raises(cli.UsageError, match="--help lists"):
-        toy.parse_args(["--sweep"])
+        toy_experiment.parse_args(["--sweep"])
     with pytest.raises(cli.UsageError, match="--rl_steps: expected an int"):
-        toy.parse_args(["--rl_steps=many"])
+        toy_experiment.parse_args(["--rl_steps=many"])
     with pytest.raises(cli.UsageError, match="methods"):
-        toy.parse_args(["--methods=nft,ppo"])
+        toy_experiment.parse_args(["--methods=nft,ppo"])
     for bad in ("0,9", "0,0", "a", "0,1,2,3,4,5,6,7"):
         with pytest.raises(cli.UsageError, match="target_modes"):
-            toy.parse_args([f"--target_modes={bad}"])
+            toy_experiment.parse_args([f"--target_modes={bad}"])
     with pytest.raises(cli.UsageError, match="group_size"):
-        toy.parse_args(["--group_size=3"])
+        toy_experiment.parse_args(["--group_size=3"])
     with pytest.raises(cli.UsageError, match="lam: expected a number >= 0"):
-        toy.parse_args(["--lam=-1"])
+        toy_experiment.parse_args(["--lam=-1"])
 
 
 def test_help_exits_0_and_lists_every_key_and_a_bad_argument_exits_2_in_one_line(capsys):
     with pytest.raises(SystemExit) as done:
-        cli.run(toy.main, ["--help"])
+        cli.run(toy_experiment.main, ["--help"])
     assert done.value.code == 0
     printed = capsys.readouterr().out
-    for field in toy.dataclasses.fields(toy.Config):
+    for field in dataclasses.fields(toy.Config):
         assert f"--{field.name}={field.default}" in printed, field.name
     assert "--tilt_temp=0.1  (float)  # tau of the ideal" in printed and "--smoke" in printed
     assert "--frontier" in printed
     # the script's own entry point: exit code 2, one line on stderr, no traceback
-    done = subprocess.run([sys.executable, "toy_2d.py", "--rl_steps=many"], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "toy_experiment.py", "--rl_steps=many"], cwd=ROOT, capture_output=True, text=True
+    )
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr == "error: --rl_steps: expected an int, got 'many'\n"
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
+    """`python toy_experiment.py --smoke`, run once for every test below that reads it: (config, out_dir, run()'s
+    result, what it printed)."""
     out = tmp_path_factory.mktemp("toy_smoke")
-    cfg, _ = toy.parse_args(["--smoke", f"--out_dir={out}"])
-    return cfg, out, toy.run(cfg, progress=False, out_dir=out)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result = toy_experiment.main(["--smoke", f"--out_dir={out}"])
+    cfg, _ = toy_experiment.parse_args(["--smoke", f"--out_dir={out}"])
+    return cfg, out, result, printed.getvalue()
 
 
-def test_smoke_run_writes_config_metrics_and_figure(tmp_path, capsys):
-    toy.main(["--smoke", f"--out_dir={tmp_path}"])
-    printed = capsys.readouterr().out
+def test_smoke_run_writes_config_metrics_and_figure(smoke):
+    _, out, _, printed = smoke
     assert "nft+guard" in printed and printed.count("\n(") == 6  # six verdict lines: 1, 2, 3, 4, 4b, 5
-    metrics = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
-    config = json.loads((tmp_path / "config.json").read_text())
-    assert (tmp_path / "toy_2d.png").stat().st_size > 10_000
-    assert config["config"]["rl_steps"] == toy.SMOKE["rl_steps"] and len(config["git_revision"]) > 0
+    metrics = json.loads((out / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    config = json.loads((out / "config.json").read_text())
+    assert (out / "toy_2d.png").stat().st_size > 10_000
+    assert config["config"]["rl_steps"] == toy_experiment.SMOKE["rl_steps"] and len(config["git_revision"]) > 0
     assert config["command"] == sys.argv
     assert len(metrics["verdicts"]) == 6 and metrics["table"] in printed
-    table, seeds = flat_table(metrics), toy.SMOKE["seeds"]
+    table, seeds = flat_table(metrics), toy_experiment.SMOKE["seeds"]
     for m in toy.METHODS:
         for v in E.VARIANTS:
             row = table[m][v]
@@ -293,7 +310,7 @@ def test_smoke_run_writes_config_metrics_and_figure(tmp_path, capsys):
 
 def test_checkpoints_are_measured_like_the_final_evaluation(smoke):
     """The last checkpoint is the final model on the same noise and sample count: the same numbers."""
-    _, _, result = smoke
+    _, _, result, _ = smoke
     metrics = result["metrics"]
     for m, variants in metrics["runs"].items():
         for v, evals in variants.items():
@@ -304,7 +321,7 @@ def test_checkpoints_are_measured_like_the_final_evaluation(smoke):
 
 def test_run_returns_the_models_it_evaluated(smoke):
     """The walkthrough samples from what run() returns: each VelocityMLP reproduces its run's evaluation."""
-    cfg, _, result = smoke
+    cfg, _, result, _ = smoke
     grid = ng.flow_timesteps(cfg.sample_steps)
     noise = toy.evaluation_inputs(cfg)["noise"]
     models, i = result["models"], 0
@@ -323,51 +340,57 @@ def test_run_returns_the_models_it_evaluated(smoke):
 
 
 def test_the_verdicts_are_evidence_rules_on_the_run(smoke):
-    """toy_2d judges by evidence.verdicts with SW to the tilted target, lower is better: recomputing them from the
-    saved metrics gives the same lines."""
-    cfg, _, result = smoke
+    """toy_experiment judges by evidence.verdicts with SW to the tilted target, lower is better: recomputing them
+    from the saved metrics gives the same lines."""
+    cfg, _, result, _ = smoke
     metrics = result["metrics"]
-    assert toy.QUALITY == E.Quality("sw", "SW→tilted", higher_is_better=False, digits=3)
+    assert toy_experiment.QUALITY == E.Quality("sw", "SW→tilted", higher_is_better=False, digits=3)
     control = metrics["early_stopping_control"]
     args = ("runs", "reference", "adjoint", "adjoint_reference")
-    lines, flags = E.verdicts(*(metrics[k] for k in args), control, toy.QUALITY, cfg.few_steps, metrics["null_runs"])
+    lines, flags = E.verdicts(
+        *(metrics[k] for k in args), control, toy_experiment.QUALITY, cfg.few_steps, metrics["null_runs"]
+    )
     assert lines == metrics["verdicts"] and flags == metrics["verdict_flags"]
     for m in toy.METHODS:
         for s in range(cfg.seeds):
             h_none, h_guard = (metrics["histories"][m][v][s] for v in E.VARIANTS)
-            assert control[m][s] == E.early_stopping_control(h_none, h_guard, toy.QUALITY)
+            assert control[m][s] == E.early_stopping_control(h_none, h_guard, toy_experiment.QUALITY)
 
 
 def test_frontier_smoke_writes_figures_and_json_with_paths_from_the_reference_to_the_official_run(tmp_path, capsys):
-    toy.main(["--smoke", "--frontier", f"--out_dir={tmp_path}"])
+    toy_experiment.main(["--smoke", "--frontier", f"--out_dir={tmp_path}"])
     printed = capsys.readouterr().out
     data = json.loads((tmp_path / "frontier.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert data["frontier"] and all(line in printed for line in data["frontier"])
-    assert data["command"] == sys.argv and data["config"]["rl_steps"] == toy.SMOKE["rl_steps"]
-    q, ref = toy.QUALITY.key, data["reference"]["full"]
+    assert data["command"] == sys.argv and data["config"]["rl_steps"] == toy_experiment.SMOKE["rl_steps"]
+    q, ref = toy_experiment.QUALITY.key, data["reference"]["full"]
     for m in toy.METHODS:
         assert (tmp_path / f"frontier_{m}.png").stat().st_size > 10_000
-        grids = toy.DPO_GRIDS if m == "dpo" else toy.GRIDS
+        grids = toy_experiment.DPO_GRIDS if m == "dpo" else toy_experiment.GRIDS
         families = data["paths"][m]
         assert set(families) == set(grids) | {"early_stop", "rescale"}
         official = [[ev["full"]["reward"], ev["full"][q]] for ev in data["runs"][m]["none"]]
         for family, per_seed in families.items():
-            assert len(per_seed) == toy.SMOKE["seeds"]
+            assert len(per_seed) == toy_experiment.SMOKE["seeds"]
             for s, path in enumerate(per_seed):
                 assert path[0] == [ref["reward"], ref[q]] and path[-1] == official[s], (m, family)
-            members = {"early_stop": toy.SMOKE["rl_steps"] // toy.SMOKE["eval_every"] - 1, "rescale": len(toy.RESCALES)}
+            members = {
+                "early_stop": toy_experiment.SMOKE["rl_steps"] // toy_experiment.SMOKE["eval_every"] - 1,
+                "rescale": len(toy_experiment.RESCALES),
+            }
             assert len(per_seed[0]) == members.get(family, len(grids.get(family, ()))) + 2
         strongest = data["runs"][m][f"guard {grids['guard'][0]:g}"][0]["full"]  # members in grid order
         assert families["guard"][0][1] == [strongest["reward"], strongest[q]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# regression: what the toy shows at the default settings (fixed exploration seeds; ~60 s)
+# regression: what the toy shows at the default settings (fixed exploration seeds; the headline, run once per
+# session by conftest.toy_headline, ~60 s)
 
 
 @pytest.fixture(scope="module")
-def default_run():
-    return toy.run(toy.Config(plot=False), progress=False)["metrics"]
+def default_run(toy_headline):
+    return toy_headline["metrics"]
 
 
 def mean(x):
@@ -439,7 +462,9 @@ def test_longer_training_hurts_quality_and_the_guard_repairs_it_beyond_early_sto
     """800 RL steps: the drift reaches ~1.5-2x and moves the samples off the ring; the guarded runs keep most of
     the reward gain much closer to the tilted target, beat rescaling on both axes and beat the un-guarded
     checkpoint of equal reward."""
-    metrics = toy.run(toy.Config(methods="nft,awm", seeds=3, rl_steps=800, plot=False), progress=False)["metrics"]
+    metrics = toy_experiment.run(toy.Config(methods="nft,awm", seeds=3, rl_steps=800, plot=False), progress=False)[
+        "metrics"
+    ]
     table, ref = flat_table(metrics), metrics["reference"]["full"]
     for m in ("nft", "awm"):
         none, guard = table[m]["none"], table[m]["guard"]
@@ -457,6 +482,8 @@ def test_longer_training_hurts_quality_and_the_guard_repairs_it_beyond_early_sto
 def test_relative_margin_destabilises_guarded_dpo_in_2d():
     """With the core's default relative margin, the hinge's 1/|v_ref|^2 gradient where the 2D reference velocity
     nearly vanishes leaves guarded DPO (at its large lr) with a much lower log-density."""
-    metrics = toy.run(toy.Config(methods="dpo", seeds=3, margin="relative", plot=False), progress=False)["metrics"]
+    metrics = toy_experiment.run(toy.Config(methods="dpo", seeds=3, margin="relative", plot=False), progress=False)[
+        "metrics"
+    ]
     dpo = flat_table(metrics)["dpo"]
     assert mean(dpo["guard"]["full_logp"]) < mean(dpo["none"]["full_logp"]) - 0.3
