@@ -23,6 +23,19 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+# fixtures whose work (a run, a reference) several tests share: the tests of one file that use them run together
+SHARED_FIXTURES = {"digits_cache", "toy_headline", "smoke"}
+
+
+def pytest_collection_modifyitems(items):
+    """Groups for pytest-xdist's --dist loadgroup: the tests of a file that share an expensive fixture run on one
+    worker, so that it is built once per session; every other test is its own unit, so that the slow ones spread
+    over the workers. (The tiny pipelines of module fixtures take a second to build again on the other worker.)"""
+    for item in items:
+        shared = SHARED_FIXTURES & set(item.fixturenames)
+        item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0] if shared else item.nodeid))
+
+
 DIGITS_TEST_STEPS = 400  # pretraining steps of the suite's digits reference (the experiment's is 2000)
 
 
