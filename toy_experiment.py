@@ -230,7 +230,7 @@ def judge_frontier(cfg, by, histories, reference):
     headline = f"guard {cfg.lam:g}"  # the guard family's member at the headline's lam: its operating point
     operating = {m: [(ev["full"]["reward"], ev["full"][QUALITY.key]) for ev in by[m][headline]] for m in by}
     lines, summary = E.frontier(paths, QUALITY, operating)
-    return dict(paths=paths, frontier=lines, summary=summary, runs=by, histories=histories)
+    return dict(paths=paths, operating=operating, frontier=lines, summary=summary, runs=by, histories=histories)
 
 
 def run(cfg, frontier=False, progress=True, out_dir=None):
@@ -291,7 +291,8 @@ def plot(cfg, result, out, frontier):
     if frontier:
         for m, paths in metrics["paths"].items():
             fig, ax = plt.subplots(figsize=(6, 4.5))
-            E.plot_frontier(ax, paths, QUALITY, f"{m}: reward vs {QUALITY.label}, mean of {cfg.seeds} seeds")
+            title = f"{m}: reward vs {QUALITY.label}, mean of {cfg.seeds} seeds"
+            E.plot_frontier(ax, paths, QUALITY, title, metrics["operating"][m])
             fig.tight_layout()
             fig.savefig(out / f"frontier_{m}.png", dpi=110)
             plt.close(fig)
