@@ -19,8 +19,8 @@ What happens, top to bottom:
 3. loop: on-policy rollouts in groups of `group_size` per prompt on the scheduler's sigmas, rewards, group
    advantages, then the base loss (ng.nft_loss / ng.awm_loss / ng.dpo_loss) + ng.normguard_penalty on fresh
    forward-process points at the method's own train timesteps; one optimiser step per rollout batch.
-4. eval (at step 0, the reference, then every eval_every steps): reward at the full and the few-step sampler on
-   fixed prompts and seeds, the per-timestep norm-ratio profile along the policy's own trajectories, an image grid.
+4. eval (evaluation.py; at step 0, the reference, then every eval_every steps): reward at the full and few-step
+   Euler samplers on fixed prompts and seeds, the norm-ratio profile along the policy's own trajectories, a grid.
 5. save: atomic checkpoints (checkpoints.py: trainable weights, optimiser, LR schedule, RNG, step, old/EMA
    policy, the run identity --resume must match), the LoRA in the diffusers format
    (`pipe.load_lora_weights(out_dir + "/lora")`), config and metrics; a non-finite update stops before any save.
@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 import cli
+import evaluation
 import normguard as ng
 import recipes
 from adapters import ADAPTERS, SD3Adapter, export_lora, make_trainable, register_adapter, registered  # noqa: F401
@@ -58,6 +59,7 @@ from checkpoints import (
     truncate_jsonl,
 )
 from rewards import build_reward, check_reward, register_reward  # noqa: F401 (digits.py uses)
+from rollouts import check_timesteps, rollout, train_timestep_plan
 
 METHODS = ("nft", "awm", "dpo")
 
@@ -199,32 +201,9 @@ def check_config(cfg):
         raise ValueError("out_dir: expected a folder for the run's outputs, got ''")
     if not all(t.strip() for t in cfg.lora_targets.split(",")):
         raise ValueError(f"lora_targets: expected comma-separated module names, got {cfg.lora_targets!r}")
-    check_train_timesteps(cfg)
+    check_timesteps(cfg)
     recipes.check(cfg)
     registered(cfg.preset).adapter.check(cfg)
-
-
-def check_train_timesteps(cfg):
-    pool, recipe = timestep_pool(cfg)
-    if cfg.train_timesteps < 0:
-        raise ValueError(f"train_timesteps: expected >= 0 (0 = the method's recipe), got {cfg.train_timesteps}")
-    if cfg.method == "nft" and cfg.sample_steps < 2 and cfg.train_timesteps == 0:
-        raise ValueError("sample_steps: NFT trains on the sampler's own K-1 timesteps, so it needs K >= 2")
-    if cfg.method == "dpo" and cfg.train_timesteps > 1:
-        raise ValueError(f"train_timesteps: DPO trains each pair at one t, expected 0 or 1, got {cfg.train_timesteps}")
-    if cfg.method != "dpo" and cfg.train_timesteps > pool:
-        raise ValueError(
-            f"train_timesteps: expected <= {pool}, the {cfg.method} pool of sample_steps={cfg.sample_steps}, "
-            f"got {cfg.train_timesteps}"
-        )
-
-
-def timestep_pool(cfg):
-    """(pool size, recipe count) of the train timesteps: NFT the sampler's K steps (K - 1 of them), AWM the first
-    90 % of them (6 of them, at most the pool)."""
-    k = cfg.sample_steps
-    pool = k if cfg.method == "nft" else max(1, int(0.9 * k))
-    return pool, (k - 1 if cfg.method == "nft" else min(6, pool))
 
 
 def run_identity(cfg):
@@ -258,21 +237,6 @@ class Base:
             self.module.enable_adapters()
 
 
-def guided_velocity(adapter, model, x, t, cond, null, cfg_scale):
-    """The velocity the sampler integrates: conditional, or v_u + s·(v_c - v_u) against `null` when s != 1."""
-    if cfg_scale == 1.0:
-        return adapter.velocity(model, x, t, cond)
-    both = {k: torch.cat([null[k], cond[k]]) for k in ("encoder_hidden_states", "pooled_projections")}
-    v_u, v_c = adapter.velocity(model, torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-    return v_u + cfg_scale * (v_c - v_u)
-
-
-def rollout(adapter, model, cond, noise, sigmas, cfg_scale, null):
-    """Euler samples x0 (B, C, H, W) on sigmas (K + 1,), classifier-free guided when cfg_scale != 1."""
-    velocity = lambda x, t: guided_velocity(adapter, model, x, t, cond, null, cfg_scale)
-    return ng.euler_sample(velocity, noise, sigmas.to(noise.dtype))
-
-
 def guard_terms(cfg, v, v_ref):
     """(penalty, stats): the hinge when guard is on; when off, its statistics only (no gradient), for the log.
 
@@ -285,14 +249,6 @@ def guard_terms(cfg, v, v_ref):
     with torch.no_grad():
         _, stats = ng.normguard_penalty(v.detach(), v_ref, lam=0.0, **kw)
     return torch.zeros((), device=v.device), stats
-
-
-def train_timestep_plan(cfg, sigmas, gen):
-    """The t values each sample is trained at this step (NFT, AWM): NFT the sampler's own (K - 1 of K), AWM a
-    subset of the first 90 % of the sampler's steps."""
-    size, recipe = timestep_pool(cfg)
-    pool = sigmas[:size]
-    return pool[torch.randperm(size, generator=gen)[: cfg.train_timesteps or recipe].to(pool.device)]
 
 
 def micro_batches(cfg, batch, sigmas, gen):
@@ -627,41 +583,17 @@ class Run:
             self.log.flush()
         self.accelerator.log(line, step=step + 1)
 
-    @torch.no_grad()
     def evaluate(self, step):
-        """Reward at the full and few-step samplers on fixed prompts and seeds (the rollouts' CFG), the per-timestep
-        norm-ratio profile along the policy's own full-step trajectories, an image grid, the adapter's image
-        metrics; appended to evals.jsonl. Runs on the main process."""
+        """evaluation.measure at `step` (reward at the full and few-step samplers, the norm-ratio profile along the
+        policy's own trajectories, the drift alarm, the adapter's image metrics), an image grid; appended to
+        evals.jsonl and logged. Runs on the main process."""
         from torchvision.utils import save_image
 
-        cfg, adapter, bs, result = self.cfg, self.adapter, self.cfg.train_batch_size, {}
+        cfg = self.cfg
         self.model.eval()
         prompts = [p for p in self.eval_prompts for _ in range(cfg.eval_seeds)]
-        noise = torch.randn(
-            len(prompts), *adapter.latent_shape, generator=torch.Generator().manual_seed(cfg.seed + 12345)
-        )
-        noise = noise.to(self.accelerator.device)
-        for name, k in (("full", cfg.sample_steps), ("few", cfg.few_steps)):
-            sigmas, ratios, ts, images, rewards = adapter.sigmas(k), [], [], [], []
-            for i in range(0, len(prompts), bs):
-                cond, part = adapter.encode(prompts[i : i + bs]), prompts[i : i + bs]
-                null = adapter.null_cond(len(part)) if cfg.cfg_scale != 1 else None
-                velocity = self.traced_velocity(cond, null, ratios if name == "full" else None, ts)
-                with self.accelerator.autocast():
-                    x0 = ng.euler_sample(velocity, noise[i : i + bs], sigmas.to(noise.dtype))
-                images.append(adapter.decode(x0).cpu())
-                rewards.append(self.score(images[-1].to(x0.device), part).cpu())
-            images = torch.cat(images)
-            result[f"reward_{name}"] = torch.cat(rewards).mean().item()
-            if name == "full":
-                save_image((images + 1) / 2, self.out_dir / "eval" / f"grid_{step:07d}.png", nrow=cfg.eval_seeds * 4)
-                means, counts = ng.norm_ratio_profile(torch.cat(ratios), torch.cat(ts).clamp(0, 1), cfg.profile_bins)
-                result["norm_ratio"] = torch.cat(ratios).mean().item()
-                result["profile"] = [None if c == 0 else round(m, 5) for m, c in zip(means.tolist(), counts.tolist())]
-            result.update({f"{key}_{name}": v for key, v in adapter.image_metrics(images, prompts).items()})
-        # the alarm reads the overall ratio and every t bin: drift concentrates at the noise end (see docs/digits.md)
-        result["norm_ratio_max"] = max([result["norm_ratio"]] + [m for m in result["profile"] if m is not None])
-        result["drift_alarm"] = bool(cfg.drift_alarm) and result["norm_ratio_max"] > cfg.drift_alarm
+        result, images = evaluation.measure(cfg, self.adapter, self.base, prompts, self.score, self.accelerator)
+        save_image((images + 1) / 2, self.out_dir / "eval" / f"grid_{step:07d}.png", nrow=cfg.eval_seeds * 4)
         if result["drift_alarm"]:
             print(f"DRIFT ALARM at step {step}: norm ratio {result['norm_ratio_max']:.4f} > {cfg.drift_alarm}")
         profile = " ".join("  -  " if m is None else f"{m:.3f}" for m in result["profile"])
@@ -689,21 +621,6 @@ class Run:
 
         last = self.evals[-1] if self.main and self.evals else {}
         return broadcast_object_list([last.get("step") == step and bool(last.get("drift_alarm"))])[0]
-
-    def traced_velocity(self, cond, null, ratios, ts):
-        """The policy's sampling velocity; with `ratios` a list, it also records ‖v_θ‖/‖v_ref‖ and t at each call:
-        the drift along the policy's own trajectory."""
-
-        def velocity(x, t):
-            v = guided_velocity(self.adapter, self.base.module, x, t, cond, null, self.cfg.cfg_scale)
-            if ratios is not None:
-                with self.base.reference():
-                    v_ref = guided_velocity(self.adapter, self.base.module, x, t, cond, null, self.cfg.cfg_scale)
-                ratios.append(ng.norm_ratio(v, v_ref))
-                ts.append(t.float())
-            return v
-
-        return velocity
 
     def finish(self):
         """The LoRA export and metrics.json (main process); returns the metrics."""

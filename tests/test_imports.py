@@ -96,17 +96,21 @@ def test_the_project_import_graph_has_no_cycle():
 
 
 def test_train_full_knows_no_testbed():
-    """train_full.py imports only normguard, cli and its own parts (adapters, rewards, checkpoints, recipes) of the
-    project: a testbed registers itself from its own file."""
+    """train_full.py imports only normguard, cli and its own parts (adapters, rewards, checkpoints, recipes, rollouts
+    with samplers, evaluation) of the project: a testbed registers itself from its own file."""
     graph = project_graph()
     assert not graph["train_full"] & TESTBEDS
-    assert graph["train_full"] <= {"normguard", "cli", "adapters", "rewards", "checkpoints", "recipes"}, graph[
-        "train_full"
-    ]
-    parts = {name: graph[name] for name in ("adapters", "rewards", "checkpoints", "recipes")}
-    assert parts == {"adapters": {"normguard"}, "rewards": {"adapters"}, "checkpoints": {"cli"}, "recipes": set()}, (
-        parts
-    )
+    own = {"normguard", "cli", "adapters", "rewards", "checkpoints", "recipes", "rollouts", "evaluation"}
+    assert graph["train_full"] <= own, graph["train_full"]
+    parts = {name: graph[name] for name in ("adapters", "rewards", "checkpoints", "recipes", "rollouts", "evaluation")}
+    assert parts == {
+        "adapters": {"normguard"},
+        "rewards": {"adapters"},
+        "checkpoints": {"cli"},
+        "recipes": set(),
+        "rollouts": {"normguard"},
+        "evaluation": {"normguard", "rollouts"},
+    }, parts
 
 
 def test_the_toy_reads_alone_and_its_experiment_drives_it():
