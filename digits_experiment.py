@@ -355,8 +355,8 @@ def cached(path, key, compute):
 # by its folder, reference-seed<s>-steps<n>), and equal eval sizes. A train_full key added after a run was cached
 # counts as unchanged when it holds the value under which the older code ran (KEYS_ADDED_SINCE).
 NOT_COMPARED = "out_dir cache_dir resume overwrite report_to checkpoint_every checkpoints_keep gradient_checkpointing"
-# train_full key -> the value every earlier run ran with (issue 11's AWM/NFT options: what the trainer did before)
-KEYS_ADDED_SINCE = dict(awm_loss_type="exp_first", awm_kl_weighting="uniform", nft_decay_type=1, decay_lag=1, recipe="")
+# train_full key -> the value every earlier run ran with: train_full's own table (its run identity reads it too)
+KEYS_ADDED_SINCE = tf.KEYS_ADDED_SINCE
 
 
 def same_run(stored, current):

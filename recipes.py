@@ -3,16 +3,19 @@
 `--recipe=nft_ocr` applies RECIPES["nft_ocr"] on top of the preset and below --smoke and the command line, so any key
 stays overridable. Sources (the official code, read for facts only): DiffusionNFT `config/nft.py` and
 `scripts/train_nft_sd3.py`; AWM `advantage_weighted_matching/config/dgx_awm.py` and `scripts/train_sd3_awm.py`.
-What a recipe cannot carry yet (samplers, several optimiser steps per batch, ...) is listed in docs/train_full.md.
+What a recipe cannot carry yet (several optimiser steps per batch, ...) is listed in docs/train_full.md.
 """
 
-# DiffusionNFT: SD3.5-M at 512 px, 10 deterministic sampler steps, CFG 1, 24 images per prompt, lr 3e-4, KL 1e-4
+# DiffusionNFT: SD3.5-M at 512 px, 10 deterministic dpm2 steps, CFG 1, 24 images per prompt, lr 3e-4, KL 1e-4
 NFT = dict(method="nft", sample_steps=10, train_timesteps=0, group_size=24, cfg_scale=1.0, lr=3e-4, weight_decay=1e-4)
-NFT.update(nft_beta=1.0, kl_weight=1e-4, adv_clip=5.0, nft_decay_type=1)
-# AWM: 14 sampler steps, 6 train timesteps (0 = the recipe) of the first 90 %, ghuber p = 0.25, EMA weight 1
+NFT.update(nft_beta=1.0, kl_weight=1e-4, adv_clip=5.0, nft_decay_type=1, sampler="dpm2")
+# AWM: 14 SA-Solver steps, 6 train timesteps (0 = the recipe), one per stratum of the first 90 %, ghuber p = 0.25,
+# EMA weight 1; the strata from index 0 and noise level 0 for PickScore, from index 1 and 0.4 for GenEval and OCR
 AWM = dict(method="awm", sample_steps=14, train_timesteps=0, group_size=24, cfg_scale=1.0, lr=3e-4, weight_decay=1e-4)
 AWM.update(adv_clip=5.0, awm_weighting="ghuber", awm_loss_type="exp_first", awm_kl_weighting="uniform")
+AWM.update(sampler="sa_solver", awm_timesteps="discrete", sa_noise_level=0.0)
 AWM.update(awm_ema_weight=1.0, ema_decay_rate=0.001)
+AWM_WO_INIT = dict(AWM, awm_timesteps="discrete_wo_init", sa_noise_level=0.4)
 
 # reward="" marks a reward we do not ship (OCR, GenEval, HPSv2, the multi-reward mix): check() asks for --reward
 RECIPES = {
@@ -22,8 +25,8 @@ RECIPES = {
     "nft_ocr": {**NFT, "reward": "", "nft_beta": 0.1, "nft_decay_type": 2},  # and 2 optimiser steps per batch
     "nft_multi_reward": {**NFT, "reward": "", "nft_beta": 0.1, "sample_steps": 25},  # PickScore + HPSv2 + CLIPScore
     "awm_pickscore": {**AWM, "reward": "pickscore", "kl_weight": 1e-4},
-    "awm_geneval": {**AWM, "reward": "", "kl_weight": 1e-3},
-    "awm_ocr": {**AWM, "reward": "", "kl_weight": 3e-3},
+    "awm_geneval": {**AWM_WO_INIT, "reward": "", "kl_weight": 1e-3},
+    "awm_ocr": {**AWM_WO_INIT, "reward": "", "kl_weight": 3e-3},
 }
 
 # DiffusionNFT's return_decay(step, decay_type): type -> (flat steps, uprate, uphold)

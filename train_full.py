@@ -16,9 +16,10 @@ What happens, top to bottom:
    old/EMA policy NFT and AWM need is a copy of the trainable (LoRA) tensors swapped in for a no-grad forward.
    Model differences (latent packing, timestep scale, guidance embedding, sigmas) live in adapters.py, the
    rewards (pickscore, jpeg, registered, module:function) in rewards.py.
-3. loop: on-policy rollouts in groups of `group_size` per prompt on the scheduler's sigmas, rewards, group
-   advantages, then the base loss (ng.nft_loss / ng.awm_loss / ng.dpo_loss) + ng.normguard_penalty on fresh
-   forward-process points at the method's own train timesteps; one optimiser step per rollout batch.
+3. loop: rollouts in groups of `group_size` per prompt by the method's official sampler on its grid (rollouts.py:
+   NFT dpm2, AWM SA-Solver, DPO Euler), rewards, group advantages, then the base loss (ng.nft_loss / ng.awm_loss /
+   ng.dpo_loss) + ng.normguard_penalty on fresh forward-process points at the method's own train timesteps;
+   one optimiser step per rollout batch.
 4. eval (evaluation.py; at step 0, the reference, then every eval_every steps): reward at the full and few-step
    Euler samplers on fixed prompts and seeds, the norm-ratio profile along the policy's own trajectories, a grid.
 5. save: atomic checkpoints (checkpoints.py: trainable weights, optimiser, LR schedule, RNG, step, old/EMA
@@ -59,7 +60,7 @@ from checkpoints import (
     truncate_jsonl,
 )
 from rewards import build_reward, check_reward, register_reward  # noqa: F401 (digits.py uses)
-from rollouts import check_timesteps, rollout, train_timestep_plan
+from rollouts import OFFICIAL, SAMPLERS, check_timesteps, rollout, rollout_grid, train_timestep_plan
 
 METHODS = ("nft", "awm", "dpo")
 
@@ -79,10 +80,12 @@ class Config:
     lora_rank: int = 32
     lora_alpha: int = 64
     lora_targets: str = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"
-    # rollouts: groups of group_size samples per prompt, sampled on-policy with the scheduler's sigmas
+    # rollouts: groups of group_size samples per prompt, by the method's official sampler on its grid (rollouts.py)
     prompts_per_step: int = 2  # per process
     group_size: int = 24  # DiffusionNFT's official 24 images per prompt
-    sample_steps: int = 10  # Euler steps of the rollout sampler (NFT 10, AWM 14 in the official configs)
+    sample_steps: int = 0  # rollout sampler steps K; 0 = the method's official: nft 10, awm 14, dpo 10
+    sampler: str = ""  # euler | dpm2 | sa_solver; "" = the method's official: nft dpm2, awm sa_solver, dpo euler
+    sa_noise_level: float = 0.0  # SA-Solver's tau on 0.3 <= t <= 0.9 (AWM: 0.0 PickScore, 0.4 GenEval and OCR)
     cfg_scale: float = 1.0  # classifier-free guidance of the rollouts (1.0 = off, NFT's official setting)
     flux_guidance: float = 3.5  # FLUX-dev's embedded guidance value (ignored by models without guidance_embeds)
     shift: float = 1.0  # the sampling grid's shift for models without a scheduler (sd3/flux take the scheduler's)
@@ -92,6 +95,7 @@ class Config:
     # method and its base-loss settings (defaults: the official configs)
     method: str = "nft"  # nft | awm | dpo
     train_timesteps: int = 0  # per sample and step; 0 = the method's recipe: nft K-1, awm 6, dpo 1
+    awm_timesteps: str = "discrete"  # discrete | discrete_wo_init: one index per stratum of 0 (1)..0.9K-1 | subset
     nft_beta: float = 1.0
     kl_weight: float = 1e-4  # NFT's KL weight, AWM's ref_weight
     adv_clip: float = 5.0
@@ -145,6 +149,7 @@ SMOKE.update(eval_every=2, eval_seeds=1, checkpoint_every=1, lora_rank=4, lora_a
 SMOKE.update(gradient_checkpointing=False, out_dir="runs/train_full_smoke", overwrite=True)  # throwaway runs
 FLAGS = {"smoke": "tiny sizes (2 steps, 2x2 rollouts, LoRA r=4), each run replacing the last; tests, a first try"}
 CHOICES = dict(method=METHODS, margin=("relative", "absolute"), power=(1, 2), granularity=("sample", "token"))
+CHOICES.update(sampler=SAMPLERS, awm_timesteps=("discrete", "discrete_wo_init", "subset"))
 CHOICES.update(dpo_guard=("both", "winner", "loser"), mixed_precision=("no", "fp16", "bf16"))
 CHOICES.update(report_to=("", "tensorboard", "wandb"), awm_weighting=("uniform", "t", "t2", "huber", "ghuber"))
 CHOICES.update(awm_loss_type=("exp_first", "sum_first"), awm_kl_weighting=("uniform", "elbo"), nft_decay_type=(0, 1, 2))
@@ -152,6 +157,7 @@ AT_LEAST_1 = "steps prompts_per_step group_size sample_steps few_steps train_bat
 AT_LEAST_1 += " checkpoint_every checkpoints_keep lora_rank lora_alpha resolution profile_bins max_sequence_length"
 RANGES = [  # (keys, test, what a value must be)
     (AT_LEAST_1, lambda v: v >= 1, "an int >= 1"),
+    ("sa_noise_level", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
     ("lr cfg_scale nft_beta adv_clip max_grad_norm shift", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     (
         "lam kl_weight awm_ema_weight tolerance weight_decay ema_decay_rate warmup_steps drift_alarm decay_lag",
@@ -166,6 +172,10 @@ RANGES = [  # (keys, test, what a value must be)
 NOT_IDENTITY = "out_dir resume overwrite steps eval_every eval_seeds few_steps eval_prompts profile_bins report_to"
 NOT_IDENTITY += " drift_alarm drift_stop recipe"  # a recipe's values are keys of their own
 NOT_IDENTITY += " checkpoint_every checkpoints_keep cache_dir gradient_checkpointing"
+# Keys added after checkpoints were written without them, at the values under which those runs computed the same:
+# left out of the identity there, so such checkpoints still resume (digits_experiment reuses its runs by the same rule)
+KEYS_ADDED_SINCE = dict(awm_loss_type="exp_first", awm_kl_weighting="uniform", nft_decay_type=1, decay_lag=1, recipe="")
+KEYS_ADDED_SINCE.update(sampler="euler", awm_timesteps="subset", sa_noise_level=0.0)
 
 
 def parse_args(argv, preset="sd3"):
@@ -180,6 +190,9 @@ def make_config(overrides, smoke=False, preset="sd3"):
     family, recipe = registered(name), recipes.settings(overrides.get("recipe", ""))
     cfg = Config(**{**family.defaults, **recipe, **({**SMOKE, **family.smoke_sizes} if smoke else {}), **overrides})
     cfg.preset = name
+    if cfg.method in OFFICIAL:  # "" and 0: the method's official sampler and step count (rollouts.OFFICIAL)
+        sampler, steps = OFFICIAL[cfg.method]
+        cfg.sampler, cfg.sample_steps = cfg.sampler or sampler, cfg.sample_steps or steps
     check_config(cfg)
     return cfg
 
@@ -207,8 +220,10 @@ def check_config(cfg):
 
 
 def run_identity(cfg):
-    """{key: value} of the config keys that define what the run trains (all but NOT_IDENTITY)."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IDENTITY.split()}
+    """{key: value} of the config keys that define what the run trains (all but NOT_IDENTITY and KEYS_ADDED_SINCE's
+    keys at their values there)."""
+    kept = lambda k, v: k not in NOT_IDENTITY.split() and (k, v) not in KEYS_ADDED_SINCE.items()
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if kept(k, v)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -415,7 +430,8 @@ class Run:
             if state is not None:
                 acc.register_for_checkpointing(state)
         self.reward_fn = build_reward(cfg, device)
-        self.sigmas = self.adapter.sigmas(cfg.sample_steps)
+        self.sigmas = self.adapter.sigmas(cfg.sample_steps)  # the model's grid: train timesteps are its points
+        self.grid = rollout_grid(cfg.sampler, self.sigmas)  # the grid the rollout sampler runs on
         self.report()
         if cfg.report_to:
             acc.init_trackers("normguard", config=dataclasses.asdict(cfg))
@@ -436,12 +452,12 @@ class Run:
         (self.out_dir / "config.json").write_text(cli.dumps(saved, indent=1))
         trainable = "full" if cfg.full_finetune else f"LoRA r={cfg.lora_rank}"
         guard = f"on: lam {cfg.lam}, {cfg.margin}" if cfg.guard else "off"
-        n_params, grid = sum(p.numel() for p in self.params) / 1e6, [round(s, 3) for s in sigmas.tolist()]
+        n_params, grid = sum(p.numel() for p in self.params) / 1e6, [round(s, 4) for s in self.grid.tolist()]
         print(
             f"device {acc.device} x {n_proc} process(es) | {cfg.mixed_precision} | preset {cfg.preset} | latents "
             f"{tuple(self.adapter.latent_shape)} | trainable {n_params:.3f} M ({trainable}) | {cfg.method}, guard "
             f"{guard}\nper step: {cfg.prompts_per_step} prompts x {cfg.group_size} = {per_proc} rollouts per process, "
-            f"{per_proc * n_proc} in all | {cfg.sample_steps} sampler steps, sigmas {grid} "
+            f"{per_proc * n_proc} in all | {cfg.sampler} sampler, {cfg.sample_steps} steps on {grid} "
             f"| {n_loss} micro-batch losses (train timesteps x micro-batches of <= {cfg.train_batch_size} samples; "
             f"DPO: pairs) accumulated into 1 optimiser step | {cfg.steps} steps"
         )
@@ -470,7 +486,7 @@ class Run:
         return self.eval_due(step) and step not in {e["step"] for e in self.evals}
 
     def rollouts(self, step):
-        """On-policy samples of this step's prompts (no grad), their rewards and group advantages."""
+        """On-policy samples of this step's prompts (no grad) by cfg.sampler, their rewards and group advantages."""
         cfg, acc, adapter, bs = self.cfg, self.accelerator, self.adapter, self.cfg.train_batch_size
         rank, per_proc = acc.process_index, cfg.prompts_per_step * cfg.group_size
         gen = step_generator(cfg, step, rank, 0)
@@ -478,12 +494,13 @@ class Run:
         prompts = [self.train_prompts[i] for i in idx.tolist() for _ in range(cfg.group_size)]
         noise = torch.randn(per_proc, *adapter.latent_shape, generator=gen).to(acc.device)
         self.model.eval()
-        x0s, conds, rewards = [], [], []
+        x0s, conds, rewards, sde = [], [], [], step_generator(cfg, step, rank, 2)  # sde: the SA-Solver's noise
         with torch.no_grad(), acc.autocast():
             for i in range(0, per_proc, bs):
                 cond, part = adapter.encode(prompts[i : i + bs]), prompts[i : i + bs]
                 null = adapter.null_cond(len(part)) if cfg.cfg_scale != 1 else None
-                x0 = rollout(adapter, self.base.module, cond, noise[i : i + bs], self.sigmas, cfg.cfg_scale, null)
+                kw = dict(sampler=cfg.sampler, generator=sde, noise_level=cfg.sa_noise_level)
+                x0 = rollout(adapter, self.base.module, cond, noise[i : i + bs], self.grid, cfg.cfg_scale, null, **kw)
                 x0s.append(x0.float())
                 conds.append(cond)
                 rewards.append(self.score(adapter.decode(x0), part))

@@ -108,7 +108,7 @@ def test_train_full_knows_no_testbed():
         "rewards": {"adapters"},
         "checkpoints": {"cli"},
         "recipes": set(),
-        "rollouts": {"normguard"},
+        "rollouts": {"normguard", "samplers"},
         "evaluation": {"normguard", "rollouts"},
     }, parts
 

@@ -250,6 +250,201 @@ def test_rollout_matches_the_pipeline(sd3_path, flux_path, preset):
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# the official rollout samplers
+
+
+def test_presets_default_to_each_methods_official_sampler():
+    """sd3/flux: NFT dpm2 with 10 steps, AWM the SA-Solver with 14 (train timesteps as its PickScore configs), DPO
+    Euler with 10; digits: Euler, 10 steps and AWM's first-90 % subset for every method (its tables ran so); the
+    recipes carry their reward's settings; an explicit choice wins."""
+    import digits  # noqa: F401 (registers the digits preset)
+
+    for method, sampler, steps in (("nft", "dpm2", 10), ("awm", "sa_solver", 14), ("dpo", "euler", 10)):
+        for preset in ("sd3", "flux"):
+            cfg = tf.make_config({"preset": preset, "method": method, "pretrained_model_name_or_path": "x"})
+            assert (cfg.sampler, cfg.sample_steps, cfg.awm_timesteps) == (sampler, steps, "discrete")
+        cfg = tf.make_config({"method": method}, preset="digits")
+        assert (cfg.sampler, cfg.sample_steps, cfg.awm_timesteps) == ("euler", 10, "subset")
+    cfg = tf.make_config({"sampler": "euler", "sample_steps": 4, "pretrained_model_name_or_path": "x"})
+    assert (cfg.method, cfg.sampler, cfg.sample_steps) == ("nft", "euler", 4)
+    for recipe, timesteps, noise in (("awm_pickscore", "discrete", 0.0), ("awm_geneval", "discrete_wo_init", 0.4)):
+        cfg = tf.make_config({"recipe": recipe, "reward": "jpeg", "pretrained_model_name_or_path": "x"})
+        assert (cfg.sampler, cfg.sample_steps, cfg.awm_timesteps, cfg.sa_noise_level) == (
+            "sa_solver",
+            14,
+            timesteps,
+            noise,
+        )
+
+
+@pytest.mark.parametrize("sampler", ["dpm2", "sa_solver"])
+def test_rollout_runs_the_official_sampler_on_its_grid(sd3_path, sampler):
+    """The trainer's rollout is samplers.<sampler> on the same velocity, noise and grid: dpm2 on the SD3 pipeline's
+    sigmas (sd3_pipeline_timesteps) with the transformer called at the integer floor(1000·t), as NFT's pipeline
+    calls it; the SA-Solver on AWM's edit of those sigmas (t_0 = 0.999, last step halved) at 1000·t, its noise
+    drawn from the generator passed."""
+    import rollouts
+    import samplers
+
+    cfg = tf.parse_args(["--preset=sd3", "--smoke", f"--pretrained_model_name_or_path={sd3_path}"])
+    ad = tf.SD3Adapter(cfg, sd3_path, torch.device("cpu"), torch.float32)
+    sigmas = ad.sigmas(6)
+    torch.testing.assert_close(sigmas, samplers.sd3_pipeline_timesteps(6), rtol=0, atol=1e-7)  # the scheduler's shift 3
+    grid, noise = rollouts.rollout_grid(sampler, sigmas), torch.randn(2, *ad.latent_shape)
+    cond, seen = ad.encode(["a red cat", "a blue car"]), []
+    hook = ad.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["timestep"]), with_kwargs=True)
+    with torch.no_grad():
+        gen = lambda: torch.Generator().manual_seed(5)
+        ours = rollouts.rollout(ad, ad.transformer, cond, noise, grid, 1.0, None, sampler, gen(), 0.4)
+        other_noise = rollouts.rollout(
+            ad, ad.transformer, cond, noise, grid, 1.0, None, sampler, gen().manual_seed(6), 0.4
+        )
+        hook.remove()
+        velocity = lambda x, t: ad.velocity(ad.transformer, x, t, cond)
+        if sampler == "dpm2":
+            floored = lambda x, t: velocity(x, torch.floor(1000 * t).double() / 1000)
+            theirs, called_at = samplers.dpm2_sample(floored, noise, sigmas), torch.floor(1000 * sigmas[:-1])
+            assert torch.equal(ours, other_noise)  # deterministic
+        else:
+            theirs = samplers.sa_solver_sample(velocity, noise, grid, noise_level=0.4, generator=gen())
+            called_at = 1000 * grid[:-1]
+            assert grid[0] == 1 - 1e-3 and grid[-2] == grid[-3] / 2 and not torch.equal(ours, other_noise)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(torch.stack([s[0].float() for s in seen[: len(grid) - 1]]), called_at)
+
+
+@pytest.mark.parametrize("method, sampler, steps", [("nft", "dpm2", 10), ("awm", "sa_solver", 14), ("dpo", "euler", 3)])
+def test_a_run_rolls_out_with_its_sampler_and_trains_on_its_grid(
+    sd3_path, tmp_path, monkeypatch, method, sampler, steps
+):
+    """The preset's sampler reaches the rollouts with its grid; NFT trains at K - 1 distinct points of the model's
+    sigmas per step, AWM at one index from each of its 6 strata of 0..int(0.9K)-1 (never the last 10 % of the
+    steps), DPO rolls out with Euler."""
+    import samplers
+
+    grids, train_t = [], []
+    for name in ("dpm2", "sa_solver"):
+        real = getattr(samplers, f"{name}_sample")
+        spy = lambda *a, real=real, name=name, **k: grids.append((name, a[2])) or real(*a, **k)
+        monkeypatch.setattr(samplers, f"{name}_sample", spy)
+    real_point = ng.forward_process
+    monkeypatch.setattr(ng, "forward_process", lambda x0, eps, t: train_t.append(float(t[0])) or real_point(x0, eps, t))
+    run(sd3_path, tmp_path, f"--method={method}", f"--sample_steps={steps}", "--eval_every=100", "--steps=2")
+    sigmas = samplers.sd3_pipeline_timesteps(steps).tolist()
+    if sampler == "euler":
+        assert grids == []
+        return
+    expected = samplers.sd3_pipeline_timesteps(steps)
+    expected = samplers.sa_solver_timesteps(expected) if sampler == "sa_solver" else expected
+    assert {name for name, _ in grids} == {sampler} and len(grids) == 2  # one rollout micro-batch per step
+    assert all(torch.allclose(g, expected, rtol=0, atol=1e-7) for _, g in grids)
+    index = [min(range(len(sigmas)), key=lambda i: abs(sigmas[i] - t)) for t in train_t]
+    assert all(abs(sigmas[i] - t) < 1e-6 for i, t in zip(index, train_t))  # points of the unedited grid
+    per_step = [sorted(set(index[: len(index) // 2])), sorted(set(index[len(index) // 2 :]))]
+    for step_index in per_step:
+        if method == "nft":
+            assert len(step_index) == steps - 1 and set(step_index) <= set(range(steps))
+        else:  # int(0.9 * 14) = 12: strata [0, 2), [2, 4), [4, 6), [6, 8), [8, 10), [10, 12)
+            strata = [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10), (10, 12)]
+            assert len(step_index) == 6 and all(lo <= i < hi for i, (lo, hi) in zip(step_index, strata))
+
+
+@pytest.mark.parametrize("rule, first", [("discrete", 0), ("discrete_wo_init", 1)])
+def test_awm_strata_cover_each_stratum_as_the_official_draw_does(rule, first):
+    """rollouts.train_timestep_plan's AWM draw (K = 14, T = 6) against the official strata, linspace(first, 12, 7)
+    truncated, over many draws: each index in its stratum, every index of first..11 drawn, 12 and 13 never."""
+    import rollouts
+
+    cfg = tf.Config(method="awm", sample_steps=14, awm_timesteps=rule)
+    sigmas, gen = torch.arange(15.0), torch.Generator().manual_seed(0)
+    drawn = torch.stack([rollouts.train_timestep_plan(cfg, sigmas, gen) for _ in range(400)]).long()
+    edges = torch.linspace(first, 12, 7).long()
+    lower, upper = edges[:-1], edges[1:]
+    assert ((drawn >= lower) & (drawn < upper)).all() and set(drawn.flatten().tolist()) == set(range(first, 12))
+
+
+def test_identity_leaves_out_added_keys_at_their_old_values():
+    """A checkpoint written before sampler, awm_timesteps, ... existed resumes when they hold the values that
+    code ran with (Euler, the first-90 % subset, ...): the identity is then the one that code wrote."""
+    old = dict(sampler="euler", awm_timesteps="subset", decay_lag=1, pretrained_model_name_or_path="x")
+    identity = tf.run_identity(tf.make_config(old))
+    assert not set(tf.KEYS_ADDED_SINCE) & set(identity) and identity["sample_steps"] == 10
+    official = tf.run_identity(tf.make_config({"pretrained_model_name_or_path": "x"}))
+    assert official["sampler"] == "dpm2" and official["awm_timesteps"] == "discrete" and official["decay_lag"] == 0
+
+
+def short_digits_runs(root):
+    """Three steps of each method with the digits preset (Euler rollouts, one optimiser step per batch) on a random
+    tiny reference of the testbed's design, rewarded by brightness (no classifier to train): per method the step
+    losses, gradient norms, norm ratios and rewards, and the last eval's rewards and norm ratio."""
+    from diffusers import SD3Transformer2DModel
+
+    import digits
+
+    root = Path(root)
+    torch.manual_seed(0)
+    SD3Transformer2DModel(**digits.TRANSFORMER_CONFIG).save_pretrained(root / "ref" / "transformer")
+    digits.LabelEncoder().save_pretrained(root / "ref")
+    (root / "eval.txt").write_text("3\n7\n")  # 2 eval images: fewer than 10, so no judge to train
+    result = {}
+    for method in tf.METHODS:
+        out = root / method
+        sizes = ("--steps=3", "--prompts_per_step=2", "--group_size=4", "--train_batch_size=4", "--eval_seeds=1")
+        digits.main(
+            [
+                f"--pretrained_model_name_or_path={root / 'ref'}",
+                "--reward=test_train_full:brightness_reward",
+                f"--eval_prompts={root / 'eval.txt'}",
+                *sizes,
+                "--eval_every=100",
+                "--checkpoint_every=100",
+                f"--method={method}",
+                f"--out_dir={out}",
+            ]
+        )
+        log, evals = read_jsonl(out / "log.jsonl"), read_jsonl(out / "evals.jsonl")
+        result[method] = {k: [x[k] for x in log] for k in ("loss", "grad_norm", "norm_ratio", "reward_mean")}
+        result[method]["eval"] = [evals[-1][k] for k in ("reward_full", "reward_few", "norm_ratio")]
+    return result
+
+
+DIGITS_BEFORE = {  # short_digits_runs at b4ad0e6: per method, steps 1-3 and the step-3 eval
+    "nft": {
+        "loss": [5.190250900056626, 4.865003400378758, 4.74445472823249],
+        "grad_norm": [0.017184976488351822, 0.027529118582606316, 0.022383078932762146],
+        "norm_ratio": [1.0000000000000002, 0.9969967703024545, 0.9930371774567498],
+        "reward_mean": [-0.07208844274282455, -0.10219217836856842, -0.14819927513599396],
+        "eval": [-0.09459786117076874, -0.09269126504659653, 0.995189368724823],
+    },
+    "awm": {
+        "loss": [2.0954757928848267e-09, 1.659739636838964e-07, 1.8704305770889107e-08],
+        "grad_norm": [0.0031527753453701735, 0.0036619575694203377, 0.0032031775917857885],
+        "norm_ratio": [1.0, 0.9970473696788152, 0.9937426497538886],
+        "reward_mean": [-0.07208844274282455, -0.10272909700870514, -0.14942951500415802],
+        "eval": [-0.09617535024881363, -0.09428896009922028, 0.9945946931838989],
+    },
+    "dpo": {
+        "loss": [0.6931471824645996, 0.06908155977725983, 0.0003467855276539922],
+        "grad_norm": [85.28462219238281, 10.988565444946289, 0.0754290372133255],
+        "norm_ratio": [1.0, 0.9988361597061157, 0.989520788192749],
+        "reward_mean": [-0.07208844274282455, -0.1023770123720169, -0.14847329258918762],
+        "eval": [-0.09588511288166046, -0.09412029385566711, 0.9950593709945679],
+    },
+}
+
+
+@pytest.mark.experiment
+def test_the_digits_preset_trains_as_before(tmp_path):
+    """The digits tables were run with Euler rollouts and one optimiser step per batch: short_digits_runs gives the
+    numbers it gave at revision b4ad0e6, before the samplers and minibatches were wired in (equal bit for bit on the
+    machine that recorded them; to 1e-6 here, for other CPUs' float rounding)."""
+    got = short_digits_runs(tmp_path)
+    for method, before in DIGITS_BEFORE.items():
+        for key, values in before.items():  # abs: AWM's loss is ~1e-9 at rho = 1, a mean of advantages summing to 0
+            assert got[method][key] == pytest.approx(values, rel=1e-6, abs=1e-9), (method, key)
+
+
 def lora_tensors(out):
     from safetensors.torch import load_file
 
@@ -780,6 +975,16 @@ BAD_SETTINGS = [  # (arguments, what the one-line error must start with)
     (["--method=dpo", "--train_timesteps=2"], "train_timesteps: DPO trains each pair at one t"),
     (["--shift=-1"], "shift: expected a finite number > 0"),
     (["--lr=1e-3", "--lr=1e-4"], "--lr: given twice"),
+    (["--sampler=rk4"], "sampler: expected one of ('euler', 'dpm2', 'sa_solver'), got 'rk4'"),
+    (["--awm_timesteps=all"], "awm_timesteps: expected one of ('discrete', 'discrete_wo_init', 'subset')"),
+    (["--sa_noise_level=-0.1"], "sa_noise_level: expected a finite number >= 0"),
+    (["--sa_noise_level=nan"], "sa_noise_level: expected a finite number >= 0"),
+    (["--method=awm", "--sample_steps=2"], "sample_steps: the SA-Solver's grid (AWM's edit) needs K >= 3, got 2"),
+    (
+        ["--method=awm", "--sampler=euler", "--sample_steps=2", "--awm_timesteps=discrete_wo_init"],
+        "sample_steps: AWM's discrete_wo_init trains on grid indices 1..int(0.9K)-1, so it needs K >= 3",
+    ),
+    (["--method=awm", "--train_timesteps=3"], "train_timesteps: expected <= 2, the awm pool of sample_steps=3"),
 ]
 
 
