@@ -6,6 +6,7 @@ An adapter loads the pipeline, encodes prompts, gives the velocity v(x_t, t, c) 
 knows which family runs.
 """
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -249,6 +250,28 @@ PROMPTS = ["a photo of a cat", "a red bicycle leaning on a wall", "a bowl of ram
 TINY = dict(resolution=16, max_sequence_length=16)
 register_adapter("sd3", SD3Adapter, dict(resolution=512), TINY, PROMPTS)
 register_adapter("flux", FluxAdapter, dict(resolution=512, max_sequence_length=512), TINY, PROMPTS)
+
+
+class Base:
+    """The frozen reference: the same transformer with the LoRA adapter disabled (full fine-tuning: a frozen copy)."""
+
+    def __init__(self, module, frozen_copy=None):
+        self.module, self.frozen_copy = module, frozen_copy
+
+    @contextlib.contextmanager
+    def reference(self):
+        if self.frozen_copy is not None:
+            live, self.module = self.module, self.frozen_copy
+            try:
+                yield
+            finally:
+                self.module = live
+            return
+        self.module.disable_adapters()
+        try:
+            yield
+        finally:
+            self.module.enable_adapters()
 
 
 def make_trainable(cfg, transformer, device, weight_dtype):

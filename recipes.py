@@ -3,7 +3,7 @@
 `--recipe=nft_ocr` applies RECIPES["nft_ocr"] on top of the preset and below --smoke and the command line, so any key
 stays overridable. Sources (the official code, read for facts only): DiffusionNFT `config/nft.py` and
 `scripts/train_nft_sd3.py`; AWM `advantage_weighted_matching/config/dgx_awm.py` and `scripts/train_sd3_awm.py`.
-What a recipe cannot carry yet (several optimiser steps per batch, ...) is listed in docs/train_full.md.
+What a recipe does not reproduce (NFT's rollouts from its old policy, ...) is listed in docs/train_full.md.
 """
 
 # DiffusionNFT: SD3.5-M at 512 px, 10 deterministic dpm2 steps, CFG 1, 24 images per prompt, lr 3e-4, KL 1e-4
@@ -22,7 +22,7 @@ RECIPES = {
     "nft_pickscore": {**NFT, "reward": "pickscore"},
     "nft_hpsv2": {**NFT, "reward": ""},
     "nft_geneval": {**NFT, "reward": ""},
-    "nft_ocr": {**NFT, "reward": "", "nft_beta": 0.1, "nft_decay_type": 2},  # and 2 optimiser steps per batch
+    "nft_ocr": {**NFT, "reward": "", "nft_beta": 0.1, "nft_decay_type": 2, "grad_steps_per_batch": 2},
     "nft_multi_reward": {**NFT, "reward": "", "nft_beta": 0.1, "sample_steps": 25},  # PickScore + HPSv2 + CLIPScore
     "awm_pickscore": {**AWM, "reward": "pickscore", "kl_weight": 1e-4},
     "awm_geneval": {**AWM_WO_INIT, "reward": "", "kl_weight": 1e-3},

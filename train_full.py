@@ -19,7 +19,7 @@ What happens, top to bottom:
 3. loop: rollouts in groups of `group_size` per prompt by the method's official sampler on its grid (rollouts.py:
    NFT dpm2, AWM SA-Solver, DPO Euler), rewards, group advantages, then the base loss (ng.nft_loss / ng.awm_loss /
    ng.dpo_loss) + ng.normguard_penalty on fresh forward-process points at the method's own train timesteps;
-   one optimiser step per rollout batch.
+   grad_steps_per_batch optimiser steps per rollout batch, AWM's log p_old from before the first of them.
 4. eval (evaluation.py; at step 0, the reference, then every eval_every steps): reward at the full and few-step
    Euler samplers on fixed prompts and seeds, the norm-ratio profile along the policy's own trajectories, a grid.
 5. save: atomic checkpoints (checkpoints.py: trainable weights, optimiser, LR schedule, RNG, step, old/EMA
@@ -45,7 +45,7 @@ import cli
 import evaluation
 import normguard as ng
 import recipes
-from adapters import ADAPTERS, SD3Adapter, export_lora, make_trainable, register_adapter, registered  # noqa: F401
+from adapters import ADAPTERS, Base, SD3Adapter, export_lora, make_trainable, register_adapter, registered  # noqa: F401
 from checkpoints import (
     Counter,
     PolicyCopy,
@@ -117,11 +117,15 @@ class Config:
     granularity: str = "sample"  # sample | token (token = one latent pixel, all channels)
     tolerance: float = 0.0
     dpo_guard: str = "both"  # which DPO branch is guarded: both (mean of the two) | winner | loser
-    # optimisation: one AdamW step per rollout batch, gradients accumulated over micro-batches and train timesteps
+    # optimisation: grad_steps_per_batch AdamW steps per rollout batch, gradients accumulated over micro-batches and
+    # train timesteps; each step is one rollout batch (steps, checkpoints and evals count rollout batches)
     steps: int = 300
+    grad_steps_per_batch: int = 1  # the rollout batch split into this many minibatches, one AdamW step each (NFT OCR 2)
+    awm_off_policy: bool = False  # AWM: rollouts and log p_old from the EMA policy (the official off_policy mode)
+    awm_clip_range: float = 1.0  # AWM's ratio clip c: rho clipped to [1 - c, 1 + c] (official 1; acts from step 2)
     lr: float = 3e-4
     weight_decay: float = 1e-4
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # optimiser steps of linear LR warmup
     max_grad_norm: float = 1.0
     train_batch_size: int = 8  # samples per forward (DPO: pairs); the rollout batch is split into these
     mixed_precision: str = "bf16"  # no | fp16 | bf16 (accelerate); frozen weights are stored in this dtype
@@ -155,9 +159,11 @@ CHOICES.update(report_to=("", "tensorboard", "wandb"), awm_weighting=("uniform",
 CHOICES.update(awm_loss_type=("exp_first", "sum_first"), awm_kl_weighting=("uniform", "elbo"), nft_decay_type=(0, 1, 2))
 AT_LEAST_1 = "steps prompts_per_step group_size sample_steps few_steps train_batch_size eval_every eval_seeds"
 AT_LEAST_1 += " checkpoint_every checkpoints_keep lora_rank lora_alpha resolution profile_bins max_sequence_length"
+AT_LEAST_1 += " grad_steps_per_batch"
 RANGES = [  # (keys, test, what a value must be)
     (AT_LEAST_1, lambda v: v >= 1, "an int >= 1"),
     ("sa_noise_level", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    ("awm_clip_range", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     ("lr cfg_scale nft_beta adv_clip max_grad_norm shift", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     (
         "lam kl_weight awm_ema_weight tolerance weight_decay ema_decay_rate warmup_steps drift_alarm decay_lag",
@@ -176,6 +182,7 @@ NOT_IDENTITY += " checkpoint_every checkpoints_keep cache_dir gradient_checkpoin
 # left out of the identity there, so such checkpoints still resume (digits_experiment reuses its runs by the same rule)
 KEYS_ADDED_SINCE = dict(awm_loss_type="exp_first", awm_kl_weighting="uniform", nft_decay_type=1, decay_lag=1, recipe="")
 KEYS_ADDED_SINCE.update(sampler="euler", awm_timesteps="subset", sa_noise_level=0.0)
+KEYS_ADDED_SINCE.update(grad_steps_per_batch=1, awm_off_policy=False, awm_clip_range=1.0)
 
 
 def parse_args(argv, preset="sd3"):
@@ -216,7 +223,20 @@ def check_config(cfg):
         raise ValueError(f"lora_targets: expected comma-separated module names, got {cfg.lora_targets!r}")
     check_timesteps(cfg)
     recipes.check(cfg)
+    check_update_plan(cfg)
     registered(cfg.preset).adapter.check(cfg)
+
+
+def check_update_plan(cfg):
+    """The split of a rollout batch into grad_steps_per_batch minibatches (DPO: of its pairs) and AWM's off-policy."""
+    units = cfg.prompts_per_step * (1 if cfg.method == "dpo" else cfg.group_size)  # DPO: one pair per prompt
+    if units % cfg.grad_steps_per_batch:
+        raise ValueError(
+            f"grad_steps_per_batch: expected a divisor of {units}, the rollout batch per process (DPO: its pairs), "
+            f"got {cfg.grad_steps_per_batch}"
+        )
+    if cfg.awm_off_policy and cfg.method != "awm":
+        raise ValueError(f"awm_off_policy: expected false with method={cfg.method} (it is AWM's mode)")
 
 
 def run_identity(cfg):
@@ -227,29 +247,7 @@ def run_identity(cfg):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# sampling and the losses of one micro-batch
-
-
-class Base:
-    """The frozen reference: the same transformer with the LoRA adapter disabled (full fine-tuning: a frozen copy)."""
-
-    def __init__(self, module, frozen_copy=None):
-        self.module, self.frozen_copy = module, frozen_copy
-
-    @contextlib.contextmanager
-    def reference(self):
-        if self.frozen_copy is not None:
-            live, self.module = self.module, self.frozen_copy
-            try:
-                yield
-            finally:
-                self.module = live
-            return
-        self.module.disable_adapters()
-        try:
-            yield
-        finally:
-            self.module.enable_adapters()
+# the losses of one rollout batch, one micro-batch each
 
 
 def guard_terms(cfg, v, v_ref):
@@ -266,33 +264,56 @@ def guard_terms(cfg, v, v_ref):
     return torch.zeros((), device=v.device), stats
 
 
-def micro_batches(cfg, batch, sigmas, gen):
-    """The losses of one optimiser step, each `fn(cfg, adapter, model, base, old, gen) -> (loss, stats)`.
+def minibatches(cfg, batch, sigmas, gen):
+    """The losses of one rollout batch: grad_steps_per_batch lists of them, one list per optimiser step, each loss
+    `fn(cfg, adapter, model, base, old) -> (loss, stats)` with its t and noise drawn here, in the order of the losses.
 
     The one place where DPO and the sample methods differ in what they train on: NFT and AWM train every rollout
-    sample at each of the method's train timesteps; DPO trains one (best, worst) pair per prompt group, at a
-    logit-normal t drawn per pair. A micro-batch holds at most train_batch_size samples (DPO: pairs)."""
-    x0, cond, bs = batch.x0, batch.cond, cfg.train_batch_size
+    sample at each of the method's train timesteps (one plan per minibatch); DPO trains one (best, worst) pair per
+    prompt group, at a logit-normal t drawn per pair. With more than one minibatch the samples (DPO: pairs) are
+    shuffled first, as the official code does. A micro-batch holds at most train_batch_size samples (DPO: pairs)."""
+    x0, cond, bs, n = batch.x0, batch.cond, cfg.train_batch_size, cfg.grad_steps_per_batch
+    units = cfg.prompts_per_step if cfg.method == "dpo" else len(x0)
+    order = (torch.randperm(units, generator=gen) if n > 1 else torch.arange(units)).to(x0.device)
+    draw = lambda i, n_t=1: torch.randn((n_t * len(i), *x0.shape[1:]), generator=gen)  # CPU: all devices alike
+    losses = []
     if cfg.method == "dpo":
         groups = batch.rewards.view(cfg.prompts_per_step, cfg.group_size)
         first = torch.arange(cfg.prompts_per_step, device=x0.device) * cfg.group_size
-        pairs = zip((first + groups.argmax(1)).split(bs), (first + groups.argmin(1)).split(bs))
+        best, worst = first + groups.argmax(1), first + groups.argmin(1)
         pair_cond = lambda w: {k: torch.cat([v[w], v[w]]) for k, v in cond.items()}  # one prompt per group
-        return [functools.partial(pair_loss, x_w=x0[w], x_l=x0[lo], cond=pair_cond(w)) for w, lo in pairs]
-    plan = train_timestep_plan(cfg, sigmas, gen)
-    if cfg.method == "awm" and cfg.awm_loss_type == "sum_first":  # a sample's ratio needs all its timesteps at once
-        plan, bs = [plan], max(1, bs // len(plan))  # so a forward still holds about train_batch_size rows
-    chunks = torch.arange(len(x0), device=x0.device).split(bs)
-    part = lambda i, t: dict(x0=x0[i], cond={k: v[i] for k, v in cond.items()}, adv=batch.adv[i], t_value=t)
-    return [functools.partial(sample_loss, **part(i, t)) for t in plan for i in chunks]
+        for minibatch in order.chunk(n):
+            losses.append([])
+            for w, lo in zip(best[minibatch].split(bs), worst[minibatch].split(bs)):
+                t = torch.sigmoid(torch.randn(len(w), generator=gen))
+                kw = dict(x_w=x0[w], x_l=x0[lo], cond=pair_cond(w), t=t, eps=draw(w))
+                losses[-1].append(functools.partial(pair_loss, **kw))
+        return losses
+    part = lambda i: dict(x0=x0[i], cond={k: v[i] for k, v in cond.items()}, adv=batch.adv[i])
+    for minibatch in order.chunk(n):
+        plan, size = train_timestep_plan(cfg, sigmas, gen), bs
+        if cfg.method == "awm" and cfg.awm_loss_type == "sum_first":  # a sample's ratio needs all its timesteps at once
+            plan, size = [plan], max(1, bs // len(plan))  # so a forward still holds about train_batch_size rows
+        chunks = minibatch.split(size)
+        losses.append(
+            [functools.partial(sample_loss, **part(i), t_value=t, eps=draw(i, t.numel())) for t in plan for i in chunks]
+        )
+    return losses
 
 
-def sample_loss(cfg, adapter, model, base, old, gen, x0, cond, adv, t_value):
-    """NFT or AWM + guard on samples x0 (B, C, H, W), advantages adv (B,), at one t_value or (AWM sum_first) at T."""
-    n, t = t_value.numel(), t_value.repeat_interleave(len(x0)).to(x0.device)  # AWM sum_first: T·B rows, T-major
+def training_rows(x0, cond, adv, t_value, eps):
+    """The forward-process rows of one loss: samples x0 (B, C, H, W) with cond and advantages adv (B,) at each of
+    t_value's n train timesteps (n = 1, or AWM sum_first's T: n·B rows, timestep-major), noise eps (n·B, C, H, W).
+    Returns (x0, cond, adv, t) repeated to the rows, x_t and u."""
+    n, t = t_value.numel(), t_value.repeat_interleave(len(x0)).to(x0.device)
     x0, adv, cond = torch.cat([x0] * n), adv.repeat(n), {k: torch.cat([v] * n) for k, v in cond.items()}
-    eps = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
-    x_t, u = ng.forward_process(x0, eps, t)
+    return (x0, cond, adv, t, *ng.forward_process(x0, eps.to(x0.device, x0.dtype), t))
+
+
+def sample_loss(cfg, adapter, model, base, old, x0, cond, adv, t_value, eps, v_old=None):
+    """NFT or AWM + guard on samples x0 (B, C, H, W), advantages adv (B,), at one t_value or (AWM sum_first) at T,
+    noise eps; v_old: AWM's pre-update (off-policy: EMA) velocity at the same rows, or None (v detached: ratio 1)."""
+    x0, cond, adv, t, x_t, u = training_rows(x0, cond, adv, t_value, eps)
     with torch.no_grad():  # before the policy forward: swapping the old weights in writes to the parameters
         with base.reference():
             v_ref = adapter.velocity(base.module, x_t, t, cond)
@@ -304,18 +325,19 @@ def sample_loss(cfg, adapter, model, base, old, gen, x0, cond, adv, t_value):
     if cfg.method == "nft":
         kw = dict(beta=cfg.nft_beta, adv_clip=cfg.adv_clip, kl_weight=cfg.kl_weight)
         loss, stats = ng.nft_loss(v, v_extra, v_ref, x_t, x0, t, adv, **kw)
-    else:  # one optimiser step per rollout batch: the pre-update policy is v itself, detached (ratio 1, no forward)
+    else:  # before the batch's first update the pre-update policy is v itself, detached (ratio 1, no forward)
         kw = dict(weighting=cfg.awm_weighting, adv_clip=cfg.adv_clip, ref_weight=cfg.kl_weight, v_ema=v_extra)
         kw.update(ema_weight=cfg.awm_ema_weight, loss_type=cfg.awm_loss_type, kl_weighting=cfg.awm_kl_weighting)
-        loss, stats = ng.awm_loss(v, v.detach(), v_ref, u, t, adv, timesteps_per_sample=n, **kw)
+        kw.update(clip_range=cfg.awm_clip_range, timesteps_per_sample=t_value.numel())
+        v64 = v.double() if cfg.grad_steps_per_batch > 1 or cfg.awm_off_policy else v  # rho != 1: float64, as AWM
+        loss, stats = ng.awm_loss(v64, v64.detach() if v_old is None else v_old, v_ref, u, t, adv, **kw)
     penalty, g = guard_terms(cfg, v, v_ref)
     return loss + penalty, {**stats, "hinge": g["hinge"], "active_frac": g["active_frac"], "guard": penalty.detach()}
 
 
-def pair_loss(cfg, adapter, model, base, old, gen, x_w, x_l, cond):
-    """Diffusion-DPO + guard on winner/loser pairs (B, C, H, W) sharing noise and a logit-normal t (B,)."""
-    t = torch.sigmoid(torch.randn(len(x_w), generator=gen)).to(x_w.device)
-    eps = torch.randn(x_w.shape, generator=gen).to(x_w.device, x_w.dtype)  # shared by winner and loser
+def pair_loss(cfg, adapter, model, base, old, x_w, x_l, cond, t, eps):
+    """Diffusion-DPO + guard on winner/loser pairs (B, C, H, W) sharing noise eps and a logit-normal t (B,)."""
+    t, eps = t.to(x_w.device), eps.to(x_w.device, x_w.dtype)  # eps: shared by winner and loser
     (xt_w, u_w), (xt_l, u_l) = ng.forward_process(x_w, eps, t), ng.forward_process(x_l, eps, t)
     xt, tt = torch.cat([xt_w, xt_l]), torch.cat([t, t])
     with torch.no_grad(), base.reference():
@@ -423,7 +445,7 @@ class Run:
         self.model, self.opt, self.sched = acc.prepare(self.adapter.transformer, opt, sched)
         self.base = Base(acc.unwrap_model(self.model), frozen_copy)  # no-grad forwards skip the DDP wrapper
         self.old = None  # NFT's old / AWM's EMA policy
-        if cfg.method == "nft" or (cfg.method == "awm" and cfg.awm_ema_weight > 0):
+        if cfg.method == "nft" or (cfg.method == "awm" and (cfg.awm_ema_weight > 0 or cfg.awm_off_policy)):
             self.old = PolicyCopy(trainable_params(self.base.module))
         self.counter = Counter()
         for state in (self.counter, self.old):
@@ -441,7 +463,7 @@ class Run:
         cfg, acc, sigmas = self.cfg, self.accelerator, self.sigmas
         n_proc, per_proc = acc.num_processes, cfg.prompts_per_step * cfg.group_size
         dummy = Rollouts(torch.zeros(per_proc, 1), {}, torch.zeros(per_proc), torch.zeros(per_proc), None)
-        n_loss = len(micro_batches(cfg, dummy, sigmas, torch.Generator().manual_seed(0)))
+        n_loss = [len(m) for m in minibatches(cfg, dummy, sigmas, torch.Generator().manual_seed(0))]
         assert per_proc % cfg.group_size == 0 and len(sigmas) == cfg.sample_steps + 1 and float(sigmas[-1]) == 0.0
         assert len(self.params) > 0 and all(p.dtype == torch.float32 for p in self.params)
         if not self.main:
@@ -453,13 +475,14 @@ class Run:
         trainable = "full" if cfg.full_finetune else f"LoRA r={cfg.lora_rank}"
         guard = f"on: lam {cfg.lam}, {cfg.margin}" if cfg.guard else "off"
         n_params, grid = sum(p.numel() for p in self.params) / 1e6, [round(s, 4) for s in self.grid.tolist()]
+        policy = "the EMA policy (off-policy)" if cfg.awm_off_policy else "the policy"
         print(
             f"device {acc.device} x {n_proc} process(es) | {cfg.mixed_precision} | preset {cfg.preset} | latents "
             f"{tuple(self.adapter.latent_shape)} | trainable {n_params:.3f} M ({trainable}) | {cfg.method}, guard "
             f"{guard}\nper step: {cfg.prompts_per_step} prompts x {cfg.group_size} = {per_proc} rollouts per process, "
-            f"{per_proc * n_proc} in all | {cfg.sampler} sampler, {cfg.sample_steps} steps on {grid} "
-            f"| {n_loss} micro-batch losses (train timesteps x micro-batches of <= {cfg.train_batch_size} samples; "
-            f"DPO: pairs) accumulated into 1 optimiser step | {cfg.steps} steps"
+            f"{per_proc * n_proc} in all, from {policy} | {cfg.sampler} sampler, {cfg.sample_steps} steps on {grid} "
+            f"| {n_loss[0]} micro-batch losses (train timesteps x micro-batches of <= {cfg.train_batch_size} samples; "
+            f"DPO: pairs) accumulated into each of {len(n_loss)} optimiser step(s) | {cfg.steps} steps"
         )
 
     def resume(self, ckpt):
@@ -486,7 +509,8 @@ class Run:
         return self.eval_due(step) and step not in {e["step"] for e in self.evals}
 
     def rollouts(self, step):
-        """On-policy samples of this step's prompts (no grad) by cfg.sampler, their rewards and group advantages."""
+        """Samples of this step's prompts (no grad) by cfg.sampler from the policy (off-policy AWM: its EMA), their
+        rewards and group advantages."""
         cfg, acc, adapter, bs = self.cfg, self.accelerator, self.adapter, self.cfg.train_batch_size
         rank, per_proc = acc.process_index, cfg.prompts_per_step * cfg.group_size
         gen = step_generator(cfg, step, rank, 0)
@@ -495,7 +519,8 @@ class Run:
         noise = torch.randn(per_proc, *adapter.latent_shape, generator=gen).to(acc.device)
         self.model.eval()
         x0s, conds, rewards, sde = [], [], [], step_generator(cfg, step, rank, 2)  # sde: the SA-Solver's noise
-        with torch.no_grad(), acc.autocast():
+        policy = self.old.swapped_in() if cfg.awm_off_policy else contextlib.nullcontext()
+        with torch.no_grad(), acc.autocast(), policy:
             for i in range(0, per_proc, bs):
                 cond, part = adapter.encode(prompts[i : i + bs]), prompts[i : i + bs]
                 null = adapter.null_cond(len(part)) if cfg.cfg_scale != 1 else None
@@ -523,16 +548,45 @@ class Run:
         return r.float()
 
     def update(self, batch, step):
-        """One optimiser step: base loss + guard over the step's micro-batches, gradients accumulated, then AdamW."""
+        """The rollout batch's grad_steps_per_batch optimiser steps, one per minibatch, then the old/EMA policy's
+        update; returns the statistics averaged over the minibatches."""
         cfg, acc = self.cfg, self.accelerator
         self.model.train()
         gen = step_generator(cfg, step, acc.process_index, 1)
-        losses, sums, bad = micro_batches(cfg, batch, self.sigmas, gen), {}, ""
+        parts, stats = self.old_velocities(minibatches(cfg, batch, self.sigmas, gen)), {}
+        for j, losses in enumerate(parts):
+            for k, v in self.optimizer_step(losses, step, j).items():
+                stats[k] = stats.get(k, 0.0) + v / len(parts)
+        if self.old is not None:  # NFT's old policy / AWM's EMA, once per rollout batch: n optimiser steps so far
+            self.old.update(recipes.old_policy_decay(cfg, (step + 1) * cfg.grad_steps_per_batch))
+        self.counter.step = step + 1
+        return stats
+
+    def old_velocities(self, parts):
+        """AWM: the pre-update velocity v_old of each loss after the first optimiser step (off-policy: of every
+        loss, from the EMA policy), at the loss's own x_t and t, all before the first update; the losses form
+        log p_old from it in float64, as the official code does. Other methods and one on-policy step: as given."""
+        cfg, acc = self.cfg, self.accelerator
+        if cfg.method != "awm" or (len(parts) == 1 and not cfg.awm_off_policy):
+            return parts
+        policy = self.old.swapped_in() if cfg.awm_off_policy else contextlib.nullcontext()
+        with torch.no_grad(), acc.autocast(), policy:
+            for losses in parts[0 if cfg.awm_off_policy else 1 :]:
+                for i, fn in enumerate(losses):
+                    _, cond, _, t, x_t, _ = training_rows(
+                        **{k: fn.keywords[k] for k in ("x0", "cond", "adv", "t_value", "eps")}
+                    )
+                    losses[i] = functools.partial(fn, v_old=self.adapter.velocity(self.base.module, x_t, t, cond))
+        return parts
+
+    def optimizer_step(self, losses, step, j):
+        """One optimiser step: base loss + guard over a minibatch's micro-batches, gradients accumulated, then AdamW."""
+        cfg, acc, sums, bad = self.cfg, self.accelerator, {}, ""
         for i, loss_fn in enumerate(losses):
             sync = contextlib.nullcontext() if i == len(losses) - 1 else acc.no_sync(self.model)
             with sync, acc.autocast():
                 try:
-                    loss, stats = loss_fn(cfg, self.adapter, self.model, self.base, self.old, gen)
+                    loss, stats = loss_fn(cfg, self.adapter, self.model, self.base, self.old)
                     if not bool(torch.isfinite(loss)):
                         bad = bad or f"loss is {loss.item()}"
                 except ValueError as e:  # normguard's input checks name a NaN/Inf velocity or target
@@ -544,14 +598,12 @@ class Run:
             for k, v in {"loss": loss.detach(), **stats}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / len(losses)
         if acc.reduce(torch.tensor([float(bool(bad))], device=acc.device), "sum").item() > 0:
-            bad = bad or "non-finite loss on another process"
-            raise NonFiniteLoss(f"step {step + 1}: {bad}; stopped before the update, {self.good()}")
+            bad, which = bad or "non-finite loss on another process", f" {j + 1} of {cfg.grad_steps_per_batch}"
+            which = which if cfg.grad_steps_per_batch > 1 else ""
+            raise NonFiniteLoss(f"step {step + 1}: {bad}; stopped before the update{which}, {self.good()}")
         grad_norm = self.step_optimizer(step)
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        if self.old is not None:  # NFT's old policy / AWM's EMA, once per rollout batch (step + 1 updates so far)
-            self.old.update(recipes.old_policy_decay(cfg, step + 1))
-        self.counter.step = step + 1
         return {**sums, "grad_norm": float(grad_norm)}
 
     def step_optimizer(self, step):

@@ -201,16 +201,18 @@ def measure(cfg, method, guard):
         saved[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
         return x
 
+    eps = torch.randn(b, *x0.shape[1:], generator=gen)
     if method == "dpo":
-        loss_fn = functools.partial(tf.pair_loss, x_w=x0[:b], x_l=x0[b:], cond=cond)
+        t = torch.sigmoid(torch.randn(b, generator=gen))
+        loss_fn = functools.partial(tf.pair_loss, x_w=x0[:b], x_l=x0[b:], cond=cond, t=t, eps=eps)
     else:
-        loss_fn = functools.partial(tf.sample_loss, x0=x0, cond=cond, adv=adv, t_value=torch.tensor(0.7))
+        loss_fn = functools.partial(tf.sample_loss, x0=x0, cond=cond, adv=adv, t_value=torch.tensor(0.7), eps=eps)
 
     def step():
         saved.clear()
         hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x)
         with torch.autocast(device.type, dtype=torch.bfloat16), hooks:
-            loss, _ = loss_fn(tcfg, adapter, model, base, old, gen)
+            loss, _ = loss_fn(tcfg, adapter, model, base, old)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

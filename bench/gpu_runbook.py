@@ -60,7 +60,7 @@ class Config:
     child: str = ""  # internal: "train:<method>:<on|off>" runs that one training run in this process
 
 
-SMOKE = dict(resolution=32, batch=2, repeats=1, train_steps=2, sample_steps=2, fresh_process=False)
+SMOKE = dict(resolution=32, batch=2, repeats=1, train_steps=2, sample_steps=3, fresh_process=False)
 FLAGS = {"smoke": "tiny sizes on the CPU, seconds: the same steps, for the tests"}
 # text tokens of the prompt encoders (CLIP, T5): the real pipeline's 77 + 256 at full size; prompts that fit them
 TEXT_TOKENS = {"full": (77, 256), "smoke": (12, 8)}
@@ -86,9 +86,10 @@ def bench_config(smoke):
 
 def check_config(cfg, smoke):
     """A ValueError naming the key and what it expects, for the first bad value."""
-    for key, low in (("resolution", 16), ("batch", 2), ("repeats", 1), ("train_steps", 2), ("sample_steps", 2)):
+    for key, low in (("resolution", 16), ("batch", 2), ("repeats", 1), ("train_steps", 2), ("sample_steps", 3)):
         if getattr(cfg, key) < low:
             why = {"batch": " (the training runs' group compares rollouts)", "train_steps": " (a warm-up + 1)"}
+            why["sample_steps"] = " (AWM's SA-Solver grid)"
             raise ValueError(f"{key}: expected an int >= {low}{why.get(key, '')}, got {getattr(cfg, key)}")
     side = bench_config(smoke).pos_embed_max_size
     if cfg.resolution % 16 or cfg.resolution // 16 > side:

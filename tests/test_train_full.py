@@ -251,7 +251,7 @@ def test_rollout_matches_the_pipeline(sd3_path, flux_path, preset):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the official rollout samplers
+# the official rollout samplers, minibatches (several optimiser steps per rollout batch), AWM's ratio and off-policy
 
 
 def test_presets_default_to_each_methods_official_sampler():
@@ -364,9 +364,116 @@ def test_awm_strata_cover_each_stratum_as_the_official_draw_does(rule, first):
     assert ((drawn >= lower) & (drawn < upper)).all() and set(drawn.flatten().tolist()) == set(range(first, 12))
 
 
+def test_grad_steps_per_batch_takes_that_many_optimiser_steps(sd3_path, tmp_path, monkeypatch):
+    """N minibatches: N AdamW steps per rollout batch, each on 1/N of the samples (DPO: of the pairs); the LR
+    schedule steps with the optimiser; the old/EMA copy and the step counter once per batch."""
+    real, calls, sizes = torch.optim.AdamW.step, [], []
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    real_loss = tf.sample_loss
+    monkeypatch.setattr(tf, "sample_loss", lambda *a, **k: sizes.append(len(k["x0"])) or real_loss(*a, **k))
+    m = run(sd3_path, tmp_path / "nft", "--grad_steps_per_batch=2", "--eval_every=100", "--steps=2")
+    assert (
+        len(calls) == 4
+        and m["steps"] == 2
+        and [x["step"] for x in read_jsonl(tmp_path / "nft" / "log.jsonl")] == [1, 2]
+    )
+    assert sizes == [2] * 8  # 4 rollouts: 2 per minibatch, at K - 1 = 2 train timesteps, 2 minibatches, 2 steps
+    calls.clear()
+    run(sd3_path, tmp_path / "dpo", "--method=dpo", "--grad_steps_per_batch=2", "--eval_every=100", "--steps=2")
+    assert len(calls) == 4
+
+
+def awm_ratio_calls(monkeypatch):
+    """Spy on ng.awm_loss: a list of (dtype of v, mean rho, clip fraction) per call."""
+    real, calls = ng.awm_loss, []
+
+    def spy(v, *args, **kwargs):
+        loss, stats = real(v, *args, **kwargs)
+        calls.append((v.dtype, float(stats["ratio"]), float(stats["clip_frac"])))
+        return loss, stats
+
+    monkeypatch.setattr(ng, "awm_loss", spy)
+    return calls
+
+
+def test_awm_ratio_leaves_1_after_the_first_optimiser_step_and_clips(sd3_path, tmp_path, monkeypatch):
+    """One step per batch: rho = 1 exactly (v_old is v detached). Two: rho = 1 on the first minibatch, then the
+    pre-update log p_old (float64, computed before the first step on the same x_t, eps) against the updated policy:
+    rho leaves 1, and with a small clip range most of it is clipped; rho and clip_frac reach the log."""
+    calls = awm_ratio_calls(monkeypatch)
+    common = ("--method=awm", "--eval_every=100", "--lr=0.05", "--steps=2", "--train_timesteps=1")
+    run(sd3_path, tmp_path / "one", *common)
+    assert calls and all(c == (torch.float32, 1.0, 0.0) for c in calls)
+    runs = {}
+    for clip in ("1e-6", "1.0"):
+        calls.clear()
+        run(sd3_path, tmp_path / clip, *common, "--grad_steps_per_batch=2", f"--awm_clip_range={clip}")
+        runs[clip] = list(calls)
+        first, later = calls[0::2], calls[1::2]  # smoke: one loss per minibatch (1 train timestep, 2 samples)
+        assert all(dt == torch.float64 for dt, _, _ in calls) and all(r == 1.0 and c == 0 for _, r, c in first)
+        assert all(abs(r - 1) > 1e-6 for _, r, _ in later), calls
+        log = read_jsonl(tmp_path / clip / "log.jsonl")
+        assert all(x["ratio"] != 1.0 for x in log)
+    assert (
+        all(c > 0 for _, _, c in runs["1e-6"][1::2]) and read_jsonl(tmp_path / "1e-6" / "log.jsonl")[0]["clip_frac"] > 0
+    )
+    assert sum(c for *_, c in runs["1e-6"]) > sum(c for *_, c in runs["1.0"])
+
+
+def test_awm_off_policy_rolls_out_and_takes_log_p_old_from_the_ema(sd3_path, tmp_path, monkeypatch):
+    """--awm_off_policy: every rollout runs with the EMA swapped in, and rho != 1 from the first minibatch once the
+    EMA differs from the policy: from the second batch on (decay min(0.3 n, 0.3) after n updates); on the first the
+    EMA is the initial policy itself, rho = 1 exactly. On-policy with one step per batch: rho = 1 throughout."""
+    import contextlib
+
+    calls, inside, in_rollout = awm_ratio_calls(monkeypatch), [0], []
+    real_swap, real_rollout = tf.PolicyCopy.swapped_in, tf.rollout
+
+    @contextlib.contextmanager
+    def swap(self):
+        inside[0] += 1
+        with real_swap(self):
+            yield
+        inside[0] -= 1
+
+    monkeypatch.setattr(tf.PolicyCopy, "swapped_in", swap)
+    monkeypatch.setattr(tf, "rollout", lambda *a, **k: in_rollout.append(inside[0]) or real_rollout(*a, **k))
+    common = ("--method=awm", "--eval_every=100", "--lr=0.05", "--steps=3", "--ema_decay_rate=0.3")
+    run(sd3_path, tmp_path / "off", *common, "--awm_off_policy=true", "--train_timesteps=1")  # one loss per batch
+    assert in_rollout == [1, 1, 1] and calls[0][1] == 1.0 and all(abs(r - 1) > 1e-6 for _, r, _ in calls[1:])
+    assert all(dt == torch.float64 for dt, _, _ in calls)
+    calls.clear(), in_rollout.clear()
+    run(sd3_path, tmp_path / "on", *common)
+    assert in_rollout == [0, 0, 0] and all(r == 1.0 for _, r, _ in calls)
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        ("--method=awm", "--grad_steps_per_batch=2", "--awm_off_policy=true", "--sa_noise_level=0.4"),
+        ("--method=nft", "--grad_steps_per_batch=2"),
+        ("--method=dpo", "--grad_steps_per_batch=2"),
+    ],
+    ids=["awm-sa_solver-off_policy", "nft-dpm2", "dpo-euler"],
+)
+def test_resume_is_exact_with_the_official_samplers_and_minibatches(sd3_path, tmp_path, mode):
+    """Checkpoints fall on rollout-batch boundaries (after the batch's N optimiser steps and the EMA update): 4 steps
+    in one go == 2, stop, --resume=latest to 4, in the LoRA weights and in every logged value, bit for bit (CPU)."""
+    common = (*mode, "--checkpoint_every=2", "--eval_every=100", "--ema_decay_rate=0.3", "--lr=0.01")
+    run(sd3_path, tmp_path / "full", *common, "--steps=4")
+    run(sd3_path, tmp_path / "split", *common, "--steps=2")
+    run(sd3_path, tmp_path / "split", *common, "--steps=4", "--resume=latest")
+    full, split = lora_tensors(tmp_path / "full"), lora_tensors(tmp_path / "split")
+    assert full.keys() == split.keys() and all(torch.equal(full[k], split[k]) for k in full)
+    logs = [read_jsonl(tmp_path / name / "log.jsonl") for name in ("full", "split")]
+    for line in logs[0] + logs[1]:
+        line.pop("step_time")
+    assert logs[0] == logs[1] and [x["step"] for x in logs[1]] == [1, 2, 3, 4]
+
+
 def test_identity_leaves_out_added_keys_at_their_old_values():
-    """A checkpoint written before sampler, awm_timesteps, ... existed resumes when they hold the values that
-    code ran with (Euler, the first-90 % subset, ...): the identity is then the one that code wrote."""
+    """A checkpoint written before sampler, grad_steps_per_batch, ... existed resumes when they hold the values that
+    code ran with (Euler, the first-90 % subset, one optimiser step, ...): the identity is then the one it wrote."""
     old = dict(sampler="euler", awm_timesteps="subset", decay_lag=1, pretrained_model_name_or_path="x")
     identity = tf.run_identity(tf.make_config(old))
     assert not set(tf.KEYS_ADDED_SINCE) & set(identity) and identity["sample_steps"] == 10
@@ -977,8 +1084,13 @@ BAD_SETTINGS = [  # (arguments, what the one-line error must start with)
     (["--lr=1e-3", "--lr=1e-4"], "--lr: given twice"),
     (["--sampler=rk4"], "sampler: expected one of ('euler', 'dpm2', 'sa_solver'), got 'rk4'"),
     (["--awm_timesteps=all"], "awm_timesteps: expected one of ('discrete', 'discrete_wo_init', 'subset')"),
+    (["--grad_steps_per_batch=0"], "grad_steps_per_batch: expected an int >= 1"),
+    (["--grad_steps_per_batch=3"], "grad_steps_per_batch: expected a divisor of 4, the rollout batch per process"),
+    (["--method=dpo", "--grad_steps_per_batch=4"], "grad_steps_per_batch: expected a divisor of 2"),
     (["--sa_noise_level=-0.1"], "sa_noise_level: expected a finite number >= 0"),
     (["--sa_noise_level=nan"], "sa_noise_level: expected a finite number >= 0"),
+    (["--awm_clip_range=0"], "awm_clip_range: expected a finite number > 0"),
+    (["--awm_off_policy=true"], "awm_off_policy: expected false with method=nft"),
     (["--method=awm", "--sample_steps=2"], "sample_steps: the SA-Solver's grid (AWM's edit) needs K >= 3, got 2"),
     (
         ["--method=awm", "--sampler=euler", "--sample_steps=2", "--awm_timesteps=discrete_wo_init"],
