@@ -418,6 +418,10 @@ def test_awm_ratio_leaves_1_after_the_first_optimiser_step_and_clips(sd3_path, t
         all(c > 0 for _, _, c in runs["1e-6"][1::2]) and read_jsonl(tmp_path / "1e-6" / "log.jsonl")[0]["clip_frac"] > 0
     )
     assert sum(c for *_, c in runs["1e-6"]) > sum(c for *_, c in runs["1.0"])
+    calls.clear()  # sum_first: one ratio per sample from its 2 timesteps' mean log-ratio, its log p_old fixed alike
+    sum_first = ("--method=awm", "--eval_every=100", "--lr=0.05", "--steps=2", "--train_timesteps=2")
+    run(sd3_path, tmp_path / "sum_first", *sum_first, "--grad_steps_per_batch=2", "--awm_loss_type=sum_first")
+    assert [r == 1.0 for _, r, _ in calls] == [True, False, True, False]
 
 
 def test_awm_off_policy_rolls_out_and_takes_log_p_old_from_the_ema(sd3_path, tmp_path, monkeypatch):
