@@ -95,7 +95,7 @@ class Config:
     # method and its base-loss settings (defaults: the official configs)
     method: str = "nft"  # nft | awm | dpo
     train_timesteps: int = 0  # per sample and step; 0 = the method's recipe: nft K-1, awm 6, dpo 1
-    awm_timesteps: str = "discrete"  # discrete | discrete_wo_init: one index per stratum of 0 (1)..0.9K-1 | subset
+    awm_timesteps: str = "discrete"  # AWM's strata from t_0: discrete | from t_1: discrete_wo_init | subset
     nft_beta: float = 1.0
     kl_weight: float = 1e-4  # NFT's KL weight, AWM's ref_weight
     adv_clip: float = 5.0
@@ -122,7 +122,7 @@ class Config:
     steps: int = 300
     grad_steps_per_batch: int = 1  # the rollout batch split into this many minibatches, one AdamW step each (NFT OCR 2)
     awm_off_policy: bool = False  # AWM: rollouts and log p_old from the EMA policy (the official off_policy mode)
-    awm_clip_range: float = 1.0  # AWM's ratio clip c: rho clipped to [1 - c, 1 + c] (official 1; acts from step 2)
+    awm_clip_range: float = 1.0  # AWM's clip c of rho to [1 - c, 1 + c] (official 1; rho != 1 from a batch's 2nd step)
     lr: float = 3e-4
     weight_decay: float = 1e-4
     warmup_steps: int = 0  # optimiser steps of linear LR warmup
