@@ -27,6 +27,7 @@ def one_thread():
 SHARED_FIXTURES = {"digits_cache", "toy_headline", "smoke"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups in its own hook
 def pytest_collection_modifyitems(items):
     """Groups for pytest-xdist's --dist loadgroup: the tests of a file that share an expensive fixture run on one
     worker, so that it is built once per session; every other test is its own unit, so that the slow ones spread
