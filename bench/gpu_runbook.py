@@ -400,8 +400,8 @@ def summaries(results, methods):
     return out
 
 
-def markdown(report):
-    """The report as Markdown: the setup, then one table per part and the guard's overhead, then what is missing."""
+def markdown_setup(report):
+    """The report's heading and setup table (device, software, model, sizes, precision)."""
     env, cfg, model = report["environment"], report["config"], report["model"]
     arch = model.get("transformer", {})
     clip, t5 = report["text_tokens"]
@@ -439,6 +439,14 @@ def markdown(report):
         f"{clip + t5} text tokens (CLIP {clip}, T5 {t5}); batch {cfg['batch']} |",
         f"| precision | {report['precision']} |",
         "",
+    ]
+    return lines
+
+
+def markdown_bench(report):
+    """The benchmark part: one row per method and guard setting, then the guard's overhead."""
+    cfg = report["config"]
+    lines = [
         "## Benchmark: one update step (bench/bench_train_full.py)",
         "",
         f"train_full's own loss of one micro-batch ({cfg['batch']} samples; DPO: {cfg['batch']} pairs, "
@@ -471,7 +479,13 @@ def markdown(report):
             f"| {row['method']} | {row['time_ratio']:.3f} | {fmt(row['peak_memory_ratio'])} | "
             f"{fmt(row.get('memory_ratio'))} | {row['saved_ratio']:.4f} |"
         )
-    lines += [
+    return lines
+
+
+def markdown_train(report):
+    """The training part: one row per method and guard setting, then the guard's overhead."""
+    cfg, results = report["config"], report["results"]
+    lines = [
         "",
         "## Training: train_full.py",
         "",
@@ -498,6 +512,13 @@ def markdown(report):
     ]
     for row in report["summary"]["train"]:
         lines.append(f"| {row['method']} | {row['time_ratio']:.3f} | {fmt(row['peak_memory_ratio'])} |")
+    return lines
+
+
+def markdown(report):
+    """The report as Markdown: the setup, then one table per part and the guard's overhead, then what is missing."""
+    lines = markdown_setup(report) + markdown_bench(report) + markdown_train(report)
+    results = report["results"]
     missing = [r for r in results if "skipped" in r]
     lines += ["", "## Not measured", ""]
     lines += [f"- {r['kind']} {r['method']} guard {guard_name(r['guard'])}: {r['skipped']}" for r in missing]
