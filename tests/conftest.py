@@ -23,8 +23,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-# fixtures whose work (a run, a reference) several tests share: the tests of one file that use them run together
-SHARED_FIXTURES = {"digits_cache", "toy_headline", "smoke"}
+# module fixtures whose work (a run) several tests share: the tests of a file that use one run together. (The
+# digits cache is not among them: the workers share it through a file lock.)
+SHARED_FIXTURES = {"toy_headline", "smoke"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups in its own hook
@@ -33,8 +34,9 @@ def pytest_collection_modifyitems(items):
     worker, so that it is built once per session; every other test is its own unit, so that the slow ones spread
     over the workers. (The tiny pipelines of module fixtures take a second to build again on the other worker.)"""
     for item in items:
-        shared = SHARED_FIXTURES & set(item.fixturenames)
-        item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0] if shared else item.nodeid))
+        shared = sorted(SHARED_FIXTURES & set(item.fixturenames))
+        path = item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(f"{path}::{'+'.join(shared)}" if shared else item.nodeid))
 
 
 DIGITS_TEST_STEPS = 400  # pretraining steps of the suite's digits reference (the experiment's is 2000)
