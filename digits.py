@@ -413,6 +413,7 @@ def discriminator_accuracy(fake, real, folds=5, seed=0):
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from threadpoolctl import threadpool_limits  # installed with scikit-learn
 
     n = min(len(fake), len(real))
     g = torch.Generator().manual_seed(seed)
@@ -421,7 +422,10 @@ def discriminator_accuracy(fake, real, folds=5, seed=0):
     x = torch.cat([fake, real]).flatten(1).double().numpy()
     y = [0] * n + [1] * n
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    return float(cross_val_score(LogisticRegression(max_iter=2000), x, y, cv=cv).mean())
+    # one BLAS thread: these 64-wide products are too small to split, and on a busy 2-core machine the threaded
+    # OpenBLAS made each fit ~5x slower (it waits for a core the other jobs hold)
+    with threadpool_limits(limits=1, user_api="blas"):
+        return float(cross_val_score(LogisticRegression(max_iter=2000), x, y, cv=cv).mean())
 
 
 @torch.no_grad()
