@@ -577,6 +577,37 @@ def _awm_overflow(gap, adv, dt):
     )
 
 
+def _check_awm_options(
+    weighting,
+    power,
+    clip_range,
+    adv_clip,
+    ref_weight,
+    ema_weight,
+    kl_weighting,
+    loss_type,
+    rows_per,
+):
+    """awm_loss's keyword arguments, each checked against what its docstring allows."""
+    _choice("weighting", weighting, ("uniform", "t", "t2", "huber", "ghuber"))
+    for name, value in (("power", power), ("clip_range", clip_range), ("adv_clip", adv_clip)):
+        _positive(name, value)
+    _positive("ref_weight", ref_weight, allow_zero=True)
+    _positive("ema_weight", ema_weight, allow_zero=True)
+    _choice("kl_weighting", kl_weighting, AWM_KL_WEIGHTINGS)
+    _choice("loss_type", loss_type, ("exp_first", "sum_first"))
+    _integer("timesteps_per_sample", rows_per)
+
+
+def _one_ratio_per_sample(gap, adv, advantages, n, rules):
+    """loss_type="sum_first": a sample's log-ratio is the mean over its n rows (timestep-major:
+    row j·N + i), and its rows must carry one advantage (a rule added to `rules`)."""
+    by_row = advantages.view(n, -1)
+    message = "advantages: expected the same value on the timesteps_per_sample rows of a sample"
+    rules[f"{message} (rows j·N + i, loss_type='sum_first')"] = (by_row == by_row[:1]).all()
+    return gap.view(n, -1).mean(0), adv.view(n, -1)[0]
+
+
 def awm_loss(
     v,
     v_old,
@@ -628,15 +659,8 @@ def awm_loss(
     weighted by k(t)), "ratio" (mean ρ over units, Inf when ρ overflows), "clip_frac",
     "norm_ratio".
     """
-    _choice("weighting", weighting, ("uniform", "t", "t2", "huber", "ghuber"))
-    _positive("power", power)
-    _positive("clip_range", clip_range)
-    _positive("adv_clip", adv_clip)
-    _positive("ref_weight", ref_weight, allow_zero=True)
-    _positive("ema_weight", ema_weight, allow_zero=True)
-    _choice("kl_weighting", kl_weighting, AWM_KL_WEIGHTINGS)
-    _choice("loss_type", loss_type, ("exp_first", "sum_first"))
-    _integer("timesteps_per_sample", timesteps_per_sample)
+    options = (weighting, power, clip_range, adv_clip, ref_weight, ema_weight, kl_weighting)
+    _check_awm_options(*options, loss_type, timesteps_per_sample)
     batch = {"v": v, "v_old": v_old, "v_ref": v_ref, "target": target}
     if v_ema is not None:
         batch["v_ema"] = v_ema
@@ -660,11 +684,8 @@ def awm_loss(
     adv = advantages.to(dt).clamp(-adv_clip, adv_clip) / adv_clip
     gap = log_p - log_p_old
     rules = _elbo_rule(t, kl_weighting)
-    if loss_type == "sum_first":  # one ratio per sample, from its rows' mean log-ratio
-        n = timesteps_per_sample
-        gap, adv, by_row = gap.view(n, -1).mean(0), adv.view(n, -1)[0], advantages.view(n, -1)
-        message = "advantages: expected the same value on the timesteps_per_sample rows of a sample"
-        rules[f"{message} (rows j·N + i, loss_type='sum_first')"] = (by_row == by_row[:1]).all()
+    if loss_type == "sum_first":
+        gap, adv = _one_ratio_per_sample(gap, adv, advantages, timesteps_per_sample, rules)
     capped = torch.where(adv >= 0, gap.clamp(max=math.log1p(clip_range) + 1.0), gap)
     ratio = torch.exp(capped)
     policy = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
