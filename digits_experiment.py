@@ -570,8 +570,9 @@ def format_members(results, methods, seeds):
     """Every arm's final evaluation (full steps), mean±std over seeds: the frontier's trained points."""
     fmt = lambda xs, p: "{:.{p}f}±{:.{p}f}".format(*ev.mean_std(xs), p=p)
     rows = [f"{'run':<20}{'reward':>14}{'FD':>14}{'rms ratio':>14}{'judge acc':>14}"]
-    for m in methods:
-        for arm in dict.fromkeys(a for (mm, a, _) in results if mm == m):
+    order = lambda arm: (arm not in HEADLINE, HEADLINE.index(arm) if arm in HEADLINE else 0, arm)
+    for m in methods:  # a fixed row order (the headline arms, then by name), not the order the runs finished in
+        for arm in sorted({a for (mm, a, _) in results if mm == m}, key=order):
             e = [results[(m, arm, s)]["eval"]["full"] for s in seeds]
             cells = [
                 fmt([x[k] for x in e], p) for k, p in (("reward", 3), ("fd", 1), ("rms_ratio", 3), ("judge_acc", 3))

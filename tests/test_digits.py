@@ -510,3 +510,13 @@ def test_the_digits_preset_computes_what_its_runs_computed():
         cfg = tf.make_config({"method": method}, preset="digits")
         schedule = [recipes.old_policy_decay(cfg, step + 1) for step in range(1000)]
         assert schedule == [min(cfg.ema_decay_rate * step, cap) for step in range(1000)]  # bit for bit
+
+
+def test_the_members_table_has_a_fixed_row_order_whatever_order_the_runs_finished_in():
+    """format_members: per method the headline arms (none, guard, null), then the members by name."""
+    point = {"eval": {"full": {"reward": 0.9, "fd": 10.0, "rms_ratio": 1.0, "judge_acc": 1.0}}}
+    arms = ["kl0.1", "guard", "lr_x0.5", "null", "guard_lam2", "none", "kl0.01"]
+    results = {(m, a, 0): point for a in arms for m in ("awm", "nft")}  # finished in this order
+    rows = [line.split()[:2] for line in dx.format_members(results, ["nft", "awm"], [0]).splitlines()[1:]]
+    expected = ["none", "guard", "null", "guard_lam2", "kl0.01", "kl0.1", "lr_x0.5"]
+    assert rows == [[m, a] for m in ("nft", "awm") for a in expected]
