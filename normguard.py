@@ -586,7 +586,7 @@ def _check_awm_options(
     ema_weight,
     kl_weighting,
     loss_type,
-    rows_per,
+    timesteps_per_sample,
 ):
     """awm_loss's keyword arguments, each checked against what its docstring allows."""
     _choice("weighting", weighting, ("uniform", "t", "t2", "huber", "ghuber"))
@@ -596,7 +596,7 @@ def _check_awm_options(
     _positive("ema_weight", ema_weight, allow_zero=True)
     _choice("kl_weighting", kl_weighting, AWM_KL_WEIGHTINGS)
     _choice("loss_type", loss_type, ("exp_first", "sum_first"))
-    _integer("timesteps_per_sample", rows_per)
+    _integer("timesteps_per_sample", timesteps_per_sample)
 
 
 def _one_ratio_per_sample(gap, adv, advantages, n, rules):
