@@ -124,7 +124,8 @@ def check_config(cfg, smoke):
 def tiny_text_encoders(text_dim, pooled_dim, clip_tokens):
     """Stand-ins for SD3's CLIP-L, CLIP-G and T5-XXL, one random layer each, of the widths the transformer reads:
     T5 `text_dim` wide, the two CLIP projections `pooled_dim / 2` each (the pipeline puts them side by side).
-    Tokenizers from an in-memory vocabulary: CLIP per character, T5 per word of the runbook's prompts."""
+    Tokenizers from an in-memory vocabulary: CLIP per character, T5 per word of the runbook's prompts. Returns
+    the StableDiffusion3Pipeline keyword arguments of the three encoders and their tokenizers."""
     import transformers as tr
 
     prompts = PROMPTS["full"] + PROMPTS["smoke"]
@@ -158,8 +159,14 @@ def tiny_text_encoders(text_dim, pooled_dim, clip_tokens):
         num_heads=2,
         relative_attention_num_buckets=8,
     )
-    encoders = [tr.CLIPTextModelWithProjection(clip), tr.CLIPTextModelWithProjection(clip), tr.T5EncoderModel(t5)]
-    return clip_tok, t5_tok, encoders
+    return dict(
+        text_encoder=tr.CLIPTextModelWithProjection(clip),
+        tokenizer=clip_tok,
+        text_encoder_2=tr.CLIPTextModelWithProjection(clip),
+        tokenizer_2=clip_tok,
+        text_encoder_3=tr.T5EncoderModel(t5),
+        tokenizer_3=t5_tok,
+    )
 
 
 def tiny_vae(latent_channels):
@@ -190,19 +197,14 @@ def build_pipeline(path, smoke):
     arch = bench.architecture(bench_config(smoke))
     transformer = bench.new_transformer(arch, DEVICE).to("cpu")  # random init is fast on a GPU; saved from the CPU
     torch.manual_seed(1)
-    clip_tok, t5_tok, (clip_l, clip_g, t5) = tiny_text_encoders(
+    text = tiny_text_encoders(
         arch["joint_attention_dim"], arch["pooled_projection_dim"], TEXT_TOKENS["smoke" if smoke else "full"][0]
     )
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),  # SD3.5's
         vae=tiny_vae(arch["in_channels"]),
-        text_encoder=clip_l,
-        tokenizer=clip_tok,
-        text_encoder_2=clip_g,
-        tokenizer_2=clip_tok,
-        text_encoder_3=t5,
-        tokenizer_3=t5_tok,
+        **text,
     )
     pipe.save_pretrained(path)
     del pipe, transformer

@@ -143,17 +143,9 @@ def test_full_size_is_sd35_medium_and_its_command_lines_are_valid(tmp_path):
     with torch.device("meta"):
         n = sum(p.numel() for p in SD3Transformer2DModel(**arch).parameters())
     assert 2.2e9 < n < 2.3e9
-    clip_tok, t5_tok, (clip_l, clip_g, t5) = rb.tiny_text_encoders(4096, 2048, rb.TEXT_TOKENS["full"][0])
+    text = rb.tiny_text_encoders(4096, 2048, rb.TEXT_TOKENS["full"][0])
     pipe = StableDiffusion3Pipeline(
-        transformer=None,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=None,
-        text_encoder=clip_l,
-        tokenizer=clip_tok,
-        text_encoder_2=clip_g,
-        tokenizer_2=clip_tok,
-        text_encoder_3=t5,
-        tokenizer_3=t5_tok,
+        transformer=None, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None, **text
     )
     with torch.no_grad():
         emb, _, pooled, _ = pipe.encode_prompt(
