@@ -39,15 +39,16 @@ def pytest_collection_modifyitems(items):
         item.add_marker(pytest.mark.xdist_group(f"{path}::{'+'.join(shared)}" if shared else item.nodeid))
 
 
-DIGITS_TEST_STEPS = 400  # pretraining steps of the suite's digits reference (the experiment's is 2000)
+# pretraining steps of the suite's digits references: the unit tests' one (the experiment's --smoke budget: they
+# check plumbing, not pictures) and the one the `experiment` tests judge (the experiment's own is 2000)
+DIGITS_UNIT_STEPS = 30
+DIGITS_TRAINED_STEPS = 400
 
 
-@pytest.fixture(scope="session")
-def digits_cache(tmp_path_factory):
-    """One digits cache for the whole session, in this session's temp root (no file from an earlier session is
-    trusted) and shared by the pytest-xdist workers: the reference pretrained once with DIGITS_TEST_STEPS, and the
-    reward and judge classifiers, built by whichever worker takes the lock first and read by the others. Returns
-    (cache dir, reference path)."""
+def shared_digits_cache(tmp_path_factory, steps):
+    """The session's digits cache, in this session's temp root (no file from an earlier session is trusted) and
+    shared by the pytest-xdist workers: a reference pretrained with `steps`, and the reward and judge classifiers,
+    built by whichever worker takes the lock first and read by the others. Returns (cache dir, reference path)."""
     from filelock import FileLock
 
     import digits
@@ -56,10 +57,23 @@ def digits_cache(tmp_path_factory):
     root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # the root every worker shares
     cache = str(root / "digits_cache")
     with FileLock(str(root / "digits_cache.lock")):
-        path = digits.get_reference(cache, "cpu", steps=DIGITS_TEST_STEPS, progress=False)
+        path = digits.get_reference(cache, "cpu", steps=steps, progress=False)
         for kind in ("reward", "judge"):
             digits.classifier(kind, cache, "cpu")
     return cache, path
+
+
+@pytest.fixture(scope="session")
+def digits_cache(tmp_path_factory):
+    """(cache dir, path of a reference pretrained DIGITS_UNIT_STEPS steps), for the tests of the plumbing."""
+    return shared_digits_cache(tmp_path_factory, DIGITS_UNIT_STEPS)
+
+
+@pytest.fixture(scope="session")
+def trained_digits_cache(tmp_path_factory):
+    """(cache dir, path of a reference pretrained DIGITS_TRAINED_STEPS steps), for the `experiment` tests that
+    judge what the reference draws."""
+    return shared_digits_cache(tmp_path_factory, DIGITS_TRAINED_STEPS)
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,10 @@
 """digits.py (the splits, the label encoder, the reference it pretrains, the reward proxy, the quality judges) and
 digits_experiment.py (the runs, their reuse, the verdicts).
 
-Everything is built in the session's fresh digits cache (conftest.digits_cache: no file from an earlier run is
-trusted). The reference there is pretrained with a short budget (DIGITS_TEST_STEPS); the testbed is sound only if
-even that budget gives digits a judge it has never met recognises far above chance.
+Everything is built in the session's fresh digits cache (conftest.shared_digits_cache: no file from an earlier run
+is trusted). The plumbing runs on a reference pretrained with the experiment's --smoke budget (DIGITS_UNIT_STEPS);
+the `experiment` tests judge one pretrained with a short budget (DIGITS_TRAINED_STEPS): the testbed is sound only
+if even that budget gives digits a judge it has never met recognises far above chance.
 """
 
 import dataclasses
@@ -26,8 +27,8 @@ def cache(digits_cache):
 
 
 @pytest.fixture(scope="module")
-def reference(digits_cache):
-    path = digits_cache[1]
+def reference(trained_digits_cache):
+    path = trained_digits_cache[1]
     return path, dg.load_reference(path)
 
 
