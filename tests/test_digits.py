@@ -456,9 +456,8 @@ def test_bad_arguments_name_the_key():
         dx.parse_args(["--train_batch_size=8"])  # the null control's permutation must see the whole rollout batch
 
 
-def test_command_line_help_exits_0_and_a_bad_argument_exits_2_with_one_line(capsys):
-    import subprocess
-    import sys
+def test_command_line_help_exits_0_and_a_bad_argument_exits_2_with_one_line(capsys, monkeypatch):
+    import runpy
 
     import cli
 
@@ -466,9 +465,12 @@ def test_command_line_help_exits_0_and_a_bad_argument_exits_2_with_one_line(caps
         cli.run(dx.main, ["--help"])
     printed = capsys.readouterr().out
     assert done.value.code == 0 and "--frontier" in printed and "--kl_weights=" in printed
-    # the script's own entry point (one interpreter start: ~5 s of imports)
-    done = subprocess.run([sys.executable, str(Path(dx.__file__)), "--seeds=x"], capture_output=True, text=True)
-    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "seeds" in done.stderr
+    # the script's own entry point, run as __main__ (tests/test_cli.py runs cli.run in a fresh interpreter)
+    monkeypatch.setattr("sys.argv", [dx.__file__, "--seeds=x"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(dx.__file__, run_name="__main__")
+    printed = capsys.readouterr()
+    assert done.value.code == 2 and printed.out == "" and printed.err.count("\n") == 1 and "seeds" in printed.err
 
 
 def test_forwarded_train_full_keys_reach_every_run():
