@@ -926,36 +926,34 @@ def test_bench_guard_adds_no_forward():
         assert on["saved_for_backward_bytes"] > off["saved_for_backward_bytes"] > 0  # the hinge's norms: tiny, not 0
 
 
-def test_gpu_defaults_bf16_and_gradient_checkpointing(sd3_path, flux_path, tmp_path):
-    """The GPU path: bf16 autocast over bf16 frozen weights (LoRA in fp32), gradient checkpointing, CFG, for SD3 and
-    FLUX. In a fresh process, as on a GPU node: accelerate's mixed-precision state is process-wide (one process for
-    both runs, which share bf16, saves an interpreter start)."""
-    import subprocess
-    import sys
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one mixed-precision setting per process (AcceleratorState) and refuses another: forgotten
+    before the test, as in a fresh process, and after it, so the next test on this worker starts clean. (accelerate's
+    own tests reset it the same way.)"""
+    from accelerate.state import AcceleratorState
 
-    runs = {
-        preset: [
-            f"--preset={preset}",
-            "--smoke",
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+def test_gpu_defaults_bf16_and_gradient_checkpointing(sd3_path, flux_path, tmp_path, fresh_accelerator_state, capsys):
+    """The GPU path: bf16 autocast over bf16 frozen weights (LoRA in fp32), gradient checkpointing, CFG, for SD3 and
+    FLUX."""
+    for preset, path in (("sd3", sd3_path), ("flux", flux_path)):
+        m = run(
+            path,
+            tmp_path / preset,
             "--method=dpo",
-            f"--pretrained_model_name_or_path={path}",
             "--reward=jpeg",
             "--mixed_precision=bf16",
             "--gradient_checkpointing=true",
             "--cfg_scale=2",
-            f"--out_dir={tmp_path / preset}",
-        ]
-        for preset, path in (("sd3", sd3_path), ("flux", flux_path))
-    }
-    code = "import json, sys, train_full\nfor argv in json.loads(sys.argv[1]):\n    train_full.main(argv)"
-    cmd = [sys.executable, "-c", code, json.dumps(list(runs.values()))]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=Path(tf.__file__).parent)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("| bf16 |") == 2
-    for preset in runs:
-        m = json.loads((tmp_path / preset / "metrics.json").read_text())
+            preset=preset,
+        )
         assert math.isfinite(m["last_step"]["loss"]) and math.isfinite(m["eval"]["norm_ratio"]), preset
+    assert capsys.readouterr().out.count("| bf16 |") == 2
 
 
 # ---------------------------------------------------------------------------------------------------------------
