@@ -554,7 +554,10 @@ PRESET = dict(
     sample_steps=10,
     awm_timesteps="subset",
 )
-tf.register_adapter("digits", DigitsAdapter, PRESET, dict(resolution=8), [str(d) for d in range(NUM_CLASSES)])
+# --smoke keeps the preset's micro-batch: 8x8 images need no smaller one, and the evaluation (batched by it) then
+# samples its 10 x eval_seeds images in one batch instead of one batch per 4
+SMOKE_SIZES = dict(resolution=8, train_batch_size=PRESET["train_batch_size"])
+tf.register_adapter("digits", DigitsAdapter, PRESET, SMOKE_SIZES, [str(d) for d in range(NUM_CLASSES)])
 tf.register_reward("digits", label_reward)
 tf.register_reward("digits_shuffled", shuffled_label_reward)
 
