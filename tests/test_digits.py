@@ -245,8 +245,10 @@ SMOKE_EXTRA = ("--frontier", "--frontier_methods=nft,dpo", "--steps=4")
 
 @pytest.fixture(scope="module")
 def smoke(digits_cache, tmp_path_factory):
+    """The runs one after the other in this process (jobs=1): each spawned process would import torch, diffusers
+    and scikit-learn again (~10 s). The spawned processes' path is tested on the finished runs below."""
     out = tmp_path_factory.mktemp("digits_smoke")
-    return out, dx.main(smoke_args(digits_cache, out, *SMOKE_EXTRA))
+    return out, dx.main(smoke_args(digits_cache, out, *SMOKE_EXTRA, "--jobs=1"))
 
 
 def test_smoke_run_writes_every_output_verdicts_and_frontier_lines(smoke):
@@ -356,6 +358,24 @@ def test_every_run_is_a_train_full_run(smoke):
     assert member["lr"] == 5e-4 and not member["guard"] and member["eval_every"] == member["steps"] == 4
     member = json.loads((out / "runs" / "nft_kl0.01_seed0" / "config.json").read_text())["config"]
     assert member["kl_weight"] == 0.01 and not member["guard"]
+
+
+def test_a_finished_experiment_rerun_in_spawned_processes_reads_every_run_back(smoke, digits_cache, monkeypatch):
+    """jobs=2: the jobs go to two spawned processes (each builds its run's train_full config there, with the digits
+    preset its own import registered), which find every run finished under the same config and return it."""
+    out, first = smoke
+    results = sorted([*out.glob("reference/*.pt"), *out.glob("runs/*/result.pt")])
+    stamps = [p.stat().st_mtime_ns for p in results]
+    assert len(results) == 14
+
+    def not_here(*args):
+        raise AssertionError("a job ran in the test's process, not in a spawned one")
+
+    monkeypatch.setattr(dx, "cached", not_here)  # a spawned process imports digits_experiment afresh
+    again = dx.main(smoke_args(digits_cache, out, *SMOKE_EXTRA, "--jobs=2"))
+    assert [p.stat().st_mtime_ns for p in results] == stamps
+    for key in ("runs", "null_runs", "frontier", "verdicts"):
+        assert json.dumps(ev_safe(again[key])) == json.dumps(ev_safe(first[key])), key
 
 
 def test_an_interrupted_experiment_reuses_finished_runs_and_restarts_unfinished_ones(smoke, digits_cache):
