@@ -26,13 +26,18 @@ def one_thread():
 # module fixtures whose work (a run) several tests share: the tests of a file that use one run together. (The
 # digits cache is not among them: the workers share it through a file lock.)
 SHARED_FIXTURES = {"toy_headline", "smoke"}
+# tests that each take 15-25 s on this machine (fresh interpreters: a notebook kernel, torchrun's two workers),
+# handed out first: pytest-xdist deals units out in collection order, and a long one dealt last is the run's tail
+LONG_FIRST = ("tests/test_notebooks.py::", "tests/test_train_full.py::test_two_processes")
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups in its own hook
 def pytest_collection_modifyitems(items):
     """Groups for pytest-xdist's --dist loadgroup: the tests of a file that share an expensive fixture run on one
     worker, so that it is built once per session; every other test is its own unit, so that the slow ones spread
-    over the workers. (The tiny pipelines of module fixtures take a second to build again on the other worker.)"""
+    over the workers. (The tiny pipelines of module fixtures take a second to build again on the other worker.)
+    The LONG_FIRST tests move to the front, in their order; the rest keep theirs."""
+    items.sort(key=lambda item: not item.nodeid.startswith(LONG_FIRST))
     for item in items:
         shared = sorted(SHARED_FIXTURES & set(item.fixturenames))
         path = item.nodeid.split("::")[0]
