@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from scipy.special import stdtr, stdtrit  # Student t's CDF and its inverse
 
 from cli import dumps, json_safe  # noqa: F401 (json_safe: strict JSON for the experiments' callers)
 
@@ -119,8 +120,6 @@ class Paired:
 
 def paired(d):
     """The paired summary of per-seed differences d. A NaN is an error: the caller decides what it means."""
-    from scipy.special import stdtr, stdtrit  # Student t's CDF and its inverse
-
     x = [float(v) for v in d]
     if not x or not all(math.isfinite(v) for v in x):
         raise ValueError(f"d: expected one finite difference per seed, got {x}")
