@@ -21,8 +21,8 @@ The data every function reads, per method (nft, awm, dpo) and variant ("none": b
                            un-guarded run through the family's members (see frontier).
 
 Seed s of every variant and family draws the same noise, so differences over seeds are paired. Statistics: a
-paired t interval and one-sided t-test per method, Holm across methods (docs/protocol.md). Imports torch and the
-standard library; scipy (its t distribution) and matplotlib inside the functions that need them.
+paired t interval and one-sided t-test per method, Holm across methods (docs/protocol.md). Imports torch, scipy (its
+t distribution) and the standard library; matplotlib inside the functions that draw.
 """
 
 import math
