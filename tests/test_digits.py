@@ -391,8 +391,10 @@ def test_an_interrupted_experiment_reuses_finished_runs_and_restarts_unfinished_
     assert not (unfinished / "checkpoints" / "stale").exists() and (unfinished / "result.pt").is_file()
     assert json.dumps(ev_safe(again["runs"]["dpo"])) == json.dumps(ev_safe(first["runs"]["dpo"]))
     assert json.dumps(ev_safe(again["null_runs"])) == json.dumps(ev_safe({"dpo": first["null_runs"]["dpo"]}))
+    unguarded = {p: p.stat().st_mtime_ns for p in out.glob("runs/dpo_n*_seed0/result.pt")}  # none and null
     changed = dx.main(args + ["--lam=0.5"])
-    assert result.stat().st_mtime_ns != stamp
+    assert result.stat().st_mtime_ns != stamp  # the guarded run retrained
+    assert len(unguarded) == 2 and {p: p.stat().st_mtime_ns for p in unguarded} == unguarded  # lam is inert there
     assert changed["train_config"]["lam"] == 0.5
 
 
@@ -450,6 +452,8 @@ def test_a_run_is_reused_on_what_it_computed_not_on_where_its_files_went(monkeyp
     }
     assert dx.same_run(key, moved) and dx.same_run(key, {**key, "checkpoint_every": 7})
     assert not dx.same_run(key, {**key, "lam": 0.5}) and not dx.same_run(key, {**key, "eval": 2})
+    unguarded = {**key, "guard": False}  # lam weighs the hinge only
+    assert dx.same_run(unguarded, {**unguarded, "lam": 0.5}) and not dx.same_run(unguarded, key)
     assert not dx.same_run(key, {**key, "pretrained_model_name_or_path": "/a/reference-seed1-steps2000"})
     added = {**key, "new_option": "old behaviour"}  # a train_full key that did not exist when `key` was cached
     assert not dx.same_run(key, added)
