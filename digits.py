@@ -353,6 +353,26 @@ def _train_classifier(kind, seed=0, epochs=300, progress=False):
     return model.eval()
 
 
+def build_classifier(kind, cache_dir, epochs=300):
+    """Train the reward MLP or judge CNN (_train_classifier) and write it where classifier() reads it, with its
+    held-out accuracy and epochs; returns the model. classifier() calls it on first use; the tests build a
+    short-budget judge in their own cache with it."""
+    model = _train_classifier(kind, epochs=epochs)
+    heldout_x, heldout_y = load_split("heldout")
+    with torch.no_grad():
+        acc = (model(heldout_x).argmax(1) == heldout_y).float().mean().item()
+    file = Path(cache_dir) / f"{kind}_classifier.safetensors"
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(file.name + f".tmp{os.getpid()}")
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(tmp),
+        metadata={"heldout_accuracy": f"{acc:.4f}", "split": kind, "epochs": str(epochs)},
+    )
+    tmp.replace(file)  # whole or absent
+    return model
+
+
 @functools.lru_cache(maxsize=None)
 def classifier(kind, cache_dir, device):
     """The reward MLP or judge CNN, trained on first use and cached as cache_dir/<kind>_classifier.safetensors."""
@@ -361,18 +381,7 @@ def classifier(kind, cache_dir, device):
         model = RewardMLP() if kind == "reward" else JudgeCNN()
         model.load_state_dict(load_file(str(file)))
     else:
-        model = _train_classifier(kind)
-        heldout_x, heldout_y = load_split("heldout")
-        with torch.no_grad():
-            acc = (model(heldout_x).argmax(1) == heldout_y).float().mean().item()
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_name(file.name + f".tmp{os.getpid()}")
-        save_file(
-            {k: v.contiguous() for k, v in model.state_dict().items()},
-            str(tmp),
-            metadata={"heldout_accuracy": f"{acc:.4f}", "split": kind},
-        )
-        tmp.replace(file)
+        model = build_classifier(kind, cache_dir)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval().to(device)

@@ -44,41 +44,44 @@ def pytest_collection_modifyitems(items):
         item.add_marker(pytest.mark.xdist_group(f"{path}::{'+'.join(shared)}" if shared else item.nodeid))
 
 
-# pretraining steps of the suite's digits references: the unit tests' one (the experiment's --smoke budget: they
-# check plumbing, not pictures) and the one the `experiment` tests judge (the experiment's own is 2000)
-DIGITS_UNIT_STEPS = 30
-DIGITS_TRAINED_STEPS = 400
+# the suite's two digits caches. The unit tests' checks plumbing, not pictures: its reference has the experiment's
+# --smoke pretraining budget and its judge a tenth of its training. The `experiment` tests judge what a reference
+# draws: theirs has a short pretraining budget (the experiment's own is 2000 steps) and the real judge.
+DIGITS_UNIT = dict(name="digits_cache", steps=30, judge_epochs=30)
+DIGITS_TRAINED = dict(name="digits_cache_trained", steps=400, judge_epochs=None)
 
 
-def shared_digits_cache(tmp_path_factory, steps):
-    """The session's digits cache, in this session's temp root (no file from an earlier session is trusted) and
-    shared by the pytest-xdist workers: a reference pretrained with `steps`, and the reward and judge classifiers,
-    built by whichever worker takes the lock first and read by the others. Returns (cache dir, reference path)."""
+def shared_digits_cache(tmp_path_factory, name, steps, judge_epochs):
+    """A digits cache of the session, in its temp root (no file from an earlier session is trusted) and shared by
+    the pytest-xdist workers: a reference pretrained with `steps`, the reward classifier, and the judge (trained for
+    judge_epochs, or, with None, as classifier() trains it), built by whichever worker takes the lock first and read
+    by the others. Returns (cache dir, reference path)."""
     from filelock import FileLock
 
     import digits
 
     root = tmp_path_factory.getbasetemp()
     root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # the root every worker shares
-    cache = str(root / "digits_cache")
-    with FileLock(str(root / "digits_cache.lock")):
+    cache = str(root / name)
+    with FileLock(str(root / f"{name}.lock")):
         path = digits.get_reference(cache, "cpu", steps=steps, progress=False)
-        for kind in ("reward", "judge"):
-            digits.classifier(kind, cache, "cpu")
+        digits.classifier("reward", cache, "cpu")
+        if judge_epochs and not (Path(cache) / "judge_classifier.safetensors").is_file():
+            digits.build_classifier("judge", cache, epochs=judge_epochs)
+        digits.classifier("judge", cache, "cpu")
     return cache, path
 
 
 @pytest.fixture(scope="session")
 def digits_cache(tmp_path_factory):
-    """(cache dir, path of a reference pretrained DIGITS_UNIT_STEPS steps), for the tests of the plumbing."""
-    return shared_digits_cache(tmp_path_factory, DIGITS_UNIT_STEPS)
+    """(cache dir, reference path) of DIGITS_UNIT, for the tests of the plumbing."""
+    return shared_digits_cache(tmp_path_factory, **DIGITS_UNIT)
 
 
 @pytest.fixture(scope="session")
 def trained_digits_cache(tmp_path_factory):
-    """(cache dir, path of a reference pretrained DIGITS_TRAINED_STEPS steps), for the `experiment` tests that
-    judge what the reference draws."""
-    return shared_digits_cache(tmp_path_factory, DIGITS_TRAINED_STEPS)
+    """(cache dir, reference path) of DIGITS_TRAINED, for the `experiment` tests that judge what is drawn."""
+    return shared_digits_cache(tmp_path_factory, **DIGITS_TRAINED)
 
 
 @pytest.fixture(scope="session")

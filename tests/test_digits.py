@@ -1,10 +1,11 @@
 """digits.py (the splits, the label encoder, the reference it pretrains, the reward proxy, the quality judges) and
 digits_experiment.py (the runs, their reuse, the verdicts).
 
-Everything is built in the session's fresh digits cache (conftest.shared_digits_cache: no file from an earlier run
-is trusted). The plumbing runs on a reference pretrained with the experiment's --smoke budget (DIGITS_UNIT_STEPS);
-the `experiment` tests judge one pretrained with a short budget (DIGITS_TRAINED_STEPS): the testbed is sound only
-if even that budget gives digits a judge it has never met recognises far above chance.
+Everything is built in the session's fresh digits caches (conftest.shared_digits_cache: no file from an earlier run
+is trusted). The plumbing runs on a reference with the experiment's --smoke pretraining budget and a short-budget
+judge (conftest.DIGITS_UNIT); the `experiment` tests use the real judge and a reference pretrained with a short
+budget (DIGITS_TRAINED): the testbed is sound only if even that budget gives digits a judge it has never met
+recognises far above chance.
 """
 
 import dataclasses
@@ -24,6 +25,11 @@ import train_full as tf
 @pytest.fixture(scope="module")
 def cache(digits_cache):
     return digits_cache[0]
+
+
+@pytest.fixture(scope="module")
+def trained_cache(trained_digits_cache):
+    return trained_digits_cache[0]
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +106,7 @@ def test_reward_fn_contract_and_it_prefers_the_right_digit(cache):
 
 
 @pytest.mark.experiment
-def test_reward_is_hackable_off_the_manifold_and_the_judges_see_it(cache):
+def test_reward_is_hackable_off_the_manifold_and_the_judges_see_it(trained_cache):
     """Sign-gradient ascent on the reward pushes real digits to a higher reward than any real digit gets on
     average, while the reward-independent judges say the images got worse: the hack the RL runs can find."""
     x, y = dg.load_split("heldout")
@@ -108,29 +114,31 @@ def test_reward_is_hackable_off_the_manifold_and_the_judges_see_it(cache):
     hacked = x.clone()
     for _ in range(20):
         hacked.requires_grad_(True)
-        (grad,) = torch.autograd.grad(dg.reward_fn(hacked, y, cache_dir=cache).sum(), hacked)
+        (grad,) = torch.autograd.grad(dg.reward_fn(hacked, y, cache_dir=trained_cache).sum(), hacked)
         hacked = (hacked + 0.05 * grad.sign()).clamp(-1, 1).detach()
-    r0, r1 = dg.reward_fn(x, y, cache_dir=cache).mean(), dg.reward_fn(hacked, y, cache_dir=cache).mean()
-    q0, q1 = dg.quality_metrics(x, y, cache_dir=cache), dg.quality_metrics(hacked, y, cache_dir=cache)
+    r0, r1 = dg.reward_fn(x, y, cache_dir=trained_cache).mean(), dg.reward_fn(hacked, y, cache_dir=trained_cache).mean()
+    q0, q1 = dg.quality_metrics(x, y, cache_dir=trained_cache), dg.quality_metrics(hacked, y, cache_dir=trained_cache)
     assert r1 > 0.9 > r0 + 0.1
     assert q1["fd"] > 2 * q0["fd"] and q1["disc_acc"] > q0["disc_acc"] + 0.1
 
 
 @pytest.mark.experiment
-def test_quality_metrics_contract_and_real_digits_beat_noise(cache):
+def test_quality_metrics_contract_and_real_digits_beat_noise(trained_cache):
     x, y = dg.load_split("judge")  # real digits the metrics' reference set (held-out) does not contain
-    real = dg.quality_metrics(x[:300], y[:300], cache_dir=cache)
+    real = dg.quality_metrics(x[:300], y[:300], cache_dir=trained_cache)
     noise = dg.quality_metrics(
-        torch.rand(300, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1, y[:300], cache_dir=cache
+        torch.rand(300, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1, y[:300], cache_dir=trained_cache
     )
+    judge = __import__("safetensors").safe_open(str(Path(trained_cache) / "judge_classifier.safetensors"), "pt")
+    assert judge.metadata()["epochs"] == "300"  # the judge classifier() trains, as in the experiment
     assert set(real) == {"judge_acc", "fd", "disc_acc"} and all(isinstance(v, float) for v in real.values())
     assert real["judge_acc"] > 0.9 and noise["judge_acc"] < 0.3
     assert 0 <= real["fd"] < noise["fd"] / 10
     assert 0.3 < real["disc_acc"] < 0.65 and noise["disc_acc"] > 0.95
     with pytest.raises(ValueError, match="B >= 10"):
-        dg.quality_metrics(x[:5], y[:5], cache_dir=cache)
+        dg.quality_metrics(x[:5], y[:5], cache_dir=trained_cache)
     with pytest.raises(ValueError, match="labels"):
-        dg.quality_metrics(x[:20], y[:19], cache_dir=cache)
+        dg.quality_metrics(x[:20], y[:19], cache_dir=trained_cache)
 
 
 def test_frechet_distance_matches_the_closed_form_for_gaussians():
@@ -172,7 +180,7 @@ def test_reference_is_a_diffusers_folder_and_pretraining_is_deterministic(tmp_pa
 
 
 @pytest.mark.experiment
-def test_reference_generates_digits_the_judge_recognises_well_above_chance(reference, cache):
+def test_reference_generates_digits_the_judge_recognises_well_above_chance(reference, trained_cache):
     """The testbed is sound: even the short-budget reference draws the prompted digit, as judged by the CNN judge
     (trained on real digits only, never on a generated one; it never sees the reward MLP). Chance is 0.1; we
     require 0.5. The experiment's 2000-step reference scores ~0.97."""
@@ -180,8 +188,8 @@ def test_reference_generates_digits_the_judge_recognises_well_above_chance(refer
     labels = torch.arange(10).repeat(20)
     noise = torch.randn(len(labels), 1, 8, 8, generator=torch.Generator().manual_seed(0))
     images = dg.generate(transformer, encoder, labels, noise, steps=10)
-    q = dg.quality_metrics(images, labels, cache_dir=cache)
-    r = dg.reward_fn(images, labels, cache_dir=cache)
+    q = dg.quality_metrics(images, labels, cache_dir=trained_cache)
+    r = dg.reward_fn(images, labels, cache_dir=trained_cache)
     assert q["judge_acc"] > 0.5
     assert r.mean() > 0.3  # the reward proxy agrees it sees the prompted digit more often than not-quite
     assert images.abs().max() < 3  # pixel space stays near [-1, 1]: no blow-up in the sampler
