@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a stray hub call fails at once instead of hanging
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -17,6 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def one_thread():
     """The suite's models are tiny: a second intra-op thread only adds sync cost, and on a loaded 2-core machine
     it made a tiny-model training step 100x slower (10 s against 0.05 s)."""
+    import torch  # here, not at the top: pytest-xdist's controller loads this file too, and needs no torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
