@@ -372,18 +372,26 @@ def test_a_finished_experiment_rerun_in_spawned_processes_reads_every_run_back(s
     """jobs=2: the jobs go to two spawned processes (each builds its run's train_full config there, with the digits
     preset its own import registered), which find every run finished under the same config and return it."""
     out, first = smoke
-    results = sorted([*out.glob("reference/*.pt"), *out.glob("runs/*/result.pt")])
-    stamps = [p.stat().st_mtime_ns for p in results]
-    assert len(results) == 14
+    cfg, frontier = dx.parse_args(smoke_args(digits_cache, out, *SMOKE_EXTRA, "--jobs=2"))
+    jobs = dx.all_jobs(cfg, frontier)
+    files = {
+        job: out / "reference" / f"seed{job[2]}.pt" if job[0] == "reference" else dx.run_dir(cfg, *job) / "result.pt"
+        for job in jobs
+    }
+    stamps = {job: file.stat().st_mtime_ns for job, file in files.items()}
+    assert len(jobs) == 14
 
     def not_here(*args):
         raise AssertionError("a job ran in the test's process, not in a spawned one")
 
     monkeypatch.setattr(dx, "cached", not_here)  # a spawned process imports digits_experiment afresh
-    again = dx.main(smoke_args(digits_cache, out, *SMOKE_EXTRA, "--jobs=2"))
-    assert [p.stat().st_mtime_ns for p in results] == stamps
-    for key in ("runs", "null_runs", "frontier", "verdicts"):
-        assert json.dumps(ev_safe(again[key])) == json.dumps(ev_safe(first[key])), key
+    again = dx.run_all(cfg, first["reference_path"], jobs, progress=False)
+    assert {job: file.stat().st_mtime_ns for job, file in files.items()} == stamps
+    assert set(again) == set(jobs)
+    for job, result in again.items():
+        stored = torch.load(files[job], weights_only=False)
+        assert result["key"] == stored["key"], job
+        assert json.dumps(ev_safe(result["eval"])) == json.dumps(ev_safe(stored["eval"])), job
 
 
 def test_an_interrupted_experiment_reuses_finished_runs_and_restarts_unfinished_ones(smoke, digits_cache):
