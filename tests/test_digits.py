@@ -247,8 +247,8 @@ def smoke_args(digits_cache, out, *extra):
     return ["--smoke", f"--cache_dir={cache}", f"--out_dir={out}", f"--pretrain_steps={steps}", *extra]
 
 
-# 4 RL steps with train_full's smoke eval_every=2: one checkpoint evaluation inside the early-stopping path
-SMOKE_EXTRA = ("--frontier", "--frontier_methods=nft,dpo", "--steps=4")
+# 2 RL steps, evaluated every step: one checkpoint evaluation inside the early-stopping path
+SMOKE_EXTRA = ("--frontier", "--frontier_methods=nft,dpo", "--steps=2", "--eval_every=1")
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +287,7 @@ def test_smoke_run_writes_every_output_verdicts_and_frontier_lines(smoke):
     assert len(saved["drift_lines"]) == len(dx.METHODS) * len(dx.DRIFT_ALARMS) and "lead" in saved["drift_lines"][0]
     lead = saved["drift_lead"]["nft@1.05"][0]
     ratio_max = saved["histories"]["nft_none_seed0"]["ratio_max"]
-    assert lead["step_alarm"] == next((s for s, r in zip([0, 2, 4], ratio_max) if r > 1.05), None)
+    assert lead["step_alarm"] == next((s for s, r in zip([0, 1, 2], ratio_max) if r > 1.05), None)
     assert set(saved["paths"]["awm"]) == {"guard", "early_stop", "rescale"}  # not in frontier_methods: headline only
     assert saved["config"]["frontier_methods"] == "nft,dpo" and saved["git_revision"]
     for m in dx.METHODS:
@@ -297,13 +297,13 @@ def test_smoke_run_writes_every_output_verdicts_and_frontier_lines(smoke):
             assert len(run["profile"]) == tf.Config().profile_bins
             history = saved["histories"][f"{m}_{v}_seed0"]
             # train_full's own checkpoint evaluations: every eval_every steps for the official run only
-            assert history["step"] == ([0, 2, 4] if v == "none" else [0, 4])
+            assert history["step"] == ([0, 1, 2] if v == "none" else [0, 2])
     assert len(saved["adjoint_reference"]) == 1 and set(saved["adjoint_reference"][0]) >= {"total_mean", "total_std"}
     none = saved["runs"]["nft"]["none"][0]
     assert {"rescale", "rescale_few", "rescale_0.95", "rescale_1.05"} <= set(none)
     assert "rescale" not in saved["runs"]["nft"]["guard"][0]
     assert abs(none["rescale_1.05"]["rms_ratio"] - 1.05) < 1e-4 and abs(none["rescale"]["ratio"] - 1) < 1e-4
-    assert metrics["train_config"]["steps"] == 4 and metrics["train_config"]["lora_rank"] == 4
+    assert metrics["train_config"]["steps"] == 2 and metrics["train_config"]["lora_rank"] == 4
 
 
 def test_final_evaluation_is_train_fulls_eval_set(smoke):
@@ -340,7 +340,7 @@ def test_frontier_paths_run_from_the_reference_through_the_members_to_the_offici
     assert [tuple(p) for p in paths["kl"][0]] == [start, point("nft_kl0.01"), end]
     assert [tuple(p) for p in paths["lower_lr"][0]] == [start, point("nft_lr_x0.5"), end]
     evals = [json.loads(line) for line in (out / "runs" / "nft_none_seed0" / "evals.jsonl").read_text().splitlines()]
-    assert tuple(paths["early_stop"][0][1]) == (evals[1]["reward_full"], evals[1]["fd_full"])  # the step-2 checkpoint
+    assert tuple(paths["early_stop"][0][1]) == (evals[1]["reward_full"], evals[1]["fd_full"])  # the step-1 checkpoint
     official = torch.load(out / "runs" / "nft_none_seed0" / "result.pt", weights_only=False)["eval"]
     scaled = [(official[k]["reward"], official[k]["fd"]) for k in ("rescale_0.95", "rescale", "rescale_1.05")]
     assert [tuple(p) for p in paths["rescale"][0]][1:-1] == scaled
@@ -363,7 +363,7 @@ def test_every_run_is_a_train_full_run(smoke):
             assert saved["lr"] == (dx.Config.dpo_lr if m == "dpo" else 1e-3)
             assert "step      2 | reward" in (folder / "train.log").read_text()
     member = json.loads((out / "runs" / "nft_lr_x0.5_seed0" / "config.json").read_text())["config"]
-    assert member["lr"] == 5e-4 and not member["guard"] and member["eval_every"] == member["steps"] == 4
+    assert member["lr"] == 5e-4 and not member["guard"] and member["eval_every"] == member["steps"] == 2
     member = json.loads((out / "runs" / "nft_kl0.01_seed0" / "config.json").read_text())["config"]
     assert member["kl_weight"] == 0.01 and not member["guard"]
 
@@ -401,7 +401,9 @@ def test_an_interrupted_experiment_reuses_finished_runs_and_restarts_unfinished_
     unfinished = out / "runs" / "dpo_null_seed0"
     (unfinished / "result.pt").unlink()
     (unfinished / "checkpoints" / "stale").mkdir(parents=True)
-    args = smoke_args(digits_cache, out, "--methods=dpo", "--steps=4", "--jobs=1")  # jobs=1: in this process
+    args = smoke_args(
+        digits_cache, out, "--methods=dpo", "--steps=2", "--eval_every=1", "--jobs=1"
+    )  # jobs=1: in this process
     again = dx.main(args)
     assert result.stat().st_mtime_ns == stamp  # same train_full config: read back, not retrained
     assert not (unfinished / "checkpoints" / "stale").exists() and (unfinished / "result.pt").is_file()
