@@ -353,6 +353,10 @@ def _train_classifier(kind, seed=0, epochs=300, progress=False):
     return model.eval()
 
 
+def classifier_file(kind, cache_dir):
+    return Path(cache_dir) / f"{kind}_classifier.safetensors"
+
+
 def build_classifier(kind, cache_dir, epochs=300):
     """Train the reward MLP or judge CNN (_train_classifier) and write it where classifier() reads it, with its
     held-out accuracy and epochs; returns the model. classifier() calls it on first use; the tests build a
@@ -361,7 +365,7 @@ def build_classifier(kind, cache_dir, epochs=300):
     heldout_x, heldout_y = load_split("heldout")
     with torch.no_grad():
         acc = (model(heldout_x).argmax(1) == heldout_y).float().mean().item()
-    file = Path(cache_dir) / f"{kind}_classifier.safetensors"
+    file = classifier_file(kind, cache_dir)
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_name(file.name + f".tmp{os.getpid()}")
     save_file(
@@ -376,7 +380,7 @@ def build_classifier(kind, cache_dir, epochs=300):
 @functools.lru_cache(maxsize=None)
 def classifier(kind, cache_dir, device):
     """The reward MLP or judge CNN, trained on first use and cached as cache_dir/<kind>_classifier.safetensors."""
-    file = Path(cache_dir) / f"{kind}_classifier.safetensors"
+    file = classifier_file(kind, cache_dir)
     if file.is_file():
         model = RewardMLP() if kind == "reward" else JudgeCNN()
         model.load_state_dict(load_file(str(file)))

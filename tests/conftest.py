@@ -45,8 +45,8 @@ def pytest_collection_modifyitems(items):
         item.add_marker(pytest.mark.xdist_group(f"{path}::{'+'.join(shared)}" if shared else item.nodeid))
 
 
-# the suite's two digits caches. The unit tests' checks plumbing, not pictures: its reference has the experiment's
-# --smoke pretraining budget and its judge a tenth of its training. The `experiment` tests judge what a reference
+# the suite's two digits caches. The unit tests check plumbing, not pictures: their reference has the experiment's
+# --smoke pretraining budget and their judge a tenth of its training. The `experiment` tests judge what a reference
 # draws: theirs has a short pretraining budget (the experiment's own is 2000 steps) and the real judge.
 DIGITS_UNIT = dict(name="digits_cache", steps=30, judge_epochs=30)
 DIGITS_TRAINED = dict(name="digits_cache_trained", steps=400, judge_epochs=None)
@@ -67,7 +67,7 @@ def shared_digits_cache(tmp_path_factory, name, steps, judge_epochs):
     with FileLock(str(root / f"{name}.lock")):
         path = digits.get_reference(cache, "cpu", steps=steps, progress=False)
         digits.classifier("reward", cache, "cpu")
-        if judge_epochs and not (Path(cache) / "judge_classifier.safetensors").is_file():
+        if judge_epochs and not digits.classifier_file("judge", cache).is_file():
             digits.build_classifier("judge", cache, epochs=judge_epochs)
         digits.classifier("judge", cache, "cpu")
     return cache, path
