@@ -401,9 +401,8 @@ def test_an_interrupted_experiment_reuses_finished_runs_and_restarts_unfinished_
     unfinished = out / "runs" / "dpo_null_seed0"
     (unfinished / "result.pt").unlink()
     (unfinished / "checkpoints" / "stale").mkdir(parents=True)
-    args = smoke_args(
-        digits_cache, out, "--methods=dpo", "--steps=2", "--eval_every=1", "--jobs=1"
-    )  # jobs=1: in this process
+    # the smoke's train_full settings, so that its finished runs are read back; jobs=1: in this process
+    args = smoke_args(digits_cache, out, "--methods=dpo", "--steps=2", "--eval_every=1", "--jobs=1")
     again = dx.main(args)
     assert result.stat().st_mtime_ns == stamp  # same train_full config: read back, not retrained
     assert not (unfinished / "checkpoints" / "stale").exists() and (unfinished / "result.pt").is_file()
