@@ -391,6 +391,14 @@ def classifier(kind, cache_dir, device):
     return model.eval().to(device)
 
 
+@functools.lru_cache(maxsize=None)
+def heldout_features(cache_dir):
+    """The judge's features of the held-out real digits, (N, 64): computed once per judge, as classifier() loads
+    it once (every quality_metrics call compares against them)."""
+    with torch.no_grad():
+        return classifier("judge", cache_dir, "cpu").features(load_split("heldout")[0])
+
+
 def reward_fn(images, labels, cache_dir=DEFAULT_CACHE):
     """Reward proxy: the reward MLP's confidence in the prompted digit, softmax(logits / REWARD_TEMPERATURE), (B,).
 
@@ -424,21 +432,37 @@ def discriminator_accuracy(fake, real, folds=5, seed=0):
 
     fake, real: (N, 1, 8, 8); the larger set is subsampled so both classes are equally many.
     """
+    import numpy as np
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-    from threadpoolctl import threadpool_limits  # installed with scikit-learn
+    from sklearn.model_selection import StratifiedKFold
 
     n = min(len(fake), len(real))
     g = torch.Generator().manual_seed(seed)
     fake = fake[torch.randperm(len(fake), generator=g)[:n]]
     real = real[torch.randperm(len(real), generator=g)[:n]]
     x = torch.cat([fake, real]).flatten(1).double().numpy()
-    y = [0] * n + [1] * n
-    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    # one BLAS thread: these 64-wide products are too small to split, and on a busy 2-core machine the threaded
-    # OpenBLAS made each fit ~5x slower (it waits for a core the other jobs hold)
-    with threadpool_limits(limits=1, user_api="blas"):
-        return float(cross_val_score(LogisticRegression(max_iter=2000), x, y, cv=cv).mean())
+    y = np.array([0] * n + [1] * n)
+    splits = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(x, y)
+    # a plain loop, not sklearn's cross_val_score: the same fits and accuracies without its per-call validation
+    # and joblib dispatch, which took half the time of these tiny fits (one such call per image metric)
+    with one_blas_thread():
+        scores = [LogisticRegression(max_iter=2000).fit(x[a], y[a]).score(x[b], y[b]) for a, b in splits]
+    return float(np.mean(scores))
+
+
+@functools.lru_cache(maxsize=1)
+def _blas_controller():
+    from threadpoolctl import ThreadpoolController  # installed with scikit-learn
+
+    # it lists the loaded thread pools once (~5 ms), not at every limit; first made inside discriminator_accuracy,
+    # after sklearn's imports have loaded scipy's BLAS
+    return ThreadpoolController()
+
+
+def one_blas_thread():
+    """One BLAS thread: the discriminator's 64-wide products are too small to split, and on a busy 2-core machine
+    the threaded OpenBLAS made each fit ~5x slower (it waits for a core the other jobs hold)."""
+    return _blas_controller().limit(limits=1, user_api="blas")
 
 
 @torch.no_grad()
@@ -460,7 +484,7 @@ def quality_metrics(images, labels, cache_dir=DEFAULT_CACHE):
     feats = judge.features(x)
     return {
         "judge_acc": (judge.head(feats).argmax(1) == labels.cpu()).float().mean().item(),
-        "fd": frechet_distance(feats, judge.features(real)),
+        "fd": frechet_distance(feats, heldout_features(str(cache_dir))),
         "disc_acc": discriminator_accuracy(x, real),
     }
 

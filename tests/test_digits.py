@@ -156,6 +156,32 @@ def test_frechet_distance_matches_the_closed_form_for_gaussians():
     assert abs(dg.frechet_distance(z, z)) < 1e-6
 
 
+def test_discriminator_accuracy_is_sklearns_cross_validated_score():
+    """Its own loop over the folds equals sklearn's cross_val_score of the same classifier, balanced classes and
+    folds, to the last bit."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    real, _ = dg.load_split("heldout")
+    gen = torch.Generator().manual_seed(1)
+    for fake in (torch.rand(20, 1, 8, 8, generator=gen) * 2 - 1, real[:300] + 0.3 * torch.randn(300, 1, 8, 8)):
+        n = len(fake)
+        g = torch.Generator().manual_seed(0)
+        x = torch.cat([fake[torch.randperm(n, generator=g)], real[torch.randperm(len(real), generator=g)[:n]]])
+        folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=0)
+        scores = cross_val_score(
+            LogisticRegression(max_iter=2000), x.flatten(1).double().numpy(), [0] * n + [1] * n, cv=folds
+        )
+        assert dg.discriminator_accuracy(fake, real) == float(scores.mean())
+
+
+def test_the_held_out_features_are_the_judges_computed_once(cache):
+    judge, (real, _) = dg.classifier("judge", cache, "cpu"), dg.load_split("heldout")
+    with torch.no_grad():
+        assert torch.equal(dg.heldout_features(cache), judge.features(real))
+    assert dg.heldout_features(cache) is dg.heldout_features(cache)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the reference
 
