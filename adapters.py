@@ -257,6 +257,7 @@ class Base:
 
     def __init__(self, module, frozen_copy=None):
         self.module, self.frozen_copy = module, frozen_copy
+        self.lora_layers = None  # found at the first reference(), after the adapter is added
 
     @contextlib.contextmanager
     def reference(self):
@@ -267,11 +268,22 @@ class Base:
             finally:
                 self.module = live
             return
-        self.module.disable_adapters()
+        # what diffusers' disable_adapters()/enable_adapters() do, on layers found once: they walk every module and
+        # check peft's version at each call, which cost 2.4 ms per switch on the tests' 2-block SD3 and 16 ms on 24
+        # blocks (a tiny model's forward is 5 ms), twice per reference forward
+        if self.lora_layers is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            self.lora_layers = [m for m in self.module.modules() if isinstance(m, BaseTunerLayer)]
+            if not self.lora_layers:
+                raise ValueError("Base: the module has no LoRA layer to switch off and no frozen copy")
+        for layer in self.lora_layers:
+            layer.enable_adapters(False)
         try:
             yield
         finally:
-            self.module.enable_adapters()
+            for layer in self.lora_layers:
+                layer.enable_adapters(True)
 
 
 def make_trainable(cfg, transformer, device, weight_dtype):

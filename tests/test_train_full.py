@@ -712,6 +712,43 @@ def test_exported_lora_loads_with_load_lora_weights(sd3_path, tmp_path):
     assert (v_loaded - v_base).abs().max() > 1e-4  # the LoRA did something
 
 
+def test_the_reference_is_the_adapter_switched_off_as_diffusers_does_it(sd3_path):
+    """Base.reference() (its own switch over the LoRA layers, found once) gives the velocity of diffusers'
+    disable_adapters(), leaves the policy and its trainable flags as they were, also when the forward raises; a
+    module without LoRA layers is refused."""
+    cfg = tf.parse_args(["--preset=sd3", "--smoke", f"--pretrained_model_name_or_path={sd3_path}"])
+    ad = tf.SD3Adapter(cfg, sd3_path, torch.device("cpu"), torch.float32)
+    tf.make_trainable(cfg, ad.transformer, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        for name, p in ad.transformer.named_parameters():
+            if "lora_B" in name:  # peft starts B at 0 (policy = reference): a policy that differs
+                p.normal_(std=0.1, generator=torch.Generator().manual_seed(len(name)))
+    base = tf.Base(ad.transformer)
+    x = torch.randn(2, *ad.latent_shape, generator=torch.Generator().manual_seed(0))
+    t, cond = torch.tensor([0.3, 0.8]), ad.encode(["a red cat", "a dog"])
+    trainable = {name for name, p in ad.transformer.named_parameters() if p.requires_grad}
+
+    def velocity():
+        with torch.no_grad():
+            return ad.velocity(base.module, x, t, cond)
+
+    v_policy = velocity()
+    ad.transformer.disable_adapters()
+    v_diffusers = velocity()
+    ad.transformer.enable_adapters()
+    with base.reference():
+        v_ref = velocity()
+        assert not any(p.requires_grad for p in ad.transformer.parameters())
+    assert torch.equal(v_ref, v_diffusers) and (v_ref - v_policy).abs().max() > 1e-3
+    assert torch.equal(velocity(), v_policy) and len(base.lora_layers) > 0
+    with pytest.raises(RuntimeError, match="inside"), base.reference():
+        raise RuntimeError("inside")
+    assert torch.equal(velocity(), v_policy)
+    assert {name for name, p in ad.transformer.named_parameters() if p.requires_grad} == trainable
+    with pytest.raises(ValueError, match="no LoRA layer"), tf.Base(torch.nn.Linear(2, 2)).reference():
+        pass
+
+
 def brightness_reward(images, prompts):
     """A user reward for --reward=module:function: mean brightness, (B,)."""
     assert images.ndim == 4 and len(prompts) == len(images)
