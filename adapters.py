@@ -7,6 +7,7 @@ knows which family runs.
 """
 
 import contextlib
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -94,7 +95,7 @@ class SD3Adapter:
                 )
         transformer = optional_file(path, "transformer/config.json")
         if transformer and not cfg.full_finetune:
-            check_lora_targets(cfg.lora_targets, json.loads(Path(transformer).read_text()))
+            check_lora_targets(cfg.lora_targets, Path(transformer).read_text())
 
     def __init__(self, cfg, path, device, weight_dtype):
         self.cfg, self.device, self.dtype = cfg, device, weight_dtype
@@ -218,16 +219,25 @@ def optional_file(path, file):
 
 
 def check_lora_targets(targets, transformer_config):
-    """Each comma-separated target names a module of the transformer (peft's rule: the module's name or its dotted
-    suffix); the transformer is built from its config on the meta device, so no weight is read or allocated."""
-    import diffusers
-
-    cls = getattr(diffusers, transformer_config["_class_name"])
-    with torch.device("meta"):
-        names = [name for name, _ in cls.from_config(transformer_config).named_modules()]
+    """Each comma-separated target names a module of the transformer whose config.json text is transformer_config
+    (peft's rule: the module's name or its dotted suffix)."""
+    class_name, names = module_names(transformer_config)
     missing = [t for t in targets.split(",") if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
-        raise ValueError(f"lora_targets: {missing} name no module of the {cls.__name__} (e.g. to_q, to_k, to_v)")
+        raise ValueError(f"lora_targets: {missing} name no module of the {class_name} (e.g. to_q, to_k, to_v)")
+
+
+@functools.lru_cache(maxsize=8)
+def module_names(config_text):
+    """(class name, module names) of the diffusers model a config.json text describes, built on the meta device
+    (no weight read or allocated). Kept per config text: the build takes ~0.2 s for SD3.5-Medium's 24 blocks, and
+    both the command line and train() check a run before its model loads."""
+    import diffusers
+
+    config = json.loads(config_text)
+    cls = getattr(diffusers, config["_class_name"])
+    with torch.device("meta"):
+        return cls.__name__, tuple(name for name, _ in cls.from_config(config).named_modules())
 
 
 def export_lora(cfg, adapter, transformer, out_dir):
