@@ -17,11 +17,19 @@ def register_reward(name, build):
 
 
 def jpeg_reward(images, prompts):
-    """JPEG compressibility: minus the size in kB of each image encoded at quality 95 (flow_grpo's reward)."""
-    from torchvision.io import encode_jpeg
+    """JPEG compressibility: minus the size in kB of each image encoded by Pillow at quality 95 (flow_grpo's reward,
+    with its encoder: torchvision's encode_jpeg gives the same bytes but is deprecated and warns at every call)."""
+    import io
+
+    from PIL import Image
 
     u8 = ((images.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return torch.tensor([-len(encode_jpeg(img, quality=95)) / 1000 for img in u8], device=images.device)
+    sizes = []
+    for img in u8.permute(0, 2, 3, 1).numpy():  # (H, W, C) per image, as Pillow takes it
+        buffer = io.BytesIO()
+        Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(buffer, format="JPEG", quality=95)
+        sizes.append(-buffer.tell() / 1000)
+    return torch.tensor(sizes, device=images.device)
 
 
 class PickScore:

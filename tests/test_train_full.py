@@ -789,6 +789,29 @@ def tiny_clip(tmp_path_factory):
     return str(path)
 
 
+def test_jpeg_reward_is_flow_grpos_compressibility():
+    """flow_grpo's jpeg_compressibility on the same pictures: [0, 1] images to uint8 by round and clamp, Pillow's
+    JPEG at quality 95, minus the size in kB; RGB and one-channel, noisy and smooth."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    noisy = torch.rand(3, 3, 32, 24, generator=gen)
+    smooth = torch.nn.functional.interpolate(torch.rand(2, 1, 4, 4, generator=gen), size=(16, 16), mode="bilinear")
+    for images01 in (noisy, smooth):
+        u8 = (images01 * 255).round().clamp(0, 255).to(torch.uint8).numpy().transpose(0, 2, 3, 1)
+        expected = []
+        for image in u8:
+            buffer = io.BytesIO()
+            Image.fromarray(np.ascontiguousarray(image.squeeze(-1) if image.shape[-1] == 1 else image)).save(
+                buffer, format="JPEG", quality=95
+            )
+            expected.append(-buffer.tell() / 1000)
+        assert rewards.jpeg_reward(images01 * 2 - 1, [""] * len(u8)).tolist() == torch.tensor(expected).tolist()
+
+
 def test_pickscore_is_clip_logit_scale_times_cosine(tiny_clip):
     """The reward equals CLIPModel's own logits_per_image on the same preprocessed pixels, and it runs in training."""
     from transformers import CLIPModel
