@@ -1,6 +1,7 @@
 """Suite-wide settings: no model hub, the repo root importable, deterministic CPU math, one shared digits cache, one
 run of the toy's headline."""
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -22,6 +23,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_unconfigure(config):
+    """At exit the interpreter's last garbage collections walk every object that torch, diffusers and transformers
+    made: ~2 s per worker on this machine, after its last test. Frozen, they are skipped (nothing of the suite's
+    waits on a cycle being collected at exit)."""
+    gc.freeze()
 
 
 # module fixtures whose work (a run) several tests share: the tests of a file that use one run together. (The
