@@ -444,25 +444,21 @@ def discriminator_accuracy(fake, real, folds=5, seed=0):
     y = np.array([0] * n + [1] * n)
     splits = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(x, y)
     # a plain loop, not sklearn's cross_val_score: the same fits and accuracies without its per-call validation
-    # and joblib dispatch, which took half the time of these tiny fits (one such call per image metric)
-    with one_blas_thread():
+    # and joblib dispatch, which took half the time of these tiny fits (one such call per image metric). One BLAS
+    # thread: these 64-wide products are too small to split, and on a busy 2-core machine the threaded OpenBLAS
+    # made each fit ~5x slower (it waits for a core the other jobs hold)
+    with blas_controller().limit(limits=1, user_api="blas"):
         scores = [LogisticRegression(max_iter=2000).fit(x[a], y[a]).score(x[b], y[b]) for a, b in splits]
     return float(np.mean(scores))
 
 
 @functools.lru_cache(maxsize=1)
-def _blas_controller():
+def blas_controller():
+    """threadpoolctl's view of the loaded BLAS pools, listed once (~5 ms each time). First made inside
+    discriminator_accuracy, after sklearn's imports have loaded scipy's BLAS."""
     from threadpoolctl import ThreadpoolController  # installed with scikit-learn
 
-    # it lists the loaded thread pools once (~5 ms), not at every limit; first made inside discriminator_accuracy,
-    # after sklearn's imports have loaded scipy's BLAS
     return ThreadpoolController()
-
-
-def one_blas_thread():
-    """One BLAS thread: the discriminator's 64-wide products are too small to split, and on a busy 2-core machine
-    the threaded OpenBLAS made each fit ~5x slower (it waits for a core the other jobs hold)."""
-    return _blas_controller().limit(limits=1, user_api="blas")
 
 
 @torch.no_grad()
