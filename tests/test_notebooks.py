@@ -26,9 +26,15 @@ def test_notebook_runs_clean(path, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("NORMGUARD_TOY_ARGS", "--smoke")  # the walkthrough's toy run at smoke size (its first cell)
     notebook = jupytext.read(path)
-    # raises CellExecutionError, with the failing cell and its traceback, on the first error
+    # raises CellExecutionError, with the failing cell and its traceback, on the first error. The kernel is stopped
+    # at once after the last cell: a graceful stop only adds the interpreter's teardown (~3 s with diffusers loaded),
+    # which nothing here checks
     NotebookClient(
-        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+        notebook,
+        timeout=300,
+        kernel_name="python3",
+        shutdown_kernel="immediate",
+        resources={"metadata": {"path": str(path.parent)}},
     ).execute()
     errors = [
         out
