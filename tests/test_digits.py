@@ -164,7 +164,10 @@ def test_discriminator_accuracy_is_sklearns_cross_validated_score():
 
     real, _ = dg.load_split("heldout")
     gen = torch.Generator().manual_seed(1)
-    for fake in (torch.rand(20, 1, 8, 8, generator=gen) * 2 - 1, real[:300] + 0.3 * torch.randn(300, 1, 8, 8)):
+    for fake in (
+        torch.rand(20, 1, 8, 8, generator=gen) * 2 - 1,
+        real[:300] + 0.3 * torch.randn(300, 1, 8, 8, generator=gen),
+    ):
         n = len(fake)
         g = torch.Generator().manual_seed(0)
         x = torch.cat([fake[torch.randperm(n, generator=g)], real[torch.randperm(len(real), generator=g)[:n]]])
