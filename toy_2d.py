@@ -1,6 +1,6 @@
 """NormGuard on a 2D flow: the world, the model and RL through normguard.py's losses, to read top to bottom.
 
-    python toy_experiment.py    # the experiment built on this file: table and verdicts (~1 min)
+    python -m experiments.toy    # the experiment built on this file: table and verdicts (~1 min)
 
 The config; the world: a ring of Gaussians with a closed-form density and a classifier-style reward that, like a
 learned reward model, grows more confident off the data's support (a policy can raise it by overshooting); the
@@ -8,8 +8,8 @@ velocity MLP, pretrained by flow matching (diffusers convention) as the frozen r
 batched ensemble; RL, one step per method (DiffusionNFT, AWM, Diffusion-DPO, each optionally guarded by the hinge)
 for arms × seeds models at once, every arm of seed s on the same noise; sampling, with reward, quality (the sliced
 Wasserstein distance to the ideal tilted target p(x)·exp(r(x)/τ)/Z, which the reward cannot see) and the norm ratio
-‖v_θ‖/‖v_ref‖ along each policy's own trajectories. toy_experiment.py picks the arms, evaluates them and asks
-evidence.py for the verdicts.
+‖v_θ‖/‖v_ref‖ along each policy's own trajectories. experiments/toy.py picks the arms, evaluates them and asks
+experiments/evidence.py for the verdicts.
 """
 
 import math

@@ -6,7 +6,7 @@
     accelerate launch train_full.py --preset=flux --pretrained_model_name_or_path=black-forest-labs/FLUX.1-dev
     python train_full.py --help            # every key with its default and what it does
 Other model families register an adapter and a preset from their own file (register_adapter) and start this trainer
-from there with the same keys: the 8x8-digit CPU testbed runs as `python digits.py --smoke`.
+from there with the same keys: the 8x8-digit CPU testbed runs as `python -m experiments.digits_testbed --smoke`.
 
 What happens, top to bottom:
 1. config: one commented dataclass; presets fill model-specific defaults; `--key=value` overrides, unknown keys fail;
@@ -14,15 +14,16 @@ What happens, top to bottom:
 2. model: the pipeline loaded by its diffusers class; prompts encoded by the pipeline's own encode_prompt; a peft
    LoRA on the transformer. The frozen reference velocity is the same transformer with the adapter disabled; the
    old/EMA policy NFT and AWM need is a copy of the trainable (LoRA) tensors swapped in for a no-grad forward.
-   Model differences (latent packing, timestep scale, guidance embedding, sigmas) live in adapters.py, the
-   rewards (pickscore, jpeg, registered, module:function) in rewards.py.
-3. loop: rollouts in groups of `group_size` per prompt by the method's official sampler on its grid (rollouts.py:
-   NFT dpm2, AWM SA-Solver, DPO Euler), rewards, group advantages, then the base loss (ng.nft_loss / ng.awm_loss /
-   ng.dpo_loss) + ng.normguard_penalty on fresh forward-process points at the method's own train timesteps;
-   grad_steps_per_batch optimiser steps per rollout batch, AWM's log p_old from before the first of them.
-4. eval (evaluation.py; at step 0, the reference, then every eval_every steps): reward at the full and few-step
+   Model differences (latent packing, timestep scale, guidance embedding, sigmas) live in trainer/adapters.py, the
+   rewards (pickscore, jpeg, registered, module:function) in trainer/rewards.py.
+3. loop: rollouts in groups of `group_size` per prompt by the method's official sampler on its grid
+   (trainer/rollouts.py: NFT dpm2, AWM SA-Solver, DPO Euler), rewards, group advantages, then the base loss
+   (ng.nft_loss / ng.awm_loss / ng.dpo_loss) + ng.normguard_penalty on fresh forward-process points at the method's
+   own train timesteps; grad_steps_per_batch optimiser steps per rollout batch, AWM's log p_old from before the first
+   of them.
+4. eval (trainer/evaluation.py; at step 0, the reference, then every eval_every steps): reward at the full and few-step
    Euler samplers on fixed prompts and seeds, the norm-ratio profile along the policy's own trajectories, a grid.
-5. save: atomic checkpoints (checkpoints.py: trainable weights, optimiser, LR schedule, RNG, step, old/EMA
+5. save: atomic checkpoints (trainer/checkpoints.py: trainable weights, optimiser, LR schedule, RNG, step, old/EMA
    policy, the run identity --resume must match), the LoRA in the diffusers format
    (`pipe.load_lora_weights(out_dir + "/lora")`), config and metrics; a non-finite update stops before any save.
 Every base loss here evaluates the reference velocity at the training points already (their KL terms and DPO's
@@ -41,12 +42,10 @@ from pathlib import Path
 
 import torch
 
-import cli
-import evaluation
 import normguard as ng
-import recipes
-from adapters import ADAPTERS, Base, SD3Adapter, export_lora, make_trainable, register_adapter, registered  # noqa: F401
-from checkpoints import (
+from trainer import cli, evaluation, recipes
+from trainer.adapters import Base, export_lora, make_trainable, registered
+from trainer.checkpoints import (
     Counter,
     PolicyCopy,
     check_run_folder,
@@ -59,8 +58,8 @@ from checkpoints import (
     trainable_params,
     truncate_jsonl,
 )
-from rewards import build_reward, check_reward, register_reward  # noqa: F401 (digits.py uses)
-from rollouts import OFFICIAL, SAMPLERS, check_timesteps, rollout, rollout_grid, train_timestep_plan
+from trainer.rewards import build_reward, check_reward
+from trainer.rollouts import OFFICIAL, SAMPLERS, check_timesteps, rollout, rollout_grid, train_timestep_plan
 
 METHODS = ("nft", "awm", "dpo")
 
@@ -107,7 +106,7 @@ class Config:
     nft_decay_type: int = 1  # NFT 0: d = 0 | 1: min(0.001 n, 0.5) | 2: 0 until n = 75, then min(0.0075 (n - 75), 0.999)
     ema_decay_rate: float = 0.001  # AWM: d = min(rate * n, 0.3)
     decay_lag: int = 0  # d at n - decay_lag (official 0; the digits preset keeps 1, the schedule its runs have used)
-    recipe: str = ""  # "" | an official per-reward recipe of recipes.py (nft_ocr, awm_geneval, ...): see --help
+    recipe: str = ""  # "" | an official per-reward recipe of trainer/recipes.py (nft_ocr, awm_geneval, ...): see --help
     dpo_beta: float = 2000.0
     # NormGuard (ng.normguard_penalty): zero unless |v_theta| > |v_ref|; loss = base + penalty
     guard: bool = True

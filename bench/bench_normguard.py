@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # normguard.py and cli.py live at the repo root
+sys.path.insert(0, str(ROOT))  # normguard.py and trainer/cli.py live at the repo root
 
 import torch  # noqa: E402
 from torch.utils import benchmark  # noqa: E402
 
-import cli  # noqa: E402
 import normguard as ng  # noqa: E402
+from trainer import cli  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SMOKE = dict(batch=2, size=8, min_run_time=0.01)

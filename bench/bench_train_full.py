@@ -35,9 +35,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the scripts live in the repo root
-import cli  # noqa: E402
 import normguard as ng  # noqa: E402
 import train_full as tf  # noqa: E402
+from trainer import (
+    adapters,  # noqa: E402
+    cli,  # noqa: E402
+)
 
 SD35_MEDIUM = dict(
     sample_size=128,
@@ -114,7 +117,7 @@ def check_config(cfg):
             raise ValueError(f"methods: expected a comma-separated subset of {tf.METHODS}, got {cfg.methods!r}")
 
 
-class BenchAdapter(tf.SD3Adapter):
+class BenchAdapter(adapters.SD3Adapter):
     """train_full's SD3 adapter without a pipeline: only velocity() is used, and it needs only the config."""
 
     def __init__(self, cfg):
@@ -161,7 +164,7 @@ def build(cfg, device, tcfg):
     """The transformer (built, or loaded from cfg.model_path) made trainable as train_full makes it: LoRA per
     tcfg in float32 on frozen bf16 weights, gradient checkpointing."""
     model = load_transformer(cfg.model_path) if cfg.model_path else new_transformer(architecture(cfg), device)
-    tf.make_trainable(tcfg, model, device, torch.bfloat16)
+    adapters.make_trainable(tcfg, model, device, torch.bfloat16)
     return model
 
 
@@ -180,7 +183,7 @@ def measure(cfg, method, guard):
         forwards[key] += 1
 
     model.register_forward_pre_hook(count)
-    adapter, base = BenchAdapter(tcfg), tf.Base(model)
+    adapter, base = BenchAdapter(tcfg), adapters.Base(model)
     old = tf.PolicyCopy(tf.trainable_params(model)) if method in ("nft", "awm") else None
     opt = torch.optim.AdamW(tf.trainable_params(model), lr=1e-4)
     side, b, arch = cfg.resolution // 8, cfg.batch, model.config

@@ -40,9 +40,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the scripts live in the repo root
-import cli  # noqa: E402
 import train_full as tf  # noqa: E402
 from bench import bench_train_full as bench  # noqa: E402
+from trainer import (
+    adapters,  # noqa: E402
+    cli,  # noqa: E402
+)
 
 
 @dataclass
@@ -64,7 +67,7 @@ SMOKE = dict(resolution=32, batch=2, repeats=1, train_steps=2, sample_steps=3, f
 FLAGS = {"smoke": "tiny sizes on the CPU, seconds: the same steps, for the tests"}
 # text tokens of the prompt encoders (CLIP, T5): the real pipeline's 77 + 256 at full size; prompts that fit them
 TEXT_TOKENS = {"full": (77, 256), "smoke": (12, 8)}
-PROMPTS = {"full": tf.registered("sd3").prompts, "smoke": ["a cat", "a dog", "a red car", "a blue bowl"]}
+PROMPTS = {"full": adapters.registered("sd3").prompts, "smoke": ["a cat", "a dog", "a red car", "a blue bowl"]}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GUARD = ("on", "off")
 

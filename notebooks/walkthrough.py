@@ -22,15 +22,15 @@
 # 1. the convention every function uses,
 # 2. the hinge, in math and in code, and what its gradient does,
 # 3. what the paper leaves open and which defaults we chose,
-# 4. the 2D experiment (the world and RL in `toy_2d.py`, the experiment in `toy_experiment.py`), run from here:
+# 4. the 2D experiment (the world and RL in `toy_2d.py`, the experiment in `experiments/toy.py`), run from here:
 #    samples against the true density, the norm ratio per timestep, the inference-time rescale and the guard, and
 #    the adjoint diagnostic.
 #
-# Every function comes from `normguard.py`, `toy_2d.py`, `toy_experiment.py` or `evidence.py`; nothing is
+# Every function comes from `normguard.py`, `toy_2d.py`, `experiments/toy.py` or `experiments/evidence.py`; nothing is
 # re-implemented here, and every number about the experiment is printed from what `toy_experiment.run` returns.
 #
 # Section 4 runs the toy's headline, about a minute on a laptop CPU. To run it with other arguments of
-# `toy_experiment.py`, set the environment variable `NORMGUARD_TOY_ARGS` before starting Jupyter (for example
+# `experiments/toy.py`, set the environment variable `NORMGUARD_TOY_ARGS` before starting Jupyter (for example
 # `NORMGUARD_TOY_ARGS="--seeds=3"`); the test suite sets `--smoke`, which runs the notebook top to bottom in seconds
 # on tiny sizes (its numbers then mean nothing).
 
@@ -50,10 +50,10 @@ if ROOT is None:
     raise FileNotFoundError(f"normguard.py not found in {Path.cwd()} or above: start Jupyter inside the checkout")
 sys.path.insert(0, str(ROOT))
 
-import evidence
 import normguard as ng
 import toy_2d
-import toy_experiment
+from experiments import evidence
+from experiments import toy as toy_experiment
 
 OUT = Path(os.environ.get("NORMGUARD_NOTEBOOK_OUT", ROOT / "outputs" / "notebooks")) / "walkthrough"
 OUT.mkdir(parents=True, exist_ok=True)
@@ -218,10 +218,10 @@ for granularity in ("sample", "token"):
 # dropped modes), with the mean log-density under the true ring beside it.
 
 # %%
-# the config of `python toy_experiment.py` (plus NORMGUARD_TOY_ARGS, see the top); only where outputs go differs
+# the config of `python -m experiments.toy` (plus NORMGUARD_TOY_ARGS, see the top); only where outputs go differs
 toy_args = os.environ.get("NORMGUARD_TOY_ARGS", "").split()
 cfg, _ = toy_experiment.parse_args([*toy_args, f"--out_dir={OUT / 'toy_2d'}"])
-print("toy_experiment.py arguments:", " ".join(toy_args) or "none (the headline's defaults)")
+print("experiments/toy.py arguments:", " ".join(toy_args) or "none (the headline's defaults)")
 torch.set_num_threads(cfg.threads)  # as toy_experiment.main does, so the numbers match the command line's
 lim = cfg.radius + 1.6
 side = torch.linspace(-lim, lim, 200)
@@ -245,10 +245,10 @@ plt.show()
 # %% [markdown]
 # ### Run it
 #
-# `toy_experiment.run` is the whole experiment of `python toy_experiment.py`: pretrain the reference
+# `toy_experiment.run` is the whole experiment of `python -m experiments.toy`: pretrain the reference
 # (`toy_2d.make_reference`), RL-train every arm — each method un-guarded ("none"), guarded ("guard") and on
 # shuffled rewards ("null", the control for drift without a reward signal) — on every seed at once (`toy_2d.train`),
-# evaluate, and judge each claim of the paper by the rules of `docs/protocol.md`, written once in `evidence.py`. It
+# evaluate, and judge each claim of the paper by the rules of `docs/protocol.md`, written once in `experiments/evidence.py`. It
 # returns the measurements and the trained models themselves, so nothing below retrains. The table and verdicts are
 # the ones the command line prints (seeds and thread count are in `cfg`).
 
@@ -321,7 +321,7 @@ plt.show()
 # seeds; `ng.norm_ratio_profile` inside `toy_experiment.evaluate`). Right: the ratio of RMS norms
 # $\sqrt{\operatorname{mean}\|v_\theta\|^2}/\sqrt{\operatorname{mean}\|v_\mathrm{ref}\|^2}$ over the same points — the
 # verdicts' measure, robust where $\|v_\mathrm{ref}\|$ nears 0 — at the checkpoints taken during training.
-# Solid: no guard; dashed: NormGuard. Both panels are `evidence.py`'s figures, shared with the digits experiment.
+# Solid: no guard; dashed: NormGuard. Both panels are `experiments/evidence.py`'s figures, shared with the digits experiment.
 
 # %%
 fig, (ax_t, ax_train) = plt.subplots(1, 2, figsize=(12, 4))
@@ -420,10 +420,10 @@ for m in methods:
 # %% [markdown]
 # ## Where to go next
 #
-# - `python toy_experiment.py` prints the table and verdicts above and writes its figure, config and metrics to
+# - `python -m experiments.toy` prints the table and verdicts above and writes its figure, config and metrics to
 #   `runs/toy_2d/`; `--frontier` sets the guard against what users already have — a stronger KL, a lower learning
 #   rate, stopping early, rescaling at inference — each traced from the reference to the official run.
 # - `notebooks/put_normguard_in_your_trainer.py` puts the same hinge into a LoRA trainer of a diffusers SD3
 #   transformer: five added lines.
-# - The verdicts are `evidence.py`'s, judged by rules fixed before any result was seen; where a claim of the paper is
+# - The verdicts are `experiments/evidence.py`'s, judged by rules fixed before any result was seen; where a claim of the paper is
 #   not reproduced in this toy, the line says so with its numbers.

@@ -67,7 +67,7 @@ def shared_digits_cache(tmp_path_factory, name, steps, judge_epochs):
     by the others. Returns (cache dir, reference path)."""
     from filelock import FileLock
 
-    import digits
+    from experiments import digits_testbed as digits
 
     root = tmp_path_factory.getbasetemp()
     root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # the root every worker shares
@@ -95,9 +95,9 @@ def trained_digits_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def toy_headline():
-    """`python toy_experiment.py` at its default settings (the headline, ~1 min), run once per session for every
+    """`python -m experiments.toy` at its default settings (the headline, ~1 min), run once per session for every
     test that pins what it shows: run()'s result (metrics, models, samples), without figures or files."""
     import toy_2d
-    import toy_experiment
+    from experiments import toy as toy_experiment
 
     return toy_experiment.run(toy_2d.Config(plot=False), progress=False)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-import cli
+from trainer import cli
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""digits.py (the splits, the label encoder, the reference it pretrains, the reward proxy, the quality judges) and
-digits_experiment.py (the runs, their reuse, the verdicts).
+"""experiments/digits_testbed.py (the splits, the label encoder, the reference it pretrains, the reward proxy, the
+quality judges) and experiments/digits.py (the runs, their reuse, the verdicts).
 
 Everything is built in the session's fresh digits caches (conftest.shared_digits_cache: no file from an earlier run
 is trusted). The plumbing runs on a reference with the experiment's --smoke pretraining budget and a short-budget
@@ -10,16 +10,17 @@ recognises far above chance.
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-import digits as dg
-import digits_experiment as dx
 import normguard as ng
-import recipes
 import train_full as tf
+from experiments import digits as dx
+from experiments import digits_testbed as dg
+from trainer import recipes
 
 
 @pytest.fixture(scope="module")
@@ -247,8 +248,8 @@ def test_shuffled_reward_is_a_reproducible_permutation_of_the_real_one(cache):
     """digits_shuffled gives every sample some other sample's true reward: the same multiset per call, a fixed
     permutation of the batch for a given run seed and batch (so a resumed run draws the same), another for
     another seed."""
-    import rewards
     import train_full as tf
+    from trainer import rewards
 
     x, y = dg.load_split("heldout")
     x, prompts = x[:32], [str(d) for d in y[:32].tolist()]
@@ -377,8 +378,8 @@ def test_frontier_paths_run_from_the_reference_through_the_members_to_the_offici
 
 
 def test_every_run_is_a_train_full_run(smoke):
-    """Each (method, arm, seed) folder is what train_full with the digits preset (`python digits.py`) writes,
-    with the experiment's per-run settings in its config.json."""
+    """Each (method, arm, seed) folder is what train_full with the digits preset (`python -m
+    experiments.digits_testbed`) writes, with the experiment's per-run settings in its config.json."""
     out, _ = smoke
     for m in dx.METHODS:
         for v in dx.HEADLINE:
@@ -445,9 +446,9 @@ def test_an_interrupted_experiment_reuses_finished_runs_and_restarts_unfinished_
 
 
 def ev_safe(x):
-    import evidence
+    from trainer import cli
 
-    return evidence.json_safe(x)
+    return cli.json_safe(x)
 
 
 def test_the_exported_lora_loads_as_the_trained_policy(smoke, digits_cache):
@@ -529,7 +530,7 @@ def test_bad_arguments_name_the_key():
 def test_command_line_help_exits_0_and_a_bad_argument_exits_2_with_one_line(capsys, monkeypatch):
     import runpy
 
-    import cli
+    from trainer import cli
 
     with pytest.raises(SystemExit) as done:
         cli.run(dx.main, ["--help"])
@@ -537,8 +538,9 @@ def test_command_line_help_exits_0_and_a_bad_argument_exits_2_with_one_line(caps
     assert done.value.code == 0 and "--frontier" in printed and "--kl_weights=" in printed
     # the script's own entry point, run as __main__ (tests/test_cli.py runs cli.run in a fresh interpreter)
     monkeypatch.setattr("sys.argv", [dx.__file__, "--seeds=x"])
+    monkeypatch.delitem(sys.modules, "experiments.digits", raising=False)  # run fresh as __main__, as `python -m` does
     with pytest.raises(SystemExit) as done:
-        runpy.run_path(dx.__file__, run_name="__main__")
+        runpy.run_module("experiments.digits", run_name="__main__", alter_sys=True)
     printed = capsys.readouterr()
     assert done.value.code == 2 and printed.out == "" and printed.err.count("\n") == 1 and "seeds" in printed.err
 

@@ -1,6 +1,6 @@
-"""evidence.py on synthetic inputs: the statistics in closed form, each claim's rule on a clear effect (must pass)
-and on simulated nulls (must pass at most at the nominal rate), a flipped quality direction and a broken seed
-pairing (must fail), unreached early-stopping matches, the frontier, the table, strict JSON, the figures."""
+"""experiments/evidence.py on synthetic inputs: the statistics in closed form, each claim's rule on a clear effect
+(must pass) and on simulated nulls (must pass at most at the nominal rate), a flipped quality direction and a broken
+seed pairing (must fail), unreached early-stopping matches, the frontier, the table, strict JSON, the figures."""
 
 import json
 import math
@@ -9,7 +9,8 @@ import statistics
 
 import pytest
 
-import evidence as E
+from experiments import evidence as E
+from trainer import cli
 
 LOGP = E.Quality("logp", "log p", higher_is_better=True)
 FD = E.Quality("fd", "FD", higher_is_better=False, digits=1)
@@ -400,7 +401,7 @@ def test_format_table():
 
 def test_json_is_strict():
     obj = {"a": float("nan"), "b": [float("inf"), -float("inf"), 1.5], ("nft", "none"): (1, 2), "c": {"d": None}}
-    safe = E.json_safe(obj)
+    safe = cli.json_safe(obj)
     assert safe == {"a": None, "b": [None, None, 1.5], "('nft', 'none')": [1, 2], "c": {"d": None}}
 
 

@@ -10,10 +10,10 @@ import re
 import pytest
 import torch
 
-import cli
 import train_full as tf
 from bench import bench_train_full as bench
 from bench import gpu_runbook as rb
+from trainer import cli
 
 
 def strict(text):

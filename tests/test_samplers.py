@@ -1,5 +1,5 @@
-"""Oracles for samplers.py: closed-form flows (Gaussian data, a point mass), the convergence order measured as the
-steps halve, and diffusers' own schedulers (DPM-Solver++, UniPC, SA-Solver) run on the same sigmas, model outputs
+"""Oracles for trainer/samplers.py: closed-form flows (Gaussian data, a point mass), the convergence order measured
+as the steps halve, and diffusers' own schedulers (DPM-Solver++, UniPC, SA-Solver) run on the same sigmas, model outputs
 and noise."""
 
 import math
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import normguard as ng
-import samplers as S
+from trainer import samplers as S
 
 MU, STD = 0.7, 0.5  # the Gaussian data N(MU, STD²·I) whose flow is known in closed form
 

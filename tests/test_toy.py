@@ -1,4 +1,4 @@
-"""toy_2d.py and toy_experiment.py: the closed-form world, the ensemble trick it rests on, the pairing of arms by
+"""toy_2d.py and experiments/toy.py: the closed-form world, the ensemble trick it rests on, the pairing of arms by
 seed, the null-reward control, the norm ratios, smoke runs of the headline and the frontier, and regression tests
 that pin, at the default settings and fixed seeds, what the toy shows (marked `experiment`; the headline runs once
 per session, in conftest.toy_headline)."""
@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import cli
-import evidence as E
 import normguard as ng
 import toy_2d as toy
-import toy_experiment
+from experiments import evidence as E
+from experiments import toy as toy_experiment
+from trainer import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -267,16 +267,17 @@ def test_help_exits_0_and_lists_every_key_and_a_bad_argument_exits_2_in_one_line
     assert "--frontier" in printed
     # the script's own entry point, run as __main__: exit code 2, one line on stderr, no traceback (tests/test_cli.py
     # runs cli.run in a fresh interpreter)
-    monkeypatch.setattr("sys.argv", ["toy_experiment.py", "--rl_steps=many"])
+    monkeypatch.setattr("sys.argv", ["experiments/toy.py", "--rl_steps=many"])
+    monkeypatch.delitem(sys.modules, "experiments.toy", raising=False)  # run fresh as __main__, as `python -m` does
     with pytest.raises(SystemExit) as done:
-        runpy.run_path(str(ROOT / "toy_experiment.py"), run_name="__main__")
+        runpy.run_module("experiments.toy", run_name="__main__", alter_sys=True)
     assert done.value.code == 2
     assert capsys.readouterr() == ("", "error: --rl_steps: expected an int, got 'many'\n")
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """`python toy_experiment.py --smoke`, run once for every test below that reads it: (config, out_dir, run()'s
+    """`python -m experiments.toy --smoke`, run once for every test below that reads it: (config, out_dir, run()'s
     result, what it printed)."""
     out = tmp_path_factory.mktemp("toy_smoke")
     printed = io.StringIO()

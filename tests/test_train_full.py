@@ -9,12 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoints
-import cli
 import normguard as ng
-import recipes
-import rewards
 import train_full as tf
+from trainer import adapters, checkpoints, cli, recipes, rewards
 
 WORDS = ["a", "photo", "of", "cat", "dog", "red", "blue", "car", "bowl", "lighthouse"]
 
@@ -218,7 +215,7 @@ def test_rollout_matches_the_pipeline(sd3_path, flux_path, preset):
             "--sample_steps=4",
         ]
     )
-    ad = tf.registered(preset).adapter(cfg, cfg.pretrained_model_name_or_path, torch.device("cpu"), torch.float32)
+    ad = adapters.registered(preset).adapter(cfg, cfg.pretrained_model_name_or_path, torch.device("cpu"), torch.float32)
     noise = torch.randn(2, *ad.latent_shape, generator=torch.Generator().manual_seed(3))
     prompts = ["a red cat", "a blue car"]
     with torch.no_grad():
@@ -258,7 +255,7 @@ def test_presets_default_to_each_methods_official_sampler():
     """sd3/flux: NFT dpm2 with 10 steps, AWM the SA-Solver with 14 (train timesteps as its PickScore configs), DPO
     Euler with 10; digits: Euler, 10 steps and AWM's first-90 % subset for every method (its tables ran so); the
     recipes carry their reward's settings; an explicit choice wins."""
-    import digits  # noqa: F401 (registers the digits preset)
+    from experiments import digits_testbed as digits  # noqa: F401 (registers the digits preset)
 
     for method, sampler, steps in (("nft", "dpm2", 10), ("awm", "sa_solver", 14), ("dpo", "euler", 10)):
         for preset in ("sd3", "flux"):
@@ -284,11 +281,10 @@ def test_rollout_runs_the_official_sampler_on_its_grid(sd3_path, sampler):
     sigmas (sd3_pipeline_timesteps) with the transformer called at the integer floor(1000·t), as NFT's pipeline
     calls it; the SA-Solver on AWM's edit of those sigmas (t_0 = 0.999, last step halved) at 1000·t, its noise
     drawn from the generator passed."""
-    import rollouts
-    import samplers
+    from trainer import rollouts, samplers
 
     cfg = tf.parse_args(["--preset=sd3", "--smoke", f"--pretrained_model_name_or_path={sd3_path}"])
-    ad = tf.SD3Adapter(cfg, sd3_path, torch.device("cpu"), torch.float32)
+    ad = adapters.SD3Adapter(cfg, sd3_path, torch.device("cpu"), torch.float32)
     sigmas = ad.sigmas(6)
     torch.testing.assert_close(sigmas, samplers.sd3_pipeline_timesteps(6), rtol=0, atol=1e-7)  # the scheduler's shift 3
     grid, noise = rollouts.rollout_grid(sampler, sigmas), torch.randn(2, *ad.latent_shape)
@@ -321,7 +317,7 @@ def test_a_run_rolls_out_with_its_sampler_and_trains_on_its_grid(
     """The preset's sampler reaches the rollouts with its grid; NFT trains at K - 1 distinct points of the model's
     sigmas per step, AWM at one index from each of its 6 strata of 0..int(0.9K)-1 (never the last 10 % of the
     steps), DPO rolls out with Euler."""
-    import samplers
+    from trainer import samplers
 
     grids, train_t = [], []
     for name in ("dpm2", "sa_solver"):
@@ -354,7 +350,7 @@ def test_a_run_rolls_out_with_its_sampler_and_trains_on_its_grid(
 def test_awm_strata_cover_each_stratum_as_the_official_draw_does(rule, first):
     """rollouts.train_timestep_plan's AWM draw (K = 14, T = 6) against the official strata, linspace(first, 12, 7)
     truncated, over many draws: each index in its stratum, every index of first..11 drawn, 12 and 13 never."""
-    import rollouts
+    from trainer import rollouts
 
     cfg = tf.Config(method="awm", sample_steps=14, awm_timesteps=rule)
     sigmas, gen = torch.arange(15.0), torch.Generator().manual_seed(0)
@@ -491,7 +487,7 @@ def short_digits_runs(root):
     losses, gradient norms, norm ratios and rewards, and the last eval's rewards and norm ratio."""
     from diffusers import SD3Transformer2DModel
 
-    import digits
+    from experiments import digits_testbed as digits
 
     root = Path(root)
     torch.manual_seed(0)
@@ -664,9 +660,10 @@ def test_bad_arguments_fail_fast_with_clear_messages(tmp_path, monkeypatch):
         tf.parse_args(["--preset=sd3"])
     with pytest.raises(ValueError, match="group_size"):
         tf.parse_args(["--preset=sd3", "--pretrained_model_name_or_path=x", "--group_size=1"])
-    monkeypatch.delitem(tf.ADAPTERS, "digits", raising=False)  # as in a fresh `python train_full.py`
+    monkeypatch.delitem(adapters.ADAPTERS, "digits", raising=False)  # as in a fresh `python train_full.py`
     with pytest.raises(
-        cli.UsageError, match=r"preset: expected one of \['flux', 'sd3'\], got 'digits'; .*`python digits.py`"
+        cli.UsageError,
+        match=r"preset: expected one of \['flux', 'sd3'\], got 'digits'; .*`python -m experiments.digits_testbed`",
     ):
         tf.main(["--preset=digits", "--smoke"])
     for path, match in (
@@ -689,7 +686,7 @@ def test_exported_lora_loads_with_load_lora_weights(sd3_path, tmp_path):
 
     run(sd3_path, tmp_path, "--method=dpo", "--eval_every=100", "--lr=0.05")
     cfg = tf.parse_args(["--preset=sd3", "--smoke", f"--pretrained_model_name_or_path={sd3_path}"])
-    ad = tf.SD3Adapter(cfg, sd3_path, torch.device("cpu"), torch.float32)
+    ad = adapters.SD3Adapter(cfg, sd3_path, torch.device("cpu"), torch.float32)
     from peft import LoraConfig
 
     ad.transformer.add_adapter(
@@ -717,13 +714,13 @@ def test_the_reference_is_the_adapter_switched_off_as_diffusers_does_it(sd3_path
     disable_adapters(), leaves the policy and its trainable flags as they were, also when the forward raises; a
     module without LoRA layers is refused."""
     cfg = tf.parse_args(["--preset=sd3", "--smoke", f"--pretrained_model_name_or_path={sd3_path}"])
-    ad = tf.SD3Adapter(cfg, sd3_path, torch.device("cpu"), torch.float32)
-    tf.make_trainable(cfg, ad.transformer, torch.device("cpu"), torch.float32)
+    ad = adapters.SD3Adapter(cfg, sd3_path, torch.device("cpu"), torch.float32)
+    adapters.make_trainable(cfg, ad.transformer, torch.device("cpu"), torch.float32)
     with torch.no_grad():
         for name, p in ad.transformer.named_parameters():
             if "lora_B" in name:  # peft starts B at 0 (policy = reference): a policy that differs
                 p.normal_(std=0.1, generator=torch.Generator().manual_seed(len(name)))
-    base = tf.Base(ad.transformer)
+    base = adapters.Base(ad.transformer)
     x = torch.randn(2, *ad.latent_shape, generator=torch.Generator().manual_seed(0))
     t, cond = torch.tensor([0.3, 0.8]), ad.encode(["a red cat", "a dog"])
     trainable = {name for name, p in ad.transformer.named_parameters() if p.requires_grad}
@@ -745,7 +742,7 @@ def test_the_reference_is_the_adapter_switched_off_as_diffusers_does_it(sd3_path
         raise RuntimeError("inside")
     assert torch.equal(velocity(), v_policy)
     assert {name for name, p in ad.transformer.named_parameters() if p.requires_grad} == trainable
-    with pytest.raises(ValueError, match="no LoRA layer"), tf.Base(torch.nn.Linear(2, 2)).reference():
+    with pytest.raises(ValueError, match="no LoRA layer"), adapters.Base(torch.nn.Linear(2, 2)).reference():
         pass
 
 
@@ -918,9 +915,10 @@ def test_awm_sum_first_and_elbo_reach_the_loss(sd3_path, tmp_path, monkeypatch, 
 
 
 def test_digits_preset(digits_cache, tmp_path):
-    """The 8x8-digit SD3 transformer of digits.py (pixel space, label "prompts", classifier reward, quality judges),
-    registered by digits.py and run as `python digits.py --smoke ...` runs it (the session's reference)."""
-    import digits
+    """The 8x8-digit SD3 transformer of experiments/digits_testbed.py (pixel space, label "prompts", classifier
+    reward, quality judges), registered on import and run as `python -m experiments.digits_testbed --smoke ...`
+    runs it (the session's reference)."""
+    from experiments import digits_testbed as digits
 
     cache, path = digits_cache
     m = digits.main(
@@ -1170,7 +1168,7 @@ def test_each_bad_setting_fails_within_seconds_before_the_model_loads(sd3_path, 
         raise AssertionError("the model was loaded before the error")
 
     monkeypatch.setattr(tf, "Run", never)
-    monkeypatch.setattr(tf.SD3Adapter, "__init__", never)
+    monkeypatch.setattr(adapters.SD3Adapter, "__init__", never)
     given = {a.split("=")[0] for a in args}
     defaults = dict(preset="sd3", out_dir=tmp_path / "out", reward="jpeg", pretrained_model_name_or_path=sd3_path)
     base = [f"--{k}={v}" for k, v in defaults.items() if f"--{k}" not in given]

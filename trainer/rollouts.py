@@ -19,7 +19,7 @@ family (velocities come through the adapter).
 import torch
 
 import normguard as ng
-import samplers
+from trainer import samplers
 
 SAMPLERS = ("euler", "dpm2", "sa_solver")
 OFFICIAL = {"nft": ("dpm2", 10), "awm": ("sa_solver", 14), "dpo": ("euler", 10)}  # method -> (sampler, K)

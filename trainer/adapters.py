@@ -1,5 +1,6 @@
 """Model families of train_full.py: one adapter per family (SD3 the base, FLUX overriding what differs) in a
-registry that another file extends with register_adapter (digits.py registers its 8x8 testbed from its own file).
+registry that another file extends with register_adapter (experiments/digits_testbed.py registers its 8x8 testbed
+from its own file).
 
 An adapter loads the pipeline, encodes prompts, gives the velocity v(x_t, t, c) in normguard's convention (t in
 [0, 1], t = 1 noise, v = eps - x0), decodes latents and builds the sampler's sigmas; nothing else in the trainer
@@ -38,8 +39,10 @@ def register_adapter(name, cls, preset_defaults=None, smoke_sizes=None, default_
 def registered(preset):
     if preset in ADAPTERS:
         return ADAPTERS[preset]
-    script = Path(__file__).resolve().parent / f"{preset}.py"  # a testbed registers its preset from its own file
-    hint = f"; {script.name} registers it: run `python {script.name}` with the same arguments"
+    # a testbed registers its preset from its own module, experiments/<preset>_testbed.py
+    module = f"experiments.{preset}_testbed"
+    script = Path(__file__).resolve().parents[1] / (module.replace(".", "/") + ".py")
+    hint = f"; {module} registers it: run `python -m {module}` with the same arguments"
     raise ValueError(f"preset: expected one of {sorted(ADAPTERS)}, got {preset!r}{hint if script.is_file() else ''}")
 
 

@@ -1,12 +1,13 @@
 """Rewards of train_full.py: fn(images (B, C, H, W) in [-1, 1], prompts) -> (B,), by name in a registry that another
-file extends with register_reward (digits.py registers its classifier), or `--reward=module:function`.
+file extends with register_reward (experiments/digits_testbed.py registers its classifier), or
+`--reward=module:function`.
 """
 
 import importlib
 
 import torch
 
-from adapters import model_file
+from trainer.adapters import model_file
 
 REWARDS = {}  # reward name -> build(cfg, device) -> fn(images (B, C, H, W) in [-1, 1], prompts) -> (B,)
 

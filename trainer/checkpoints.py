@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from cli import dumps
+from trainer.cli import dumps
 
 
 def trainable_params(model):

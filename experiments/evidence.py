@@ -1,6 +1,6 @@
 """The evidence behind every experiment here: statistics over seeds, the verdict rules of docs/protocol.md, the
 early-stopping control, the reward-quality frontiers, the results table, strict JSON and the shared figures.
-Written once, used by both experiments (toy_experiment.py, digits_experiment.py).
+Written once, used by both experiments (toy.py, digits.py).
 
 The data every function reads, per method (nft, awm, dpo) and variant ("none": base loss, "guard": + NormGuard):
 
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from scipy.special import stdtr, stdtrit  # Student t's CDF and its inverse
 
-from cli import dumps, json_safe  # noqa: F401 (json_safe: strict JSON for the experiments' callers)
+from trainer.cli import dumps
 
 VARIANTS = ("none", "guard")
 METHOD_COLORS = {"nft": "tab:blue", "awm": "tab:orange", "dpo": "tab:green"}

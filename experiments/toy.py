@@ -1,8 +1,8 @@
 """The 2D experiment: RL inflates the velocity norm, and the one-sided hinge stops it — or the toy says not.
 
-    python toy_experiment.py             # the headline: each method un-guarded, guarded, on shuffled rewards (~1 min)
-    python toy_experiment.py --frontier  # the guard against a stronger KL, lower lr, early stopping, rescaling (~7 min)
-    python toy_experiment.py --smoke     # tiny sizes, for tests
+    python -m experiments.toy             # headline: each method un-guarded, guarded, on shuffled rewards (~1 min)
+    python -m experiments.toy --frontier  # the guard against a stronger KL, lower lr, early stopping, rescaling
+    python -m experiments.toy --smoke     # tiny sizes, for tests
 
 toy_2d.py is the world, the model, RL through normguard.py's losses and the norm-ratio measurement; read it first.
 This file is the experiment around it: the arms (per method the official loss "none", "guard" and the
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-import cli
-import evidence as E
 import normguard as ng
 import toy_2d as toy
+from experiments import evidence as E
+from trainer import cli
 
 # ---------------------------------------------------------------------------------------------------------------
 # the experiment's settings: its quality endpoint, the frontier families, the smoke sizes, the command line
@@ -70,7 +70,7 @@ def check_config(cfg):
 
 
 def parse_args(argv):
-    """(toy_2d.Config, frontier?) from --key=value overrides and the --smoke and --frontier flags (cli.py)."""
+    """(toy_2d.Config, frontier?) from --key=value overrides and the --smoke and --frontier flags (trainer/cli.py)."""
     (overrides,), flags = cli.parse(argv, [toy.Config], flags=FLAGS, doc=__doc__)
     cfg = toy.Config(**{**(SMOKE if "smoke" in flags else {}), **overrides})
     cli.checked(check_config, cfg)

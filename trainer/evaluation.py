@@ -11,7 +11,7 @@ read at the grid's own points. The official recipes evaluate with their pipeline
 import torch
 
 import normguard as ng
-from rollouts import guided_velocity
+from trainer.rollouts import guided_velocity
 
 EVAL_SEED_OFFSET = 12345  # the eval noise: seed + this, the same at every eval of a run
 

@@ -1,13 +1,13 @@
 """An image-scale testbed on this CPU: real 8×8 handwritten digits, an SD3 transformer, a hackable reward, judges.
 
-    python digits.py --smoke                       # train_full.py with the digits preset: seconds on a CPU
-    python digits.py --method=dpo --steps=160      # any train_full key (python digits.py --help lists them)
-    python digits_experiment.py                    # the experiment: every method with and without the hinge
+    python -m experiments.digits_testbed --smoke                   # train_full.py with the digits preset: seconds
+    python -m experiments.digits_testbed --method=dpo --steps=160  # any train_full key (--help lists them)
+    python -m experiments.digits                                   # the experiment: every method, hinge off and on
 
 This file is the testbed only: the data splits, the reference generator (pretrained once and cached), the reward
 proxy and the quality judges, and the `digits` preset of train_full.py (DigitsAdapter, registered on import).
-`python digits.py` is train_full's command line with that preset; the experiment around the runs (which runs,
-their reuse, evaluation, table, verdicts, figure) is digits_experiment.py.
+`python -m experiments.digits_testbed` is train_full's command line with that preset; the experiment around the
+runs (which runs, their reuse, evaluation, table, verdicts, figure) is digits.py.
 
 scikit-learn ships 1,797 real 8×8 digits (pixels 0..16, scaled here to [-1, 1]). They are split once, by a fixed
 permutation, into three disjoint parts that never meet:
@@ -43,15 +43,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-import cli
 import normguard as ng
 import train_full as tf
+from trainer import adapters, cli, rewards
 
 NUM_CLASSES = 10
 NULL_LABEL = 10  # the "empty prompt" of classifier-free guidance
 SPLIT_SIZES = {"reward": 600, "judge": 600}  # held-out gets the remaining 597
 SPLIT_SEED = 0
-DEFAULT_CACHE = os.environ.get("NORMGUARD_DIGITS_CACHE", str(Path(__file__).resolve().parent / "runs" / "digits_cache"))
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CACHE = os.environ.get("NORMGUARD_DIGITS_CACHE", str(REPO / "runs" / "digits_cache"))
 # the tiny SD3 transformer: 16 tokens of 2×2 pixels, hidden size 4 heads × 16 = 64
 TRANSFORMER_CONFIG = dict(
     sample_size=8,
@@ -489,7 +490,7 @@ def quality_metrics(images, labels, cache_dir=DEFAULT_CACHE):
 # the digits preset of train_full.py: the same loop, losses, checkpoints and exports as on SD3/FLUX
 
 
-class DigitsAdapter(tf.SD3Adapter):
+class DigitsAdapter(adapters.SD3Adapter):
     """The testbed as a train_full model family: the reference's SD3 transformer in pixel space (no VAE), digit
     labels "0".."9" as prompts through LabelEncoder, ng.flow_timesteps(shift) as the sampling grid, and the judges'
     quality_metrics as extra eval metrics. Its LoRA exports in the SD3 format (loadable into the transformer)."""
@@ -590,13 +591,14 @@ PRESET = dict(
 # --smoke keeps the preset's micro-batch: 8x8 images need no smaller one, and the evaluation (batched by it) then
 # samples its 10 x eval_seeds images in one batch instead of one batch per 4
 SMOKE_SIZES = dict(resolution=8, train_batch_size=PRESET["train_batch_size"])
-tf.register_adapter("digits", DigitsAdapter, PRESET, SMOKE_SIZES, [str(d) for d in range(NUM_CLASSES)])
-tf.register_reward("digits", label_reward)
-tf.register_reward("digits_shuffled", shuffled_label_reward)
+adapters.register_adapter("digits", DigitsAdapter, PRESET, SMOKE_SIZES, [str(d) for d in range(NUM_CLASSES)])
+rewards.register_reward("digits", label_reward)
+rewards.register_reward("digits_shuffled", shuffled_label_reward)
 
 
 def main(argv=None):
-    """`python digits.py`: train_full's command line with the digits preset (every train_full key applies)."""
+    """`python -m experiments.digits_testbed`: train_full's command line with the digits preset (every train_full
+    key applies)."""
     return tf.main(argv, preset="digits")
 
 

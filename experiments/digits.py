@@ -1,19 +1,20 @@
-"""The digits experiment: every method with and without the NormGuard hinge on the 8x8-digit testbed of digits.py.
+"""The digits experiment: every method with and without the NormGuard hinge on the 8x8-digit testbed
+(digits_testbed.py).
 
-    python digits_experiment.py --seeds=0,1,2                       # the headline: exploration seeds
-    python digits_experiment.py --frontier --ref_seed=1 --seeds=10,11,12,13,14   # confirmation + frontier
-    python digits_experiment.py --smoke                             # seconds, for tests
-    python digits_experiment.py --lam=0.5 --full_finetune=true      # any train_full key is forwarded to every run
+    python -m experiments.digits --seeds=0,1,2                       # the headline: exploration seeds
+    python -m experiments.digits --frontier --ref_seed=1 --seeds=10,11,12,13,14   # confirmation + frontier
+    python -m experiments.digits --smoke                             # seconds, for tests
+    python -m experiments.digits --lam=0.5 --full_finetune=true      # any train_full key is forwarded to every run
 
-Every RL run is `train_full.train` with the digits preset (the same loop, losses and checkpoints as on SD3/FLUX,
-and what `python digits.py` runs). Per method the headline arms are "none" (the official un-guarded loss), "guard"
-(+ NormGuard at lam, relative margin) and "null" (un-guarded, rewards permuted across the rollout batch at every
-step: the null-reward control of claim 1); --frontier adds the families of docs/protocol.md (guard at other lam,
-a stronger KL, a lower lr; early stopping and rescaling come from the official run). Each (method, arm, seed)
+Every RL run is `train_full.train` with the digits preset (the same loop, losses and checkpoints as on SD3/FLUX, and
+what `python -m experiments.digits_testbed` runs). Per method the headline arms are "none" (the official un-guarded
+loss), "guard" (+ NormGuard at lam, relative margin) and "null" (un-guarded, rewards permuted across the rollout batch
+at every step: the null-reward control of claim 1); --frontier adds the families of docs/protocol.md (guard at other
+lam, a stronger KL, a lower lr; early stopping and rescaling come from the official run). Each (method, arm, seed)
 writes a train_full folder under out_dir/runs/; its exported LoRA is loaded back through diffusers for the final
-evaluation. Runs go `jobs` at a time in spawned processes; a finished run (its result.pt) is reused when its
-config is unchanged, an unfinished one is deleted and rerun. Then evidence.py's table, verdicts and frontiers,
-figures, metrics.json and config.json.
+evaluation. Runs go `jobs` at a time in spawned processes; a finished run (its result.pt) is reused when its config is
+unchanged, an unfinished one is deleted and rerun. Then evidence.py's table, verdicts and frontiers, figures,
+metrics.json and config.json.
 
 One sample set per seed: every evaluation of seed s (the reference, train_full's checkpoint evaluations, the final
 evaluation of every arm, the rescaled samplers) draws the same eval_samples noises and labels, train_full's eval
@@ -35,11 +36,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import cli
-import digits as dg
-import evidence as ev
 import normguard as ng
 import train_full as tf
+from experiments import digits_testbed as dg
+from experiments import evidence as ev
+from trainer import cli
 
 METHODS = ("nft", "awm", "dpo")
 HEADLINE = ("none", "guard", "null")  # official un-guarded, + NormGuard, shuffled-reward control
