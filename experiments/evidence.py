@@ -19,9 +19,12 @@ The data every function reads, per method (nft, awm, dpo) and variant ("none": b
     histories[method][variant]  a list, one per seed, of checkpoint curves {"step", "reward", <quality key>, ...}.
     paths[method][family]  a list, one per seed, of [(reward, quality), ...] from the reference to the official
                            un-guarded run through the family's members (see frontier).
+    knob_values[method][family]  the knob of each member of paths[method][family] in path order (see knobs).
 
 Seed s of every variant and family draws the same noise, so differences over seeds are paired. Statistics: a
-paired t interval and one-sided t-test per method, Holm across methods (docs/protocol.md). Imports torch, scipy (its
+paired t interval and one-sided t-test per method, Holm across methods, for the paper's claims; a two-sided test,
+Holm across families, for "guard better" / "<family> better" at matched reward; a frontier reading on a chord wider
+than CHORD_MAX of the gain is no verdict (docs/protocol.md, amendment 2). Imports torch, scipy (its
 t distribution) and the standard library; matplotlib inside the functions that draw.
 """
 
@@ -44,6 +47,12 @@ EQUIVALENCE_MARGIN = 0.2  # claim 3: a standardised mean sensitivity inside ±0.
 OPERATING = "guard"  # frontier level: each seed's headline guarded run's own reward (primary, docs/protocol.md)
 LEVELS = (0.5, 0.75, 0.9)  # frontier: secondary levels, matched reward r_ref + f·(un-guarded gain)
 PRIMARY_FALLBACK = 0.75  # the primary level where no guarded run's point is given
+# a frontier comparison read on a chord wider than this share of the un-guarded gain is no verdict: a chord's gap to
+# a smooth frontier grows as its width squared, and the 30 % chords the review measured misread SW by 0.025
+CHORD_MAX = 0.10
+# claim 2: the axis that does not carry the claim may be worse by at most this share of the un-guarded run's
+# seed-to-seed sd on that axis (a difference smaller than a quarter of what the seed does is not one a user sees)
+NONINFERIORITY_SD = 0.25
 
 
 @dataclass(frozen=True)
@@ -146,6 +155,24 @@ def holm(pvalues, alpha=ALPHA):
     return passed
 
 
+def two_sided_p(s):
+    """The two-sided p value of a Paired summary, 2·min(p, 1 - p): 1 for one seed (no test), 0 when every seed
+    gave the same non-zero difference, 1 when they all gave 0."""
+    if s.n < 2:
+        return 1.0
+    if s.lo == s.hi:
+        return 0.0 if s.mean != 0 else 1.0
+    return min(1.0, 2 * min(s.p, 1 - s.p))
+
+
+def margin_position(s):
+    """Where the 95 % interval of a non-inferiority difference (margin already added) lies against 0: "above the
+    margin", "on the margin" (it contains 0) or "below the margin"; None for one seed (no interval)."""
+    if s.n < 2:
+        return None
+    return "above the margin" if s.lo > 0 else "below the margin" if s.hi < 0 else "on the margin"
+
+
 def equivalence_p(d, margin):
     """Two one-sided tests that the mean of d lies inside (-margin, margin): the larger of the two p values."""
     return max(paired([v + margin for v in d]).p, paired([margin - v for v in d]).p)
@@ -162,16 +189,26 @@ def verdict_word(passed):
     return f"PARTLY reproduced ({', '.join(winners)})" if winners else "NOT reproduced"
 
 
-def at_reward(rewards, qualities, target):
-    """Quality along a path of points (rewards[i], qualities[i]) at its first crossing of `target`, linear in
-    reward between the two points around it; NaN if the path never reaches `target`."""
+def read_path(rewards, qualities, target):
+    """A path of points (rewards[i], qualities[i]) read at its first crossing of `target`, linear in reward
+    between the two points around it. Returns (quality, chord width, reached): the width is the reward distance
+    between those two points as a share of the path's gain rewards[-1] - rewards[0] (inf if the path has none), 0
+    on a measured point (the first point, an exact hit); a path that never reaches `target` is read at its point of
+    highest reward, the closest it comes (width 0, reached False)."""
+    gain = rewards[-1] - rewards[0]
     for i, r in enumerate(rewards):
         if r >= target:
-            if i == 0:
-                return qualities[0]
+            if i == 0 or r == target:
+                return qualities[i], 0.0, True
             w = (target - rewards[i - 1]) / (r - rewards[i - 1])
-            return qualities[i - 1] + w * (qualities[i] - qualities[i - 1])
-    return math.nan
+            width = (r - rewards[i - 1]) / gain if gain > 0 else math.inf
+            return qualities[i - 1] + w * (qualities[i] - qualities[i - 1]), width, True
+    return qualities[max(range(len(rewards)), key=rewards.__getitem__)], 0.0, False
+
+
+def chord_text(widths):
+    """A comparison's chord widths over seeds as printed: mean and largest share of the gain."""
+    return f"chord {statistics.fmean(widths):.2f} (max {max(widths):.2f})"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -184,16 +221,13 @@ def early_stopping_control(history_none, history_guard, quality):
     Walk the un-guarded checkpoints (the first: the reference) to the first whose reward reaches the guarded
     run's final reward and interpolate quality there, linear in reward. If the un-guarded run never reaches it,
     the comparator is its checkpoint of highest reward, the closest any early stop comes: such a seed is counted,
-    not dropped. Returns (quality.gain of the guarded run over the comparator, > 0: guard better; reached?).
+    not dropped. Returns (quality.gain of the guarded run over the comparator, > 0: guard better; reached?; the
+    chord's width as a share of the un-guarded run's gain, read_path).
     """
     key = quality.key
     target, q_guard = history_guard["reward"][-1], history_guard[key][-1]
-    r, q = history_none["reward"], history_none[key]
-    matched = at_reward(r, q, target)
-    reached = not math.isnan(matched)
-    if not reached:
-        matched = q[max(range(len(r)), key=r.__getitem__)]
-    return quality.gain([q_guard], [matched])[0], reached
+    matched, width, reached = read_path(history_none["reward"], history_none[key], target)
+    return quality.gain([q_guard], [matched])[0], reached, width
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -262,16 +296,25 @@ def claim_inflation(runs, null_runs, m, key):
 
 
 def claim_rescale(runs, m, quality):
-    """(2) Pareto, guarded vs the rescaled un-guarded model: better on reward or on quality (Bonferroni over the
-    two axes) and not significantly worse on the other. Returns (p, text)."""
+    """(2) Pareto, guarded vs the rescaled un-guarded model: better on reward or on quality (the smaller p,
+    Bonferroni over the two axes) and non-inferior on the other within NONINFERIORITY_SD of the un-guarded run's
+    seed-to-seed sd on that axis (one-sided test of d + margin > 0). Returns (p, text)."""
     q = quality.key
     d_reward = paired_diff(collect(runs, m, "guard", "full", "reward"), collect(runs, m, "none", "rescale", "reward"))
     d_quality = quality.gain(collect(runs, m, "guard", "full", q), collect(runs, m, "none", "rescale", q))
     reward, qual = paired(d_reward), paired(d_quality)
-    other = d_quality if reward.p <= qual.p else d_reward
-    worse_elsewhere = paired([-x for x in other]).p <= ALPHA
-    p = 1.0 if worse_elsewhere else min(1.0, 2 * min(reward.p, qual.p))
-    return p, f"{m} guard − rescaled: reward {reward.text()}, {quality.label} better by {qual.text(quality.digits)}"
+    sd = {axis: mean_std(collect(runs, m, "none", "full", axis))[1] for axis in ("reward", q)}
+    if reward.p <= qual.p:  # the reward carries the claim: quality must be non-inferior
+        better, other, axis, label = reward, d_quality, q, quality.label
+    else:
+        better, other, axis, label = qual, d_reward, "reward", "reward"
+    margin = NONINFERIORITY_SD * sd[axis]
+    not_worse = paired([x + margin for x in other])
+    p = max(min(1.0, 2 * better.p), not_worse.p)
+    return p, (
+        f"{m} guard − rescaled: reward {reward.text()}, {quality.label} better by {qual.text(quality.digits)}; "
+        f"{label} not worse by more than {margin:.3g}: p = {not_worse.p:.3f}"
+    )
 
 
 def claim_adjoint(adjoint, adjoint_reference, m):
@@ -287,16 +330,21 @@ def claim_adjoint(adjoint, adjoint_reference, m):
 
 def claim_keeps_reward(runs, m, quality, r0):
     """(4) The guard improves quality over the un-guarded run and keeps >= KEEP_GAIN of its reward gain, tested as
-    non-inferiority r_guard - r_none + (1 - KEEP_GAIN)·(r_none - r0) > 0, r0 the seed's reference reward. Returns
-    (p, quality gains, text)."""
+    non-inferiority r_guard - r_none + (1 - KEEP_GAIN)·(r_none - r0) > 0, r0 the seed's reference reward. The text
+    gives the kept share (ratio of means), its range over seeds and where the margin test's interval lies
+    (margin_position: "on the margin" when it contains 0). Returns (p, quality gains, position, text)."""
     q = quality.key
     r_none, r_guard = collect(runs, m, "none", "full", "reward"), collect(runs, m, "guard", "full", "reward")
     gains = quality.gain(collect(runs, m, "guard", "full", q), collect(runs, m, "none", "full", q))
     keeps = paired([g - n + (1 - KEEP_GAIN) * (n - r) for g, n, r in zip(r_guard, r_none, r0)])
     kept = statistics.fmean(paired_diff(r_guard, r0)) / statistics.fmean(paired_diff(r_none, r0))
+    per_seed = [(g - r) / (n - r) for g, n, r in zip(r_guard, r_none, r0) if n != r]
+    spread = f" (seeds {min(per_seed):.0%} to {max(per_seed):.0%})" if len(per_seed) > 1 else ""
+    position = margin_position(keeps)
+    margin = f"; {KEEP_GAIN:.0%} margin test {keeps.text()}" + (f": {position}" if position else "")
     better = paired(gains)
-    text = f"{m} reward gain kept {kept:.0%}, {quality.label} better by {better.text(quality.digits)}"
-    return max(better.p, keeps.p), gains, text
+    text = f"{m} reward gain kept {kept:.0%}{spread}{margin}; {quality.label} better by {better.text(quality.digits)}"
+    return max(better.p, keeps.p), gains, position, text
 
 
 def claim_few_steps(runs, m, quality, gains_full):
@@ -308,13 +356,16 @@ def claim_few_steps(runs, m, quality, gains_full):
 
 
 def claim_not_early_stopping(control, m, quality):
-    """(5) The guarded run beats the un-guarded run's own checkpoints at matched reward, every seed counted."""
-    deltas, reached = zip(*control[m])
+    """(5) The guarded run beats the un-guarded run's own checkpoints at matched reward, every seed counted; read on
+    chords wider than CHORD_MAX of the gain (mean over seeds) it is no verdict and does not pass."""
+    deltas, reached, widths = zip(*control[m])
     better = paired(deltas)
     unreached = len(deltas) - sum(reached)
-    return better.p, (
+    wide = statistics.fmean(widths) > CHORD_MAX
+    return 1.0 if wide else better.p, (
         f"{m} {quality.label} better by {better.text(quality.digits)} ({unreached} of {len(deltas)} seeds never "
-        "reached the guarded reward: compared at their best checkpoint)"
+        f"reached the guarded reward: compared at their best checkpoint; {chord_text(widths)}"
+        + (f" > {CHORD_MAX:g}: no verdict)" if wide else ")")
     )
 
 
@@ -337,7 +388,9 @@ def verdicts(
     Each claim gives a one-sided p value per method; Holm across the methods decides which pass (family-wise
     α = ALPHA). A method whose un-guarded run gained no reward (one-sided test) cannot test any claim and is set
     apart. Differences print as mean [95 % interval] over seeds; quality differences as "better by", signed by
-    the metric's direction. See the module docstring for the inputs and docs/protocol.md for the rules.
+    the metric's direction. adjoint None: claim 3 is not tested (a reward without a gradient). flags["4_margin"]:
+    per method, where claim 4's margin test lies (margin_position). See the module docstring for the inputs and
+    docs/protocol.md for the rules.
     """
     r0 = reference_rewards(reference_eval, runs)
     gained = {m: paired(paired_diff(collect(runs, m, "none", "full", "reward"), r0)).p <= ALPHA for m in runs}
@@ -362,13 +415,21 @@ def verdicts(
 
     judge("1", f"RL inflates the velocity norm ({ratio_key})", inflation, " (paper: 1.05-1.15)", inflation_word)
     judge("2", "inference-time rescale does not help", {m: claim_rescale(runs, m, quality) for m in methods})
-    judge(
-        "3",
-        "no coherent first-order magnitude signal",
-        {m: claim_adjoint(adjoint, adjoint_reference, m) for m in methods},
-        f" (rule: δ within ±{EQUIVALENCE_MARGIN})",
-    )
+    if adjoint is None:
+        flags["3"] = {}
+        lines.append(
+            "(3) no coherent first-order magnitude signal: NOT TESTED — the reward has no gradient, so no "
+            f"adjoint diagnostic{note}"
+        )
+    else:
+        judge(
+            "3",
+            "no coherent first-order magnitude signal",
+            {m: claim_adjoint(adjoint, adjoint_reference, m) for m in methods},
+            f" (rule: δ within ±{EQUIVALENCE_MARGIN})",
+        )
     keeps = {m: claim_keeps_reward(runs, m, quality, r0) for m in methods}
+    flags["4_margin"] = {m: r[2] for m, r in keeps.items()}
     passed = judge("4", "guard keeps reward and improves quality", keeps)
     few = {m: claim_few_steps(runs, m, quality, keeps[m][1]) for m in methods if passed[m]}
     judge("4b", f"more so at {few_steps} steps", few)
@@ -381,21 +442,20 @@ def verdicts(
 
 
 def quality_at_level(per_seed, level, operating=None):
-    """Each seed's path read at its first crossing of r*, where r* = r_ref + level·(r_official - r_ref) for a
-    fraction, or r* = that seed's guarded run's reward (operating[s][0]) for level OPERATING. Returns (values,
-    seeds whose crossing lies between the reference and the first member: an interpolation, not a measured run,
+    """Each seed's path read at r* (read_path), where r* = r_ref + level·(r_official - r_ref) for a fraction, or
+    r* = operating[s][0] (a measured point's reward on seed s) for level OPERATING. Returns (values, chord widths,
+    seeds whose crossing lies between the reference and the first member: an interpolation from the reference,
     seeds whose path never reaches r*: read at its point of highest reward instead, the closest it comes)."""
-    values, interpolated, unreached = [], 0, 0
+    values, widths, interpolated, unreached = [], [], 0, 0
     for s, path in enumerate(per_seed):
         r, q = zip(*path)
         target = operating[s][0] if level == OPERATING else r[0] + level * (r[-1] - r[0])
-        value = at_reward(r, q, target)
-        if math.isnan(value):
-            unreached += 1
-            value = q[max(range(len(r)), key=r.__getitem__)]
+        value, width, reached = read_path(r, q, target)
         values.append(value)
-        interpolated += next((i for i, x in enumerate(r) if x >= target), None) == 1
-    return values, interpolated, unreached
+        widths.append(width)
+        unreached += not reached
+        interpolated += width > 0 and next(i for i, x in enumerate(r) if x >= target) == 1
+    return values, widths, interpolated, unreached
 
 
 def frontier(paths, quality, operating=None, levels=LEVELS):
@@ -405,10 +465,11 @@ def frontier(paths, quality, operating=None, levels=LEVELS):
     family's members (strongest effect first) to the official un-guarded run's point, which every family of a
     seed shares. operating[method]: per seed, the headline guarded run's (reward, quality). The primary level
     is OPERATING: every other family read at the guarded run's own reward, against its measured quality. The
-    fractions in `levels` are secondary (without `operating`, the fraction PRIMARY_FALLBACK is primary). At each
-    level the guard's difference to each family (> 0: the guard is better) gets a 95 % interval over seeds; at
-    the primary level Holm across the families of a method decides which differences count. Returns (lines,
-    summary): summary[method][level][family] = {"mean", "vs_guard": Paired or None, "passed": bool or None,
+    fractions in `levels` are secondary (without `operating`, the fraction PRIMARY_FALLBACK is primary). At every
+    level each family's difference to the guard is judged by the one definition (judge_comparisons: two-sided,
+    Holm across the level's families, no verdict on a chord wider than CHORD_MAX). Returns (lines, summary):
+    summary[method][level][family] = {"mean", "diff": Paired of the guard's gain over the family (> 0: the guard
+    is better; None for the guard), "chord", "chord_max" (the comparison's widths over seeds), "passed", "word",
     "interpolated", "unreached"} (see quality_at_level).
     """
     lines, summary = [], {}
@@ -417,49 +478,183 @@ def frontier(paths, quality, operating=None, levels=LEVELS):
         primary = OPERATING if has_operating else PRIMARY_FALLBACK
         summary[m] = {}
         for level in ((OPERATING,) if has_operating else ()) + tuple(levels):
-            rows = frontier_level(families, quality, level, operating and operating.get(m), level == primary)
+            rows = frontier_level(families, quality, level, operating and operating.get(m))
             summary[m][level] = rows
-            lines.append(frontier_line(m, rows, quality, level, level == primary))
+            where = "the guarded run's own reward" if level == OPERATING else f"{level:.0%} of the un-guarded gain"
+            lines.append(frontier_line(m, rows, quality, where + (" (primary)" if level == primary else "")))
     return lines, summary
 
 
-def frontier_level(families, quality, level, operating, primary):
-    """One level of one method's frontier: {family: row} (see frontier)."""
+def frontier_level(families, quality, level, operating, anchor="guard"):
+    """One reading of one method's families: {family: row} (see frontier). At level OPERATING the anchor family's
+    point is the measured one in `operating` (per seed (reward, quality)) and every other family is read at its
+    reward. A comparison's chord width on a seed is the wider of its two readings'."""
     at = {fam: quality_at_level(per_seed, level, operating) for fam, per_seed in families.items()}
-    if level == OPERATING:  # the guard's own point is measured, not read off its path
-        at["guard"] = ([q for _, q in operating], 0, 0)
-    rows = {
-        fam: {
+    if level == OPERATING:  # the anchor's own point is measured, not read off its path
+        at[anchor] = ([q for _, q in operating], [0.0] * len(operating), 0, 0)
+    anchor_values, anchor_widths = at[anchor][:2]
+    rows = {}
+    for fam, (values, widths, interpolated, unreached) in at.items():
+        own = fam == anchor
+        w = widths if own else [max(a, b) for a, b in zip(anchor_widths, widths)]
+        rows[fam] = {
             "mean": statistics.fmean(values),
-            "vs_guard": None if fam == "guard" else paired(quality.gain(at["guard"][0], values)),
+            "diff": None if own else paired(quality.gain(anchor_values, values)),
+            "chord": statistics.fmean(w),
+            "chord_max": max(w),
             "interpolated": interpolated,
             "unreached": unreached,
         }
-        for fam, (values, interpolated, unreached) in at.items()
-    }
-    passed = holm({k: row["vs_guard"].p for k, row in rows.items() if row["vs_guard"]}) if primary else {}
-    for fam, row in rows.items():
-        row["passed"] = passed.get(fam)
+    judge_comparisons(rows, anchor)
     return rows
 
 
-def frontier_line(method, rows, quality, level, primary):
-    """One printed line: every family's mean quality and the guard's difference to it with its interval."""
+def judge_comparisons(rows, anchor):
+    """The one definition of "<anchor> better" / "<family> better" (docs/protocol.md, amendment 2 (c)), in place:
+    a two-sided paired t-test of each family's difference to the anchor, Holm across the families compared at this
+    reading (family-wise ALPHA) sets row["passed"]; row["word"] is "<anchor> better" or "<family> better" by the
+    sign of the mean where it passed, "tie" where not, and "no verdict" where the comparison's mean chord width
+    exceeds CHORD_MAX, whatever its test (it still counts in Holm's m). The anchor's row gets None for both."""
+    compared = [fam for fam, row in rows.items() if row["diff"] is not None]
+    passed = holm({fam: two_sided_p(rows[fam]["diff"]) for fam in compared})
+    for fam, row in rows.items():
+        row["passed"], row["word"] = passed.get(fam), None
+        if fam in compared:
+            better = anchor if row["diff"].mean > 0 else fam
+            row["word"] = "no verdict" if row["chord"] > CHORD_MAX else f"{better} better" if passed[fam] else "tie"
+
+
+def frontier_line(method, rows, quality, where, anchor="guard"):
+    """One printed line: every family's mean quality, its difference to the anchor with its interval, the chord it
+    was read on, and the word (judge_comparisons)."""
     parts = []
     for fam, row in rows.items():
         part = f"{fam} {row['mean']:.{quality.digits}f}"
-        if row["vs_guard"]:
-            part += f" (guard better by {row['vs_guard'].text(quality.digits)}"
-            part += (", significant after Holm)" if row["passed"] else ")") if primary else ")"
+        chord = f"chord {row['chord']:.2f} (max {row['chord_max']:.2f})"
+        if row["diff"] is None:
+            part += f" ({chord})" if row["chord_max"] > 0 else " (measured)"
+        else:
+            word = f" > {CHORD_MAX:g}: no verdict" if row["word"] == "no verdict" else f": {row['word']}"
+            part += f" ({anchor} better by {row['diff'].text(quality.digits)}, {chord}{word})"
         if row["interpolated"]:
             part += f" [interpolated from the reference in {row['interpolated']} seeds]"
         if row["unreached"]:
             part += f" [never reached in {row['unreached']} seeds: read at its highest reward]"
         parts.append(part)
     best = (max if quality.higher_is_better else min)(rows, key=lambda k: rows[k]["mean"])
-    where = "the guarded run's own reward" if level == OPERATING else f"{level:.0%} of the un-guarded gain"
-    tag = " (primary)" if primary else ""
-    return f"{method} at {where}{tag}: best {best}; {quality.label}: " + "; ".join(parts)
+    return f"{method} at {where}: best {best}; {quality.label}: " + "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the knob question: how much tuning does each family need?
+
+
+def estimate(xs, digits=2):
+    """mean [95 % t interval] over seeds, unsigned (a level, not a difference); the mean alone for one seed."""
+    s = paired(xs)
+    return f"{s.mean:.{digits}f}" + ("" if s.n < 2 else f" [{s.lo:.{digits}f}, {s.hi:.{digits}f}]")
+
+
+def slope(x, y):
+    """Least-squares slope of y on x."""
+    mx, my = statistics.fmean(x), statistics.fmean(y)
+    return math.fsum((a - mx) * (b - my) for a, b in zip(x, y)) / math.fsum((a - mx) ** 2 for a in x)
+
+
+def grid_stats(per_seed, values):
+    """One family's members over the seeds whose un-guarded run gained reward: per seed, each member's share of the
+    gain f = (r - r_ref)/(r_official - r_ref) and quality; the spread (max - min) of each over the grid and the
+    slope of each per doubling of the knob (least squares on log2(knob); None with fewer than two knob values)."""
+    x = [math.log2(v) for v in values]
+    gained = [path for path in per_seed if path[-1][0] > path[0][0]]
+    f = [[(r - path[0][0]) / (path[-1][0] - path[0][0]) for r, _ in path[1:-1]] for path in gained]
+    q = [[quality for _, quality in path[1:-1]] for path in gained]
+    varied = len(set(values)) > 1
+    return {
+        "knobs": list(values),
+        "share": f,
+        "quality": q,
+        "spread_share": [max(v) - min(v) for v in f],
+        "spread_quality": [max(v) - min(v) for v in q],
+        "slope_share": [slope(x, v) for v in f] if varied else None,
+        "slope_quality": [slope(x, v) for v in q] if varied else None,
+        "without_gain": len(per_seed) - len(gained),
+    }
+
+
+def grid_lines(method, family, g, quality):
+    """Two printed lines of grid_stats: each member, then the spread and the slope per doubling."""
+    d = quality.digits
+    members = "; ".join(
+        f"{v:g}: reward {estimate([s[k] for s in g['share']])} of the gain, {quality.label} "
+        f"{estimate([s[k] for s in g['quality']], d)}"
+        for k, v in enumerate(g["knobs"])
+    )
+    left_out = f" ({g['without_gain']} seeds without gain left out)" if g["without_gain"] else ""
+    spread = f"{method} {family} over {len(g['knobs'])} members{left_out}: reward spread {estimate(g['spread_share'])}"
+    spread += f" of the gain, {quality.label} spread {estimate(g['spread_quality'], d)}"
+    if g["slope_share"] is not None:
+        spread += f"; per doubling of the knob: reward {estimate(g['slope_share'], 3)} of the gain, "
+        spread += f"{quality.label} {estimate(g['slope_quality'], d + 1)}"
+    return [f"{method} {family} members: {members}", spread]
+
+
+def knobs(paths, knob_values, quality, anchors=("guard", "kl")):
+    """The knob question (docs/protocol.md, amendment 2 (g)): how far each family's reward and quality move over its
+    grid, and whether the guard's ranking against each family holds at every member.
+
+    paths as frontier's; knob_values[method][family]: the knob of each member of that family's paths in path order
+    (a family without one, early stopping, is read in the rankings only). Per family with a knob: grid_stats and
+    its lines; guard against KL, the paired difference of |slope of the reward share| per seed (two-sided p). Per
+    anchor family: at each of its members (measured), every other family read at the member's reward on each seed
+    and compared by the one definition (frontier_level at OPERATING), then one line per anchor with each family's
+    words over the members and whether the word is the same at every member. Returns (lines, summary):
+    summary[method] = {"grids": {family: grid_stats}, "guard_vs_kl": Paired or None, "rankings": {anchor: [{"knob",
+    "share", "rows"}, ...]}}.
+    """
+    lines, summary = [], {}
+    for m, families in paths.items():
+        values = knob_values.get(m, {})
+        grids = {fam: grid_stats(families[fam], v) for fam, v in values.items() if fam in families}
+        summary[m] = {"grids": grids, "guard_vs_kl": None, "rankings": {}}
+        for fam, g in grids.items():
+            lines += grid_lines(m, fam, g, quality)
+        if all(k in grids and grids[k]["slope_share"] is not None for k in ("guard", "kl")):
+            if len(grids["guard"]["slope_share"]) == len(grids["kl"]["slope_share"]):
+                d = [abs(a) - abs(b) for a, b in zip(grids["guard"]["slope_share"], grids["kl"]["slope_share"])]
+                summary[m]["guard_vs_kl"] = s = paired(d)
+                lines.append(
+                    f"{m} guard against kl, |reward share moved per doubling| guard − kl: {s.text(3)}, two-sided "
+                    f"p = {two_sided_p(s):.3f}"
+                )
+        for anchor in (a for a in anchors if a in grids):
+            rankings = summary[m]["rankings"][anchor] = member_rankings(families, grids[anchor], anchor, quality)
+            lines += [frontier_line(m, r["rows"], quality, r["where"], anchor) for r in rankings]
+            lines.append(ranking_line(m, anchor, rankings))
+    return lines, summary
+
+
+def member_rankings(families, grid, anchor, quality):
+    """At each member of the anchor family (grid: its grid_stats), every other family read at the member's reward
+    on each seed against the member's measured quality: [{"knob", "share", "where", "rows"}, ...]."""
+    rankings = []
+    for k, v in enumerate(grid["knobs"]):
+        rows = frontier_level(families, quality, OPERATING, [path[k + 1] for path in families[anchor]], anchor)
+        share = statistics.fmean(s[k] for s in grid["share"]) if grid["share"] else math.nan
+        rankings.append({"knob": v, "share": share, "where": f"{anchor} {v:g} ({share:.0%} of the gain)", "rows": rows})
+    return rankings
+
+
+def ranking_line(method, anchor, rankings):
+    """One line: for each family, its word against the anchor at each of the anchor's members, and whether that
+    word is the same at every member (a tie everywhere holds too; no verdict anywhere does not)."""
+    parts = []
+    for fam in (f for f in rankings[0]["rows"] if f != anchor):
+        words = [r["rows"][fam]["word"] for r in rankings]
+        holds = len(set(words)) == 1 and words[0] != "no verdict"
+        parts.append(f"{fam}: {', '.join(words)}" + (" (the same at every member)" if holds else ""))
+    knobs = ", ".join(f"{r['knob']:g}" for r in rankings)
+    return f"{method} {anchor} ranking at its members ({knobs}): " + "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------------------------
