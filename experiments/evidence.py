@@ -583,8 +583,11 @@ def grid_stats(per_seed, values):
 
 
 def grid_lines(method, family, g, quality):
-    """Two printed lines of grid_stats: each member, then the spread and the slope per doubling."""
+    """Two printed lines of grid_stats: each member, then the spread and the slope per doubling (one line saying
+    so where no seed's un-guarded run gained reward: there is no gain to take a share of)."""
     d = quality.digits
+    if not g["share"]:
+        return [f"{method} {family}: no seed's un-guarded run gained reward, no share of a gain to report"]
     members = "; ".join(
         f"{v:g}: reward {estimate([s[k] for s in g['share']])} of the gain, {quality.label} "
         f"{estimate([s[k] for s in g['quality']], d)}"
@@ -619,7 +622,7 @@ def knobs(paths, knob_values, quality, anchors=("guard", "kl")):
         summary[m] = {"grids": grids, "guard_vs_kl": None, "rankings": {}}
         for fam, g in grids.items():
             lines += grid_lines(m, fam, g, quality)
-        if all(k in grids and grids[k]["slope_share"] is not None for k in ("guard", "kl")):
+        if all(k in grids and grids[k]["slope_share"] for k in ("guard", "kl")):
             if len(grids["guard"]["slope_share"]) == len(grids["kl"]["slope_share"]):
                 d = [abs(a) - abs(b) for a, b in zip(grids["guard"]["slope_share"], grids["kl"]["slope_share"])]
                 summary[m]["guard_vs_kl"] = s = paired(d)
@@ -641,7 +644,8 @@ def member_rankings(families, grid, anchor, quality):
     for k, v in enumerate(grid["knobs"]):
         rows = frontier_level(families, quality, OPERATING, [path[k + 1] for path in families[anchor]], anchor)
         share = statistics.fmean(s[k] for s in grid["share"]) if grid["share"] else math.nan
-        rankings.append({"knob": v, "share": share, "where": f"{anchor} {v:g} ({share:.0%} of the gain)", "rows": rows})
+        where = f"{anchor} {v:g} ({share:.0%} of the gain)" if math.isfinite(share) else f"{anchor} {v:g} (no gain)"
+        rankings.append({"knob": v, "share": share, "where": where, "rows": rows})
     return rankings
 
 

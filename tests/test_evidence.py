@@ -611,6 +611,14 @@ def test_knob_rankings_judge_every_member_by_the_one_definition():
     assert any("kl: kl better, kl better, kl better (the same at every member)" in line for line in same)
 
 
+def test_knobs_without_a_gain_say_so_instead_of_a_share():
+    paths, values = knob_paths()
+    flat = {f: [[(r * 0.0, q) for r, q in path] for path in per_seed] for f, per_seed in paths["nft"].items()}
+    lines, summary = E.knobs({"nft": flat}, values, LOGP)
+    assert "nft guard: no seed's un-guarded run gained reward, no share of a gain to report" in lines
+    assert summary["nft"]["guard_vs_kl"] is None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the table, strict JSON
 
