@@ -31,15 +31,17 @@ from trainer import cli
 
 QUALITY = E.Quality("sw", "SW→tilted", higher_is_better=False, digits=3)
 
-# the frontier families of docs/protocol.md, each member from the strongest effect to the weakest
+# the frontier families of docs/protocol.md (amendment 2: members where the review found wide chords), each member
+# from the strongest effect to the weakest
 GRIDS = {
-    "guard": (0.4, 0.2, 0.1, 0.05, 0.025),  # λ, absolute margin
+    "guard": (1.6, 0.8, 0.4, 0.2, 0.1, 0.05, 0.025),  # λ, absolute margin
     "guard_relative": (0.4, 0.1),  # λ, relative margin
-    "kl": (1.0, 0.1, 0.01, 1e-3),  # β_KL, no guard (official: 1e-4)
-    "lower_lr": (0.25, 0.5),  # learning-rate factor, no guard
+    "kl": (1.0, 0.1, 0.05, 0.03, 0.02, 0.01, 0.005, 0.003, 0.002, 1e-3),  # β_KL, no guard (official: 1e-4)
+    "lower_lr": (0.25, 0.5, 0.7, 0.8, 0.9, 0.95),  # learning-rate factor, no guard
 }
 DPO_GRIDS = {"guard": (0.4, 0.1)}
-RESCALES = (0.95, 1.0, 1.05)  # inference: v <- s·v·‖v_ref‖/‖v‖ on the official un-guarded model
+# inference: v <- s·v·‖v_ref‖/‖v‖ on the official un-guarded model, up to the largest un-guarded RMS ratio seen (1.60)
+RESCALES = (0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.3, 1.4, 1.5, 1.6)
 
 
 SMOKE = dict(pretrain_steps=100, rl_steps=6, seeds=2, groups=2, group_size=4, eval_samples=200, eval_every=3)
@@ -230,7 +232,18 @@ def judge_frontier(cfg, by, histories, reference):
     headline = f"guard {cfg.lam:g}"  # the guard family's member at the headline's lam: its operating point
     operating = {m: [(ev["full"]["reward"], ev["full"][QUALITY.key]) for ev in by[m][headline]] for m in by}
     lines, summary = E.frontier(paths, QUALITY, operating)
-    return dict(paths=paths, operating=operating, frontier=lines, summary=summary, runs=by, histories=histories)
+    values = {m: {**(DPO_GRIDS if m == "dpo" else GRIDS), "rescale": RESCALES} for m in by}  # in path order
+    knob_lines, knob_summary = E.knobs(paths, values, QUALITY)
+    return dict(
+        paths=paths,
+        operating=operating,
+        frontier=lines,
+        summary=summary,
+        knobs=knob_lines,
+        knob_summary=knob_summary,
+        runs=by,
+        histories=histories,
+    )
 
 
 def run(cfg, frontier=False, progress=True, out_dir=None):
@@ -350,7 +363,7 @@ def main(argv):
         for m, null in metrics["null_runs"].items():
             ratio, r = (sum(e["full"][k] for e in null["none"]) / cfg.seeds for k in ("rms_ratio", "reward"))
             print(f"{m} shuffled-reward control: rms ratio {ratio:.3f}, reward {r:.3f}")
-    print("\n".join(metrics["frontier" if frontier else "verdicts"]))
+    print("\n".join(metrics["frontier"] + metrics["knobs"] if frontier else metrics["verdicts"]))
     print(f"wall time {metrics['wall_time_s']:.1f} s | outputs in {cfg.out_dir}")
     return result
 

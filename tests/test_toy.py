@@ -364,6 +364,10 @@ def test_frontier_smoke_writes_figures_and_json_with_paths_from_the_reference_to
     printed = capsys.readouterr().out
     data = json.loads((tmp_path / "frontier.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert data["frontier"] and all(line in printed for line in data["frontier"])
+    # the knob question (protocol, amendment 2 (g)): each family's grid, and the rankings at every guard and KL member
+    assert data["knobs"] and all(line in printed for line in data["knobs"])
+    rankings = data["knob_summary"]["nft"]["rankings"]
+    assert [r["knob"] for r in rankings["guard"]] == list(toy_experiment.GRIDS["guard"]) and "kl" in rankings
     assert data["command"] == sys.argv and data["config"]["rl_steps"] == toy_experiment.SMOKE["rl_steps"]
     q, ref = toy_experiment.QUALITY.key, data["reference"]["full"]
     for m in toy.METHODS:
