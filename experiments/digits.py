@@ -2,7 +2,8 @@
 (digits_testbed.py).
 
     python -m experiments.digits --seeds=0,1,2                       # the headline: exploration seeds
-    python -m experiments.digits --frontier --ref_seed=1 --seeds=10,11,12,13,14   # confirmation + frontier
+    python -m experiments.digits --frontier --ref_seed=2 --seeds=20,21,22,23,24   # confirmation + frontier
+    python -m experiments.digits --reward=jpeg --methods=nft,awm     # the second reward, in runs/digits_jpeg
     python -m experiments.digits --smoke                             # seconds, for tests
     python -m experiments.digits --lam=0.5 --full_finetune=true      # any train_full key is forwarded to every run
 
@@ -10,7 +11,9 @@ Every RL run is `train_full.train` with the digits preset (the same loop, losses
 what `python -m experiments.digits_testbed` runs). Per method the headline arms are "none" (the official un-guarded
 loss), "guard" (+ NormGuard at lam, relative margin) and "null" (un-guarded, rewards permuted across the rollout batch
 at every step: the null-reward control of claim 1); --frontier adds the families of docs/protocol.md (guard at other
-lam, a stronger KL, a lower lr; early stopping and rescaling come from the official run). Each (method, arm, seed)
+lam, a stronger KL, a lower lr; early stopping and rescaling come from the official run). --reward=jpeg trains and
+scores every run on JPEG compressibility instead of the digits proxy (docs/protocol.md, amendment 2 (h)); its null
+control permutes the JPEG rewards, and claim 3 is not tested (JPEG size has no gradient). Each (method, arm, seed)
 writes a train_full folder under out_dir/runs/; its exported LoRA is loaded back through diffusers for the final
 evaluation. Runs go `jobs` at a time in spawned processes; a finished run (its result.pt) is reused when its config is
 unchanged, an unfinished one is deleted and rerun. Then evidence.py's table, verdicts and frontiers, figures,
@@ -40,7 +43,7 @@ import normguard as ng
 import train_full as tf
 from experiments import digits_testbed as dg
 from experiments import evidence as ev
-from trainer import cli
+from trainer import cli, rewards
 
 METHODS = ("nft", "awm", "dpo")
 HEADLINE = ("none", "guard", "null")  # official un-guarded, + NormGuard, shuffled-reward control
@@ -58,6 +61,7 @@ DRIFT_ALARMS = (1.05, 1.10)
 DRIFT_DAMAGE = 10.0
 EVAL_NOISE_OFFSET = 12345  # train_full's Run.evaluate draws its eval noise from seed + 12345
 ADJOINT_NOISE_OFFSET = 54321  # the adjoint diagnostic's noise: per seed, shared by the reference and every model
+REWARDS = ("digits", "jpeg")  # the testbed's classifier proxy; JPEG compressibility (flow_grpo's), no gradient
 
 
 @dataclass
@@ -70,25 +74,26 @@ class Config:
     methods: str = "nft,awm,dpo"
     seeds: str = "0"
     dpo_lr: float = 3e-3  # DPO runs take this for train_full's lr: 2 of every 8 samples (best vs worst) teach it
+    reward: str = "digits"  # one of REWARDS: what every run trains on and every evaluation scores
     # the frontier (--frontier): runs beyond the headline arms, per docs/protocol.md's digits grid
     frontier_methods: str = "nft,awm,dpo"  # the methods whose frontier runs are trained (others: headline only)
     guard_lams: str = "0.25,0.5,2"  # NFT, AWM: guarded runs at these lam, besides the headline lam
     dpo_guard_lams: str = "4"  # DPO: guarded runs at these lam, besides the headline lam
-    kl_weights: str = "1e-3,1e-2,1e-1"  # NFT, AWM: un-guarded runs at these kl_weight, besides the official one
-    lr_scales: str = "0.5"  # NFT, AWM: un-guarded runs at the official lr times these ("" = none)
-    rescales: str = "0.95,1,1.05"  # the official un-guarded model sampled with |v| = s·|v_ref| at every step
+    kl_weights: str = "3e-4,1e-3,3e-3,1e-2,3e-2,1e-1"  # NFT, AWM: un-guarded runs at these kl_weight (+ official)
+    lr_scales: str = "0.5,0.75,0.9"  # NFT, AWM: un-guarded runs at the official lr times these ("" = none)
+    rescales: str = "0.9,0.95,1,1.05,1.1,1.15"  # the official un-guarded model sampled with |v| = s·|v_ref|
     jobs: int = 2  # RL runs in parallel, each in a spawned process with `threads` threads (1: in this process)
     threads: int = 1  # these ops are tiny; on a shared 2-core machine a second thread can stall in sync (100x)
     # evaluation: train_full's checkpoint evaluations and the final ones use this one set (20 per digit)
     eval_samples: int = 200  # a multiple of 10; FD and disc_acc are compared only between sets of this size
     adjoint_samples: int = 64
-    out_dir: str = "runs/digits"
+    out_dir: str = "runs/digits"  # a reward other than digits writes to <out_dir>_<reward> unless out_dir is given
     # train_full overrides (--key=value with a train_full Config key), on top of the preset and TRAIN_DEFAULTS
     train: dict = dataclasses.field(default_factory=dict)
 
 
 SMOKE = dict(pretrain_steps=30, eval_samples=20, adjoint_samples=8, out_dir="runs/digits_smoke")
-SMOKE.update(guard_lams="2", kl_weights="1e-2", dpo_guard_lams="4")
+SMOKE.update(guard_lams="2", kl_weights="1e-2", dpo_guard_lams="4", lr_scales="0.5", rescales="0.95,1,1.05")
 FLAGS = {
     "smoke": "tiny settings: train_full's --smoke for every run and a separate output folder",
     "frontier": "also the frontier runs of docs/protocol.md and quality at matched reward (evidence.frontier)",
@@ -110,11 +115,15 @@ def parse_args(argv):
     (own, train), flags = cli.parse(argv, [Config, (tf.Config, forwarded)], flags=FLAGS, doc=__doc__)
     smoke = "smoke" in flags
     cfg = Config(**{**(SMOKE if smoke else {}), **own, "train": {"smoke": True, **train} if smoke else train})
+    if cfg.reward != "digits" and "out_dir" not in own:  # a second reward's runs never mix with the first's
+        cfg.out_dir += f"_{cfg.reward}"
     check_config(cfg)
     return cfg, "frontier" in flags
 
 
 def check_config(cfg):
+    if cfg.reward not in REWARDS:
+        raise ValueError(f"reward: expected one of {REWARDS}, got {cfg.reward!r}")
     for name in ("methods", "frontier_methods"):
         if not set(getattr(cfg, name).split(",")) <= set(METHODS) or not getattr(cfg, name):
             raise ValueError(f"{name}: expected a comma-separated subset of {METHODS}, got {getattr(cfg, name)!r}")
@@ -151,7 +160,7 @@ def arms(cfg, method, frontier):
     checkpoints are the early-stopping path); every other arm only at step 0 and the end (eval_every=steps)."""
     member = dict(eval_every=None)  # None: the run's own step count
     out = {"none": {"guard": False}, "guard": dict(guard=True, **member)}
-    out["null"] = dict(guard=False, reward="digits_shuffled", **member)
+    out["null"] = dict(guard=False, reward=f"{cfg.reward}_shuffled", **member)
     if not frontier or method not in cfg.frontier_methods.split(","):
         return out
     for lam in floats(cfg.dpo_guard_lams if method == "dpo" else cfg.guard_lams):
@@ -180,11 +189,12 @@ def train_config(cfg, method, arm, seed, ref_path):
         pretrained_model_name_or_path=ref_path,
         cache_dir=cfg.cache_dir,
         eval_seeds=cfg.eval_samples // 10,
+        reward=cfg.reward,
     )
     if method == "dpo":
         per_run["lr"] = cfg.dpo_lr
     overrides = dict(arms(cfg, method, frontier=True)[arm])
-    if overrides.get("reward") == "digits_shuffled":
+    if overrides.get("reward", "").endswith("_shuffled"):
         size = tf.make_config({**TRAIN_DEFAULTS, **train}, smoke=smoke, preset="digits")
         if size.prompts_per_step * size.group_size > size.train_batch_size:
             raise ValueError(
@@ -239,13 +249,30 @@ def grid_order(n_per_digit, rows=10):
     return (per[:, None] + torch.arange(dg.NUM_CLASSES)[None, :] * n_per_digit).flatten()
 
 
+def reward_of(cfg, images, labels):
+    """(B,) rewards of images (B, 1, 8, 8) under cfg.reward, as train_full's `--reward` computes them: the digits
+    proxy for the prompted labels, or JPEG compressibility (which reads no prompt)."""
+    if cfg.reward == "jpeg":
+        return rewards.jpeg_reward(images, [str(int(d)) for d in labels])
+    return dg.reward_fn(images, labels, cfg.cache_dir)
+
+
+def shuffled_jpeg_reward(cfg, device):
+    """train_full's `--reward=jpeg_shuffled`, the JPEG reward's null control: as digits_shuffled, each call's
+    rewards permuted across its batch (digits_testbed.batch_permutation), their distribution kept."""
+    return lambda images, prompts: rewards.jpeg_reward(images, prompts)[dg.batch_permutation(cfg.seed, images)]
+
+
+rewards.register_reward("jpeg_shuffled", shuffled_jpeg_reward)
+
+
 @torch.no_grad()
 def score(cfg, images, labels, v_norms, ref_norms):
     """Reward, digits.quality_metrics and, from the (K, B) velocity norms along the trajectories, "ratio" (mean of
     per-point ‖v‖/‖v_ref‖) and "rms_ratio" (√mean‖v‖² / √mean‖v_ref‖² over the same points)."""
     v, r = v_norms.double(), ref_norms.double()
     return {
-        "reward": dg.reward_fn(images, labels, cfg.cache_dir).mean().item(),
+        "reward": reward_of(cfg, images, labels).mean().item(),
         **dg.quality_metrics(images, labels, cfg.cache_dir),
         "ratio": (v / r.clamp_min(1e-6)).mean().item(),
         "rms_ratio": (v.square().mean().sqrt() / r.square().mean().sqrt()).item(),
@@ -303,7 +330,8 @@ def evaluate(cfg, tcfg, policy_t, ref, rescales=()):
 
 
 def adjoint(cfg, tcfg, policy_t, ref):
-    """ng.velocity_scale_sensitivity of the reward for one model on its seed's adjoint noise (the reference and
+    """ng.velocity_scale_sensitivity of the digits reward (the one with a gradient) for one model on its seed's
+    adjoint noise (the reference and
     every model of the seed share it): mean and std over samples of Σ_k dR/dα_k, its sign split, per-step means."""
     ref_t, encoder = ref
     v_fn = model_fn(ref_t if policy_t is None else policy_t, encoder)
@@ -383,11 +411,13 @@ def reference_job(cfg, ref_path, seed):
     path = Path(cfg.out_dir) / "reference" / f"seed{seed}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     key = {"reference": ref_path, "seed": seed, **eval_key(cfg), "steps": (tcfg.sample_steps, tcfg.few_steps)}
+    key["reward"] = cfg.reward
 
     def compute():
         ref = dg.load_reference(ref_path)
         evaluation, images = evaluate(cfg, tcfg, None, ref)
-        return {"eval": evaluation, "images": images, "adjoint": adjoint(cfg, tcfg, None, ref)}
+        diagnostic = adjoint(cfg, tcfg, None, ref) if cfg.reward == "digits" else None  # JPEG has no gradient
+        return {"eval": evaluation, "images": images, "adjoint": diagnostic}
 
     return cached(path, key, compute)
 
@@ -419,7 +449,7 @@ def run_job(cfg, ref_path, method, arm, seed):
             "eval": evaluation,
             "images": images,
             "history": read_history(out),
-            "adjoint": adjoint(cfg, tcfg, policy, ref) if official else None,
+            "adjoint": adjoint(cfg, tcfg, policy, ref) if official and cfg.reward == "digits" else None,
             "wall_time_s": {"train": t_train, "total": time.time() - t0},
         }
 
@@ -505,14 +535,20 @@ def early_stop_path(reference, official):
 
 
 def family_members(cfg, method):
-    """{family: [arm, ...]} of the trained families, each from the strongest effect to the weakest (guard, KL: by
-    decreasing weight, the headline guard included; lower lr: by increasing lr)."""
+    """{family: [(knob, arm), ...]} of the trained families, each from the strongest effect to the weakest (guard,
+    KL: by decreasing weight, the headline guard included; lower lr: by increasing lr factor)."""
     a, lam = arms(cfg, method, frontier=True), train_config(cfg, method, "guard", 0, "").lam
     guard = sorted([(lam, "guard")] + [(o["lam"], n) for n, o in a.items() if "lam" in o], reverse=True)
     kl = sorted([(o["kl_weight"], n) for n, o in a.items() if "kl_weight" in o], reverse=True)
     lower_lr = sorted((o["lr_scale"], n) for n, o in a.items() if "lr_scale" in o)
     families = {"guard": guard, "kl": kl, "lower_lr": lower_lr}
-    return {f: [n for _, n in members] for f, members in families.items() if members}
+    return {f: members for f, members in families.items() if members}
+
+
+def knob_values(cfg, method):
+    """evidence.knobs' knob_values of one method: each family's knob in path order, rescaling's s included."""
+    values = {f: [v for v, _ in members] for f, members in family_members(cfg, method).items()}
+    return {**values, "rescale": sorted(floats(cfg.rescales))}
 
 
 def frontier_paths(cfg, results, method, seeds):
@@ -525,8 +561,8 @@ def frontier_paths(cfg, results, method, seeds):
         reference, official = results[("reference", None, s)], results[(method, "none", s)]
         start, end = point(reference["eval"]["full"]), point(official["eval"]["full"])
         members = {
-            f: [point(results[(method, arm, s)]["eval"]["full"]) for arm in names]
-            for f, names in family_members(cfg, method).items()
+            f: [point(results[(method, arm, s)]["eval"]["full"]) for _, arm in members]
+            for f, members in family_members(cfg, method).items()
         }
         members["early_stop"] = early_stop_path(reference, official)[1:-1]
         members["rescale"] = [point(official["eval"]["rescale" if x == 1 else f"rescale_{x:g}"]) for x in scales]
@@ -536,12 +572,14 @@ def frontier_paths(cfg, results, method, seeds):
 
 
 def evidence_inputs(results, methods, seeds):
-    """evidence.verdicts' inputs: runs, null_runs, adjoint, adjoint_reference (per seed), the early-stopping
-    control (the guarded run's final point against the official run's checkpoint path) and reference_eval."""
+    """evidence.verdicts' inputs: runs, null_runs, adjoint, adjoint_reference (per seed; None for a reward without
+    a gradient), the early-stopping control (the guarded run's final point against the official run's checkpoint
+    path) and reference_eval."""
     runs = {m: {v: [results[(m, v, s)]["eval"] for s in seeds] for v in ev.VARIANTS} for m in methods}
     null_runs = {m: {"none": [results[(m, "null", s)]["eval"] for s in seeds]} for m in methods}
     adjoint_runs = {m: [results[(m, "none", s)]["adjoint"] for s in seeds] for m in methods}
     references = [results[("reference", None, s)] for s in seeds]
+    has_adjoint = all(r["adjoint"] is not None for r in references)
     control = {}
     for m in methods:
         control[m] = []
@@ -553,11 +591,11 @@ def evidence_inputs(results, methods, seeds):
     return dict(
         runs=runs,
         null_runs=null_runs,
-        adjoint=adjoint_runs,
+        adjoint=adjoint_runs if has_adjoint else None,
         control=control,
         reference_eval=mean_eval([r["eval"] for r in references]),  # the table's reference row
         reference_per_seed=[r["eval"] for r in references],  # the verdicts': each seed's gain from its own
-        adjoint_reference=[r["adjoint"] for r in references],
+        adjoint_reference=[r["adjoint"] for r in references] if has_adjoint else None,
     )
 
 
@@ -695,6 +733,8 @@ def summarise(cfg, tc, results, frontier):
         # the primary comparison (protocol, amendment 1): at each seed's headline guarded run's own reward
         out["operating"] = {m: [point(results[(m, "guard", s)]["eval"]["full"]) for s in seeds] for m in methods}
         out["frontier"], out["frontier_summary"] = ev.frontier(out["paths"], QUALITY, out["operating"])
+        values = {m: knob_values(cfg, m) for m in methods}  # the knob question (protocol, amendment 2 (g))
+        out["knobs"], out["knob_summary"] = ev.knobs(out["paths"], values, QUALITY)
     return out
 
 
@@ -738,7 +778,8 @@ def main(argv=None):
     n_runs = len(all_jobs(cfg, frontier)) - len(seed_list(cfg))
     print(
         f"device cpu | {n_runs} RL runs of train_full with the digits preset ({cfg.methods}, seeds {cfg.seeds}, "
-        f"{'headline + frontier' if frontier else 'headline'}), {cfg.jobs} at a time | reference seed {cfg.ref_seed} |"
+        f"{'headline + frontier' if frontier else 'headline'}), {cfg.jobs} at a time | reward {cfg.reward} | "
+        f"reference seed {cfg.ref_seed} |"
         f" {'full fine-tuning' if tc.full_finetune else f'LoRA r={tc.lora_rank}'} | {tc.prompts_per_step}x"
         f"{tc.group_size} rollouts/step | {tc.steps} steps | lr {tc.lr:g} (dpo {cfg.dpo_lr:g}) | lam {tc.lam} "
         f"{tc.margin} | {tc.sample_steps} and {tc.few_steps} Euler steps | {cfg.eval_samples} eval samples per seed"
@@ -749,7 +790,7 @@ def main(argv=None):
     print(metrics["members"])
     print("\n".join(metrics["drift_lines"]))
     if frontier:
-        print("\n".join(metrics["frontier"]))
+        print("\n".join(metrics["frontier"] + metrics["knobs"]))
     print(
         f"wall time {metrics['wall_time_s']['total']:.0f} s (reference {metrics['wall_time_s']['reference']:.0f} s) | "
         f"outputs in {cfg.out_dir}: metrics.json, config.json, digits.png"

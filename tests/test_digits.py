@@ -377,6 +377,41 @@ def test_frontier_paths_run_from_the_reference_through_the_members_to_the_offici
     assert [tuple(p) for p in metrics["paths"]["dpo"]["guard"][0]][1] == point("dpo_guard_lam4")
 
 
+def test_the_second_reward_writes_to_its_own_folder_with_its_own_null_control():
+    cfg, _ = dx.parse_args(["--reward=jpeg"])
+    assert cfg.out_dir == "runs/digits_jpeg" and dx.parse_args(["--reward=jpeg", "--out_dir=x"])[0].out_dir == "x"
+    assert dx.parse_args(["--reward=jpeg", "--smoke"])[0].out_dir == dx.SMOKE["out_dir"] + "_jpeg"
+    assert dx.train_config(cfg, "nft", "guard", 0, "").reward == "jpeg"
+    assert dx.train_config(cfg, "nft", "null", 0, "").reward == "jpeg_shuffled"
+    assert dx.train_config(dx.parse_args([])[0], "awm", "null", 0, "").reward == "digits_shuffled"
+    with pytest.raises(ValueError, match="reward: expected one of"):
+        dx.parse_args(["--reward=pickscore"])
+    images = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    shuffled = dx.shuffled_jpeg_reward(dx.train_config(cfg, "nft", "null", 0, ""), "cpu")(images, ["0"] * 8)
+    real = dx.reward_of(cfg, images, torch.zeros(8, dtype=torch.long))
+    assert sorted(shuffled.tolist()) == sorted(real.tolist()) and not torch.equal(shuffled, real)  # a permutation
+
+
+def test_the_second_reward_runs_through_the_same_trainer(digits_cache, tmp_path):
+    """--reward=jpeg --smoke: every run trains on JPEG compressibility (its null control on the permuted one), the
+    final evaluation scores the same reward as train_full's own, claim 3 is not tested (no gradient), and the
+    frontier and the knob question are printed."""
+    args = ("--reward=jpeg", "--methods=nft", "--frontier", "--steps=2", "--eval_every=1", "--jobs=1")
+    metrics = dx.main(smoke_args(digits_cache, tmp_path, *args))
+    assert metrics["verdicts"][2].startswith("(3) no coherent first-order magnitude signal: NOT TESTED")
+    for arm in ("none", "guard", "null", "kl0.01"):
+        folder = tmp_path / "runs" / f"nft_{arm}_seed0"
+        saved = json.loads((folder / "config.json").read_text())["config"]
+        assert saved["reward"] == ("jpeg_shuffled" if arm == "null" else "jpeg")
+        evals = [json.loads(line) for line in (folder / "evals.jsonl").read_text().splitlines()]
+        final = torch.load(folder / "result.pt", weights_only=False)["eval"]["full"]
+        assert -1 < final["reward"] < 0  # minus kB: an 8x8 JPEG is a few hundred bytes
+        if arm != "null":  # train_full evaluates on its run's reward: the null run's is the permuted one
+            assert final["reward"] == pytest.approx(evals[-1]["reward_full"], abs=2e-3)  # a rounding can move a byte
+    assert len(metrics["frontier"]) == 4 and metrics["knobs"] and metrics["adjoint"] is None
+    assert any(line.startswith("nft kl ranking at its members") for line in metrics["knobs"])
+
+
 def test_every_run_is_a_train_full_run(smoke):
     """Each (method, arm, seed) folder is what train_full with the digits preset (`python -m
     experiments.digits_testbed`) writes, with the experiment's per-run settings in its config.json."""
@@ -480,10 +515,19 @@ def test_runs_start_in_the_order_the_protocol_cuts_them_last():
     jobs = dx.all_jobs(cfg, frontier)
     assert jobs[:2] == [("reference", None, 0), ("reference", None, 1)]
     order = [(dx.METHODS.index(m), dx.priority(cfg, m, a)) for m, a, _ in jobs[2:]]
-    assert order == sorted(order) and len(jobs) == 2 + 2 * (3 * 3 + 2 * 7 + 1)  # method by method, then priority
+    # per seed: 3 headline arms per method; NFT and AWM 3 guard, 6 KL and 3 lr members; DPO 1 guard member
+    assert order == sorted(order) and len(jobs) == 2 + 2 * (3 * 3 + 2 * 12 + 1)  # method by method, then priority
     rank = {a: dx.priority(cfg, "nft", a) for a in dx.arms(cfg, "nft", True)}
-    inner, outer = {"guard_lam0.5": 1, "kl0.001": 1, "kl0.01": 1}, {"guard_lam0.25": 2, "guard_lam2": 2, "kl0.1": 2}
-    assert rank == {"none": 0, "guard": 0, "null": 0, **inner, **outer, "lr_x0.5": 3}
+    inner = dict.fromkeys(("guard_lam0.5", "kl0.0003", "kl0.001", "kl0.003", "kl0.01", "kl0.03"), 1)
+    outer = dict.fromkeys(("guard_lam0.25", "guard_lam2", "kl0.1"), 2)
+    assert rank == {
+        "none": 0,
+        "guard": 0,
+        "null": 0,
+        **inner,
+        **outer,
+        **dict.fromkeys(("lr_x0.5", "lr_x0.75", "lr_x0.9"), 3),
+    }
     assert dx.priority(cfg, "dpo", "guard_lam4") == 4
     assert set(dx.arms(cfg, "dpo", False)) == set(dx.HEADLINE)
 
