@@ -229,9 +229,8 @@ def _stats(**named):
     """Detached 0-dim statistics, stacked into one buffer of their own.
 
     Under torch.compile, inductor returns one tensor object for outputs it finds equal (λ·hinge at
-    λ = 1 and the hinge statistic, a loss + 0·term and its policy statistic), so detaching the
-    statistic detached the loss: the compiled step trained without it. A stack of two or more is
-    always a new buffer.
+    λ = 1 and the hinge statistic), so detaching the statistic detached the loss: the compiled step
+    trained without it. A stack of two or more is always a new buffer.
     """
     return dict(zip(named, torch.stack([x.detach() for x in named.values()]).unbind()))
 
