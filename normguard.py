@@ -28,9 +28,10 @@ ranges of its hyperparameters, and results that would overflow their dtype. Type
 hyperparameters are checked in Python and cost nothing on the device. Tensor values are checked
 with one host sync per call, through small per-sample quantities the function computes anyway; on
 a GPU that sync waits for the queued work. `with value_checks(False):` skips them in a hot loop;
-under torch.compile and on the meta device they are skipped always (a compiled graph cannot raise
-on a value without a sync; meta tensors have no values), so run a step eagerly first. Statistics
-are detached 0-dim tensors: calling .item() on them is the only other sync a loop needs to log.
+under torch.compile and on meta or fake tensors they are skipped always (a compiled graph cannot
+raise on a value without a sync; meta and fake tensors have none), so run a step eagerly first.
+Statistics are detached 0-dim tensors: calling .item() on them is the only other sync a loop needs
+to log.
 """
 
 import contextlib
@@ -94,7 +95,7 @@ def value_checks(enabled):
 
     On by default. Each checked call syncs the host once (on a GPU it waits for the queued work);
     switched off, a bad input gives NaN/Inf or a wrong answer instead of an error. Types, shapes
-    and hyperparameters are checked either way. Under torch.compile and on the meta device the
+    and hyperparameters are checked either way. Under torch.compile and on meta or fake tensors the
     value checks are skipped whatever this says.
     """
     before = _VALUE_CHECKS["on"]
@@ -107,11 +108,14 @@ def value_checks(enabled):
 
 def _values_unchecked(tensors):
     """Whether to skip reading values: switched off, inside torch.compile (a host sync would break
-    the graph or stall it), or on the meta device (shapes only, no values to read)."""
+    the graph or stall it), or on tensors without values (the meta device, and the fake tensors
+    that shape inference and deferred init trace with)."""
     return (
         torch.compiler.is_compiling()
         or not _VALUE_CHECKS["on"]
-        or any(x.device.type == "meta" for x in tensors)
+        or any(
+            x.device.type == "meta" or isinstance(x, torch._subclasses.FakeTensor) for x in tensors
+        )
     )
 
 

@@ -148,6 +148,20 @@ def test_every_public_function_runs_on_meta_tensors_shape_only():
     assert sensitivity.shape == (B, 3) and sensitivity.device.type == "meta" and stats["std"].shape == (3,)
 
 
+def test_every_public_function_runs_on_fake_tensors_shape_only():
+    """FakeTensorMode, what shape inference and deferred initialisation trace with outside torch.compile: the value
+    checks would read a value that does not exist (DataDependentOutputException)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        kw = {k: mode.from_tensor(v.detach()) for k, v in inputs(torch.float32).items()}
+        kw["v"].requires_grad_(True)
+        kw["v_l"].requires_grad_(True)
+        losses, others = step(**kw)
+    assert all(loss.shape == () and loss.requires_grad for loss, _ in losses.values())
+    assert flat([others])["forward_process[1]"].shape == (B, 3, 4, 4)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # the switch for hot loops
 
