@@ -13,20 +13,28 @@ Shapes: B is the batch; "..." is any number of non-batch dims: (B, D), (B, C, H,
 (B, C, F, H, W) video latents, (B, N, D) tokens.
 
 Dtypes, one rule for every function: tensor arguments must be floating point (an integer or bool
-tensor raises TypeError). The first tensor argument sets the dtype: float64 if it is float64,
-float32 otherwise (bf16, fp16, fp32). Every other tensor argument is cast to that dtype, norms,
-errors and losses are reduced in it, and losses, statistics, norms and ratios come back in it.
-Functions that return a tensor shaped like their first tensor argument (forward_process,
-euler_sample, rescale_to_reference) return it in that tensor's own dtype. group_advantages
-computes in float64, as the official stat tracker does, and returns the same dtype as the rest.
+tensor raises TypeError). The first tensor argument sets the computing dtype: float64 if it is
+float64, float32 otherwise (bf16, fp16, fp32). Every tensor argument (and a velocity_fn's output)
+is cast to it before any arithmetic, so mixed bf16/fp32 arguments give the float32 answer for
+their values. Losses, statistics, norms and ratios come back in it. Functions that return a
+tensor shaped like their first tensor argument (forward_process, euler_sample, rescale_to_reference)
+round that result once to the argument's own dtype (euler_sample: each step's state, as diffusers'
+scheduler does), and raise if it overflows that dtype. group_advantages computes in float64, as
+the official stat tracker does, and returns the same dtype as the rest.
 
 Checks: every public function raises ValueError (TypeError for a wrong type) whose message starts
-with the argument's name and says what was expected: shapes, finite values, t in [0, 1], and the
-ranges of its hyperparameters. Checks on tensor values cost one host sync per call, through small
-per-sample quantities the function computes anyway. Statistics are detached 0-dim tensors: calling
-.item() on them is the only other host sync a training loop needs for logging.
+with the argument's name and says what was expected: shapes, finite values, t in [0, 1], the
+ranges of its hyperparameters, and results that would overflow their dtype. Types, shapes and
+hyperparameters are checked in Python and cost nothing on the device. Tensor values are checked
+with one host sync per call, through small per-sample quantities the function computes anyway; on
+a GPU that sync waits for the queued work. `with value_checks(False):` skips them in a hot loop;
+under torch.compile and on meta or fake tensors they are skipped always (a compiled graph cannot
+raise on a value without a sync; meta and fake tensors have none), so run a step eagerly first.
+Statistics are detached 0-dim tensors: calling .item() on them is the only other sync a loop needs
+to log.
 """
 
+import contextlib
 import math
 import numbers
 
@@ -75,6 +83,42 @@ def _check(batch, per_sample=None):
             )
 
 
+_VALUE_CHECKS = {"on": True}  # value_checks() switches it
+
+
+@contextlib.contextmanager
+def value_checks(enabled):
+    """Switch the value checks (NaN/Inf, ranges, overflow) on or off inside a with-block.
+
+        with normguard.value_checks(False):   # a hot loop whose inputs were checked once
+            loss, stats = normguard.nft_loss(...)
+
+    On by default. Each checked call syncs the host once (on a GPU it waits for the queued work);
+    switched off, a bad input gives NaN/Inf or a wrong answer instead of an error. Types, shapes
+    and hyperparameters are checked either way. Under torch.compile and on meta or fake tensors the
+    value checks are skipped whatever this says.
+    """
+    before = _VALUE_CHECKS["on"]
+    _VALUE_CHECKS["on"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _VALUE_CHECKS["on"] = before
+
+
+def _values_unchecked(tensors):
+    """Whether to skip reading values: switched off, inside torch.compile (a host sync would break
+    the graph or stall it), or on tensors without values (the meta device, and the fake tensors
+    that shape inference and deferred init trace with)."""
+    return (
+        torch.compiler.is_compiling()
+        or not _VALUE_CHECKS["on"]
+        or any(
+            x.device.type == "meta" or isinstance(x, torch._subclasses.FakeTensor) for x in tensors
+        )
+    )
+
+
 def _check_values(inputs, derived=None, ranges=None, explain=None, rules=None):
     """Raise ValueError naming the input that holds NaN/Inf or leaves its range; one host sync.
 
@@ -86,6 +130,8 @@ def _check_values(inputs, derived=None, ranges=None, explain=None, rules=None):
     the inputs are fine but a derived value is not (an overflow); returns the message, or None for
     the generic one.
     """
+    if _values_unchecked(inputs.values()):
+        return
     ranges, rules = ranges or {}, rules or {}
     tensors = derived if derived is not None else list(inputs.values())
     flags = [torch.isfinite(x).all() for x in tensors]
@@ -145,6 +191,54 @@ def _choice(name, value, options):
         raise ValueError(f"{name}: expected one of {options}, got {value!r}")
 
 
+def _callable(name, fn):
+    if not callable(fn):
+        raise TypeError(
+            f"{name}: expected a callable (a function or a module), got {type(fn).__name__}"
+        )
+
+
+def _on_device(name, x, device):
+    """x moved to `device`; a ValueError naming `name` for a device torch cannot parse or reach."""
+    try:
+        device = device if device is None else torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"{name}: expected a torch device such as 'cpu', 'cuda' or 'cuda:0', got {device!r}"
+        ) from None
+    try:
+        return x.to(device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise ValueError(f"{name}: {device} is not available here ({e})") from None
+
+
+def _overflow(names, what, dtype):
+    """The message for a result that overflows its dtype although the inputs are finite."""
+    return (
+        f"{names}: finite, but {what} overflows {dtype} (largest finite value "
+        f"{torch.finfo(dtype).max:.4g}); pass them in a wider dtype or scale them down"
+    )
+
+
+def _beta_overflow(beta, at_one, what, dtype):
+    """The message when a loss overflows on finite inputs and would not at β = 1: β's fault."""
+    if not bool(torch.isfinite(at_one).all()):
+        return None
+    return (
+        f"beta: expected a β for which {what} is finite in {dtype} (it is at β = 1), got {beta:g}"
+    )
+
+
+def _stats(**named):
+    """Detached 0-dim statistics, stacked into one buffer of their own.
+
+    Under torch.compile, inductor returns one tensor object for outputs it finds equal (λ·hinge at
+    λ = 1 and the hinge statistic), so detaching the statistic detached the loss: the compiled step
+    trained without it. A stack of two or more is always a new buffer.
+    """
+    return dict(zip(named, torch.stack([x.detach() for x in named.values()]).unbind()))
+
+
 def _acc(x):
     """The dtype reductions run in: float64 stays, everything else (bf16, fp16, fp32) is float32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -166,13 +260,22 @@ def _bcast(t, x):
 def forward_process(x0, noise, t):
     """Noise clean samples: x_t = (1 - t)·x0 + t·ε, with velocity target u = ε - x0.
 
-    x0, noise: (B, ...); t: (B,) in [0, 1]. Returns (x_t, u), both (B, ...) in x0's dtype.
+    x0, noise: (B, ...); t: (B,) in [0, 1]. Computed in the dtype rule's dtype (float32 for a bf16
+    or fp16 x0, so each result is rounded once) and returned as (x_t, u), both (B, ...) in x0's
+    dtype. A u that overflows x0's dtype (fp16: |ε - x0| > 65504) raises.
     """
     _check({"x0": x0, "noise": noise}, {"t": t})
-    _check_values({"x0": x0, "noise": noise, "t": t}, ranges={"t": UNIT})
-    noise = noise.to(x0.dtype)
-    tb = _bcast(t.to(x0.dtype), x0)
-    return (1 - tb) * x0 + tb * noise, noise - x0
+    dt = _acc(x0)
+    x0_dt, noise_dt, tb = x0.to(dt), noise.to(dt), _bcast(t.to(dt), x0)
+    x_t = ((1 - tb) * x0_dt + tb * noise_dt).to(x0.dtype)
+    u = (noise_dt - x0_dt).to(x0.dtype)
+    _check_values(
+        {"x0": x0, "noise": noise, "t": t},
+        derived=[x_t, u],
+        ranges={"t": UNIT},
+        explain=lambda: _overflow("x0, noise", "x_t or u = noise - x0", x0.dtype),
+    )
+    return x_t, u
 
 
 def flow_timesteps(num_steps, shift=1.0, device=None):
@@ -182,14 +285,14 @@ def flow_timesteps(num_steps, shift=1.0, device=None):
 
     The second form is the same function, stays in [0, 1] for every s > 0 and is exact at both
     ends; the first overflows (s·t) or divides by zero (1 + (s - 1)·t) at extreme shifts.
-    num_steps: K >= 1; shift: s > 0 (3.0 for SD3 at 512-1024 px, 1.0 leaves the grid uniform).
-    Returns (K + 1,) float32.
+    num_steps: K >= 1; shift: s > 0 (3.0 for SD3 at 512-1024 px, 1.0 leaves the grid uniform);
+    device: where to put it (None: the CPU). Returns (K + 1,) float32.
     """
     _integer("num_steps", num_steps)
     _positive("shift", shift)
     # float32 points, widened: shift=1 returns them unchanged, other shifts are correctly rounded
     t = torch.linspace(1.0, 0.0, num_steps + 1).double()
-    return (t / (t + (1 - t) / shift)).to(device=device, dtype=torch.float32)
+    return _on_device("device", (t / (t + (1 - t) / shift)).float(), device)
 
 
 def _check_grid(timesteps):
@@ -199,6 +302,8 @@ def _check_grid(timesteps):
         raise ValueError(
             f"timesteps: expected a (K + 1,) tensor with K >= 1, got shape {tuple(timesteps.shape)}"
         )
+    if _values_unchecked([timesteps]):
+        return
     inside = ((timesteps >= 0) & (timesteps <= 1)).all()
     decreasing = (timesteps[1:] < timesteps[:-1]).all()
     if bool(inside & decreasing):
@@ -212,6 +317,19 @@ def _check_grid(timesteps):
     raise ValueError(f"timesteps: expected a strictly decreasing grid, got {timesteps.tolist()}")
 
 
+def _velocity(velocity_fn, x, t, step):
+    """velocity_fn(x, t), which must be a tensor of x's very shape: a (1, ...) velocity would
+    broadcast over the batch into an answer for another model."""
+    v = velocity_fn(x, t)
+    if not isinstance(v, torch.Tensor) or v.shape != x.shape:
+        got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+        raise ValueError(
+            f"velocity_fn: expected a velocity of x's shape {tuple(x.shape)}, got {got} "
+            f"at step {step}"
+        )
+    return v
+
+
 def euler_sample(velocity_fn, noise, timesteps, return_trajectory=False):
     """Integrate dx/dt = v(x, t) from noise at timesteps[0] with Euler steps.
 
@@ -219,31 +337,30 @@ def euler_sample(velocity_fn, noise, timesteps, return_trajectory=False):
 
     velocity_fn(x, t) -> v of x's shape: x (B, ...), t (B,) in [0, 1] (a diffusers model wants
     TIMESTEP_SCALE * t). noise: (B, ...); timesteps: (K + 1,) strictly decreasing in [0, 1],
-    e.g. flow_timesteps(K). Returns x at timesteps[-1] in noise's dtype; with return_trajectory,
+    e.g. flow_timesteps(K). Each step is computed in the dtype rule's dtype and its state rounded
+    to noise's dtype. Returns x at timesteps[-1] in noise's dtype; with return_trajectory,
     also the states the K steps started from and their velocities, each (K, B, ...), for drift
     monitoring along the policy's own trajectories. A velocity of another shape raises at once; a
     NaN or Inf velocity raises at the end (it leaves the sample non-finite for good).
     """
+    _callable("velocity_fn", velocity_fn)
     _check({"noise": noise})
     _check_grid(timesteps)
     timesteps = timesteps.to(noise.device)
-    x, states, velocities = noise, [], []
+    x, states, velocities, dt = noise, [], [], _acc(noise)
     for k, (t_cur, t_next) in enumerate(zip(timesteps[:-1], timesteps[1:])):
-        v = velocity_fn(x, t_cur.expand(x.shape[0]).to(x.dtype))
-        if not isinstance(v, torch.Tensor) or v.shape != x.shape:
-            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            raise ValueError(
-                f"velocity_fn: expected a velocity of x's shape {tuple(x.shape)}, got {got} "
-                f"at step {k}"
-            )
+        v = _velocity(velocity_fn, x, t_cur.expand(x.shape[0]).to(x.dtype), k)
         if return_trajectory:
             states.append(x)
             velocities.append(v)
-        x = x + ((t_next - t_cur).to(x.dtype) * v).to(x.dtype)
+        x = (x.to(dt) + (t_next - t_cur).to(dt) * v.to(dt)).to(noise.dtype)
     _check_values(
         {"noise": noise},
         derived=[x],
-        explain=lambda: "velocity_fn: expected finite velocities; the sample became NaN or Inf",
+        explain=lambda: (
+            f"velocity_fn: expected finite velocities; the sample became NaN or Inf (a non-finite "
+            f"velocity, or a state beyond {noise.dtype}'s range)"
+        ),
     )
     return (x, torch.stack(states), torch.stack(velocities)) if return_trajectory else x
 
@@ -330,7 +447,9 @@ def norm_ratio_profile(ratio, t, num_bins=10):
     ratio = ratio.reshape(ratio.shape[0], -1).mean(1) if ratio.ndim > 1 else ratio
     _check_values({"ratio": ratio, "t": t}, ranges={"t": UNIT})
     bins = (t.detach().to(_acc(t)) * num_bins).long().clamp(0, num_bins - 1)  # t's own precision
-    counts = torch.bincount(bins, minlength=num_bins)
+    # index_add_, not bincount: its output size is known before the values (torch.compile, meta)
+    counts = torch.zeros(num_bins, dtype=torch.long, device=bins.device)
+    counts.index_add_(0, bins, torch.ones_like(bins))
     sums = torch.zeros(num_bins, dtype=ratio.dtype, device=ratio.device).index_add_(0, bins, ratio)
     return sums / counts.to(ratio.dtype), counts  # 0 / 0 = NaN marks an empty bin
 
@@ -340,15 +459,19 @@ def rescale_to_reference(v, v_ref, eps=1e-12):
 
     v, v_ref: (B, ...); eps > 0. Needs a reference forward at every sampling step. The product is
     formed in float32 (float64 stays), so a bf16/fp16 v whose scale exceeds its range stays finite.
-    Returns (B, ...) in v's dtype, direction kept.
+    Returns (B, ...) in v's dtype, direction kept; a result that overflows v's dtype raises.
     """
     _check({"v": v, "v_ref": v_ref})
     _positive("eps", eps)
     dt = _acc(v)
     norm, norm_ref = _norm(v, dtype=dt), _norm(v_ref, dtype=dt)
-    _check_values({"v": v, "v_ref": v_ref}, derived=[norm, norm_ref])
-    scale = norm_ref / norm.clamp_min(eps)
-    return (v.to(dt) * _bcast(scale, v)).to(v.dtype)
+    out = (v.to(dt) * _bcast(norm_ref / norm.clamp_min(eps), v)).to(v.dtype)
+    _check_values(
+        {"v": v, "v_ref": v_ref},
+        derived=[norm, norm_ref, out],
+        explain=lambda: _overflow("v, v_ref", "a norm or v·‖v_ref‖/‖v‖", v.dtype),
+    )
+    return out
 
 
 def normguard_penalty(
@@ -401,11 +524,9 @@ def normguard_penalty(
     excess = ratio - 1 if margin == "relative" else norm - norm_ref
     hinge = F.relu(excess - tolerance) ** power
     penalty = hinge.mean()
-    stats = {
-        "hinge": penalty.detach(),
-        "active_frac": (excess > tolerance).to(dt).mean(),
-        "norm_ratio": ratio.detach().mean(),
-    }
+    stats = _stats(
+        hinge=penalty, active_frac=(excess > tolerance).to(dt).mean(), norm_ratio=ratio.mean()
+    )
     return lam * penalty, stats
 
 
@@ -471,24 +592,25 @@ def nft_loss(v, v_old, v_ref, x_t, x0, t, advantages, *, beta=1.0, adv_clip=5.0,
 
     def adaptive_x0_loss(v_implicit):
         err = x_t - tb * v_implicit - x0
-        weight = _per_sample_mean(err.detach().abs()).clamp_min(
-            1e-5
-        )  # stop-gradient: sets the scale
+        weight = _per_sample_mean(err.detach().abs()).clamp_min(1e-5)  # stop-gradient: the scale
         return _per_sample_mean(err**2) / weight
 
-    positive = adaptive_x0_loss(beta * v + (1 - beta) * v_old)
-    negative = adaptive_x0_loss((1 + beta) * v_old - beta * v)
+    def policy_term(b):
+        positive = adaptive_x0_loss(b * v + (1 - b) * v_old)
+        negative = adaptive_x0_loss((1 + b) * v_old - b * v)
+        return adv_clip * (p * positive + (1 - p) * negative) / b
+
+    policy_per_sample = policy_term(beta)
     kl_per_sample = _per_sample_mean((v - v_ref) ** 2)
-    # the raw advantages, not p: clipping would hide an Inf
-    derived = [positive.detach(), negative.detach(), kl_per_sample.detach(), advantages]
-    _check_values({**batch, **per_sample}, derived=derived, ranges={"t": UNIT})
-    policy = (adv_clip * (p * positive + (1 - p) * negative) / beta).mean()
-    kl = kl_per_sample.mean()
-    stats = {
-        "policy": policy.detach(),
-        "kl": kl.detach(),
-        "norm_ratio": _mean_norm_ratio(v, v_ref, dt),
-    }
+    _check_values(
+        {**batch, **per_sample},
+        # the raw advantages, not p: clipping would hide an Inf
+        derived=[policy_per_sample.detach(), kl_per_sample.detach(), advantages],
+        ranges={"t": UNIT},
+        explain=lambda: _beta_overflow(beta, policy_term(1.0), "NFT's policy term", dt),
+    )
+    policy, kl = policy_per_sample.mean(), kl_per_sample.mean()
+    stats = _stats(policy=policy, kl=kl, norm_ratio=_mean_norm_ratio(v, v_ref, dt))
     return policy + kl_weight * kl, stats
 
 
@@ -540,10 +662,16 @@ def _kl_weight(t, kl_weighting):
 
 
 def _elbo_rule(t, kl_weighting):
-    """The rule that keeps the "elbo" weight finite: σ_t = 0 at t = 0."""
+    """The rule that keeps the "elbo" weight finite, for t in the dtype it is computed in: σ_t = 0
+    at t = 0, and below the dtype's smallest normal number 1/(2σ_t²) overflows (k < 1.02 / t)."""
     if kl_weighting != "elbo":
         return {}
-    return {"t: expected values > 0 with kl_weighting='elbo' (σ_t = 0 at t = 0)": (t > 0).all()}
+    tiny = torch.finfo(t.dtype).tiny
+    message = (
+        f"t: expected values >= {tiny:.4g} with kl_weighting='elbo' ({t.dtype}'s smallest normal "
+        f"number: below it σ_t² underflows and 1/(2σ_t²) overflows; σ_t = 0 at t = 0)"
+    )
+    return {message: (t >= tiny).all()}
 
 
 def awm_kl_weight(t, kl_weighting="uniform"):
@@ -555,14 +683,16 @@ def awm_kl_weight(t, kl_weighting="uniform"):
     σ_t is the noise std at t of Flow-GRPO's SDE sampler at noise level 0.7 (the official code's
     std_dev_t), so "elbo" is the Gaussian KL form |Δv|²/(2σ²): it weighs rows near the noise end
     less (σ_1 = 7) and rows near the data end more (σ_t -> 0 as t -> 0).
-    t: (B,) in [0, 1], > 0 for "elbo". Returns (B,) in the dtype rule's dtype.
+    t: (B,) in [0, 1]; for "elbo" at least the dtype's smallest normal number (float32: 1.2e-38),
+    below which k overflows. Returns (B,) in the dtype rule's dtype.
     """
     _tensor("t", t)
     if t.ndim != 1 or t.numel() == 0:
         raise ValueError(f"t: expected a non-empty (B,) tensor, got {tuple(t.shape)}")
     _choice("kl_weighting", kl_weighting, AWM_KL_WEIGHTINGS)
-    k = _kl_weight(t.to(_acc(t)), kl_weighting)
-    _check_values({"t": t}, ranges={"t": UNIT}, rules=_elbo_rule(t, kl_weighting))
+    t_dt = t.to(_acc(t))
+    k = _kl_weight(t_dt, kl_weighting)
+    _check_values({"t": t}, ranges={"t": UNIT}, rules=_elbo_rule(t_dt, kl_weighting))
     return k
 
 
@@ -683,7 +813,7 @@ def awm_loss(
         kl_ema = k * _per_sample_mean((v - v_ema.detach().to(dt)) ** 2)
     adv = advantages.to(dt).clamp(-adv_clip, adv_clip) / adv_clip
     gap = log_p - log_p_old
-    rules = _elbo_rule(t, kl_weighting)
+    rules = _elbo_rule(t_dt, kl_weighting)
     if loss_type == "sum_first":
         gap, adv = _one_ratio_per_sample(gap, adv, advantages, timesteps_per_sample, rules)
     capped = torch.where(adv >= 0, gap.clamp(max=math.log1p(clip_range) + 1.0), gap)
@@ -699,14 +829,14 @@ def awm_loss(
     )
     kl_ref, kl_ema = kl_ref.mean(), kl_ema.mean()
     true_ratio = gap.detach().exp()
-    stats = {
-        "policy": policy.detach(),
-        "kl_ref": kl_ref.detach(),
-        "kl_ema": kl_ema.detach(),
-        "ratio": true_ratio.mean(),
-        "clip_frac": ((true_ratio - 1).abs() > clip_range).to(dt).mean(),
-        "norm_ratio": _mean_norm_ratio(v, v_ref, dt),
-    }
+    stats = _stats(
+        policy=policy,
+        kl_ref=kl_ref,
+        kl_ema=kl_ema,
+        ratio=true_ratio.mean(),
+        clip_frac=((true_ratio - 1).abs() > clip_range).to(dt).mean(),
+        norm_ratio=_mean_norm_ratio(v, v_ref, dt),
+    )
     return policy + ref_weight * kl_ref + ema_weight * kl_ema, stats
 
 
@@ -740,18 +870,30 @@ def dpo_loss(v_w, v_l, v_ref_w, v_ref_l, target_w, target_l, *, beta=2000.0):
     winner = err(v_w, target_w) - err(v_ref_w.detach(), target_w)
     loser = err(v_l, target_l) - err(v_ref_l.detach(), target_l)
     z = -beta / 2 * (winner - loser)
-    _check_values(batch, derived=[z.detach()])
+    _check_values(
+        batch,
+        derived=[z.detach()],
+        explain=lambda: _beta_overflow(beta, (winner - loser) / 2, "the logit z", dt),
+    )
     ratios = _mean_norm_ratio(v_w, v_ref_w, dt) + _mean_norm_ratio(v_l, v_ref_l, dt)
-    stats = {
-        "accuracy": (z.detach() > 0).to(dt).mean(),
-        "margin": z.detach().mean(),
-        "norm_ratio": ratios / 2,
-    }
+    stats = _stats(accuracy=(z > 0).to(dt).mean(), margin=z.mean(), norm_ratio=ratios / 2)
     return -F.logsigmoid(z).mean(), stats
 
 
 # --------------------------------------------------------------------------------------------------
 # the adjoint sensitivity diagnostic
+
+
+def _check_rewards(rewards, batch):
+    """reward_fn's answer: a (B,) tensor differentiable in x (not detached, not from .item())."""
+    if not isinstance(rewards, torch.Tensor) or rewards.shape != (batch,):
+        got = tuple(rewards.shape) if isinstance(rewards, torch.Tensor) else type(rewards).__name__
+        raise ValueError(f"reward_fn: expected (B,) = ({batch},) rewards, got {got}")
+    if not rewards.requires_grad:
+        raise ValueError(
+            "reward_fn: expected rewards differentiable in x, got a tensor that does not require "
+            "grad (a .detach(), .item() or torch.no_grad() inside reward_fn?)"
+        )
 
 
 def velocity_scale_sensitivity(velocity_fn, reward_fn, noise, timesteps):
@@ -771,6 +913,8 @@ def velocity_scale_sensitivity(velocity_fn, reward_fn, noise, timesteps):
     "total_std" of the uniform scaling Σ_k dR/dα_k (all steps scaled together), all in the dtype
     rule's dtype.
     """
+    _callable("velocity_fn", velocity_fn)
+    _callable("reward_fn", reward_fn)
     _check({"noise": noise})
     _check_grid(timesteps)
     with torch.inference_mode(False), torch.enable_grad():
@@ -781,16 +925,11 @@ def velocity_scale_sensitivity(velocity_fn, reward_fn, noise, timesteps):
         steps = iter(range(shape[1]))  # euler_sample calls velocity_fn once per step, in order
 
         def scaled_velocity(x, t):
-            return (1 + _bcast(alpha[:, next(steps)], x)) * velocity_fn(x, t)
+            k = next(steps)  # velocity checked before scaling: (1 + α) would broadcast a (1, ...) v
+            return (1 + _bcast(alpha[:, k], x)) * _velocity(velocity_fn, x, t, k)
 
         rewards = reward_fn(euler_sample(scaled_velocity, noise, timesteps))
-        if not isinstance(rewards, torch.Tensor) or rewards.shape != (noise.shape[0],):
-            got = (
-                tuple(rewards.shape)
-                if isinstance(rewards, torch.Tensor)
-                else type(rewards).__name__
-            )
-            raise ValueError(f"reward_fn: expected (B,) = ({noise.shape[0]},) rewards, got {got}")
+        _check_rewards(rewards, noise.shape[0])
         (grad,) = torch.autograd.grad(rewards.sum(), alpha)
     grad = grad.to(_acc(noise))
     _check_values(

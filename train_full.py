@@ -59,7 +59,15 @@ from trainer.checkpoints import (
     truncate_jsonl,
 )
 from trainer.rewards import build_reward, check_reward
-from trainer.rollouts import OFFICIAL, SAMPLERS, check_timesteps, rollout, rollout_grid, train_timestep_plan
+from trainer.rollouts import (
+    OFFICIAL,
+    SAMPLERS,
+    check_timesteps,
+    dpo_train_t,
+    rollout,
+    rollout_grid,
+    train_timestep_plan,
+)
 
 METHODS = ("nft", "awm", "dpo")
 
@@ -70,7 +78,7 @@ class Config:
     preset: str = "sd3"  # sd3 | flux | a preset another file registered (register_adapter)
     pretrained_model_name_or_path: str = ""  # a folder or hub id (a registered preset may build its own if empty)
     resolution: int = 512
-    max_sequence_length: int = 256  # T5 tokens of the prompt encoders
+    max_sequence_length: int = 256  # T5 tokens of the prompt encoders (the pipeline default; a --recipe sets 128)
     # prompts: text files, one prompt per line; empty = the preset's built-in list
     train_prompts: str = ""
     eval_prompts: str = ""
@@ -108,6 +116,8 @@ class Config:
     decay_lag: int = 0  # d at n - decay_lag (official 0; the digits preset keeps 1, the schedule its runs have used)
     recipe: str = ""  # "" | an official per-reward recipe of trainer/recipes.py (nft_ocr, awm_geneval, ...): see --help
     dpo_beta: float = 2000.0
+    dpo_t_law: str = "flow_factory"  # DPO's train t: flow_factory 1 - .99 clamp(sigmoid(n), .01, 1 - 1e-6) | sigmoid
+    dpo_t_shared: bool = True  # one DPO t per micro-batch of pairs (Flow-Factory) | false: one per pair
     # NormGuard (ng.normguard_penalty): zero unless |v_theta| > |v_ref|; loss = base + penalty
     guard: bool = True
     lam: float = 1.0  # DPO: the hinge's weight is lam * abs(dpo_beta) / 2, the factor its own loss carries
@@ -156,6 +166,7 @@ CHOICES.update(sampler=SAMPLERS, awm_timesteps=("discrete", "discrete_wo_init", 
 CHOICES.update(dpo_guard=("both", "winner", "loser"), mixed_precision=("no", "fp16", "bf16"))
 CHOICES.update(report_to=("", "tensorboard", "wandb"), awm_weighting=("uniform", "t", "t2", "huber", "ghuber"))
 CHOICES.update(awm_loss_type=("exp_first", "sum_first"), awm_kl_weighting=("uniform", "elbo"), nft_decay_type=(0, 1, 2))
+CHOICES.update(dpo_t_law=("flow_factory", "sigmoid"))
 AT_LEAST_1 = "steps prompts_per_step group_size sample_steps few_steps train_batch_size eval_every eval_seeds"
 AT_LEAST_1 += " checkpoint_every checkpoints_keep lora_rank lora_alpha resolution profile_bins max_sequence_length"
 AT_LEAST_1 += " grad_steps_per_batch"
@@ -182,6 +193,7 @@ NOT_IDENTITY += " checkpoint_every checkpoints_keep cache_dir gradient_checkpoin
 KEYS_ADDED_SINCE = dict(awm_loss_type="exp_first", awm_kl_weighting="uniform", nft_decay_type=1, decay_lag=1, recipe="")
 KEYS_ADDED_SINCE.update(sampler="euler", awm_timesteps="subset", sa_noise_level=0.0)
 KEYS_ADDED_SINCE.update(grad_steps_per_batch=1, awm_off_policy=False, awm_clip_range=1.0)
+KEYS_ADDED_SINCE.update(dpo_t_law="sigmoid", dpo_t_shared=False)
 
 
 def parse_args(argv, preset="sd3"):
@@ -269,8 +281,9 @@ def minibatches(cfg, batch, sigmas, gen):
 
     The one place where DPO and the sample methods differ in what they train on: NFT and AWM train every rollout
     sample at each of the method's train timesteps (one plan per minibatch); DPO trains one (best, worst) pair per
-    prompt group, at a logit-normal t drawn per pair. With more than one minibatch the samples (DPO: pairs) are
-    shuffled first, as the official code does. A micro-batch holds at most train_batch_size samples (DPO: pairs)."""
+    prompt group, at the t of rollouts.dpo_train_t (by default Flow-Factory's: one per micro-batch of pairs). With
+    more than one minibatch the samples (DPO: pairs) are shuffled first, as the official code does. A micro-batch
+    holds at most train_batch_size samples (DPO: pairs)."""
     x0, cond, bs, n = batch.x0, batch.cond, cfg.train_batch_size, cfg.grad_steps_per_batch
     units = cfg.prompts_per_step if cfg.method == "dpo" else len(x0)
     order = (torch.randperm(units, generator=gen) if n > 1 else torch.arange(units)).to(x0.device)
@@ -284,7 +297,7 @@ def minibatches(cfg, batch, sigmas, gen):
         for minibatch in order.chunk(n):
             losses.append([])
             for w, lo in zip(best[minibatch].split(bs), worst[minibatch].split(bs)):
-                t = torch.sigmoid(torch.randn(len(w), generator=gen))
+                t = dpo_train_t(cfg, len(w), gen)
                 kw = dict(x_w=x0[w], x_l=x0[lo], cond=pair_cond(w), t=t, eps=draw(w))
                 losses[-1].append(functools.partial(pair_loss, **kw))
         return losses
@@ -335,7 +348,7 @@ def sample_loss(cfg, adapter, model, base, old, x0, cond, adv, t_value, eps, v_o
 
 
 def pair_loss(cfg, adapter, model, base, old, x_w, x_l, cond, t, eps):
-    """Diffusion-DPO + guard on winner/loser pairs (B, C, H, W) sharing noise eps and a logit-normal t (B,)."""
+    """Diffusion-DPO + guard on winner/loser pairs (B, C, H, W) sharing noise eps and the t (B,) of dpo_train_t."""
     t, eps = t.to(x_w.device), eps.to(x_w.device, x_w.dtype)  # eps: shared by winner and loser
     (xt_w, u_w), (xt_l, u_l) = ng.forward_process(x_w, eps, t), ng.forward_process(x_l, eps, t)
     xt, tt = torch.cat([xt_w, xt_l]), torch.cat([t, t])

@@ -1,4 +1,5 @@
-"""Cost of the NormGuard hinge next to each base loss and next to a forward of a small diffusers transformer.
+"""Cost of the NormGuard hinge next to each base loss and next to a forward of a small diffusers transformer, and of
+the core's value checks.
 
     python bench/bench_normguard.py                    # (B, 16, 64, 64) latents, float32, on CUDA if present
     python bench/bench_normguard.py --batch=8 --dtype=bf16
@@ -6,7 +7,9 @@
 
 Run from the repo root (or anywhere: it puts the root on sys.path). Prints times and, what matters, ratios:
 hinge / base loss and hinge / model forward. Each timing is forward plus backward of the loss w.r.t. v (what a
-training step pays); median over repeats (torch.utils.benchmark).
+training step pays); median over repeats (torch.utils.benchmark). Then the value checks (NaN/Inf, ranges, overflow:
+one host sync per call): each call's forward with them on (the default) and off (`ng.value_checks(False)`), and
+the difference, their cost per call.
 """
 
 import dataclasses
@@ -137,6 +140,17 @@ def main(argv):
             f"{name:<6}{base_time * 1e3:>10.2f}{hinge_time * 1e3:>10.2f}{hinge_time / base_time:>12.3f}"
             f"{hinge_time / model_time:>11.3f}"
         )
+    # the value checks: a forward with them on (eager's default) and off, the difference their cost per call; on
+    # and off alternate, 3 times each, and the fastest of each counts (the least disturbed on a shared machine)
+    print(f"value checks, forward only:\n{'call':<6}{'on ms':>10}{'off ms':>10}{'cost ms':>10}{'on/off':>8}")
+    for name, fn in {"hinge": hinge["nft"], **losses}.items():
+        on, off = [], []
+        for _ in range(3):
+            on.append(timed(fn, backward=False))
+            with ng.value_checks(False):
+                off.append(timed(fn, backward=False))
+        on, off = min(on), min(off)
+        print(f"{name:<6}{on * 1e3:>10.3f}{off * 1e3:>10.3f}{(on - off) * 1e3:>10.3f}{on / off:>8.2f}")
     return dataclasses.asdict(cfg)
 
 

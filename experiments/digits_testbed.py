@@ -587,6 +587,9 @@ PRESET = dict(
     sampler="euler",
     sample_steps=10,
     awm_timesteps="subset",
+    # and DPO at t = sigmoid(n) drawn per pair (train_full's default is Flow-Factory's law, one t per micro-batch)
+    dpo_t_law="sigmoid",
+    dpo_t_shared=False,
 )
 # --smoke keeps the preset's micro-batch: 8x8 images need no smaller one, and the evaluation (batched by it) then
 # samples its 10 x eval_seeds images in one batch instead of one batch per 4

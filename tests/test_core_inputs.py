@@ -85,6 +85,22 @@ def awm_gap(adv_value, weighting="uniform"):
     return modify
 
 
+def overflowing(value, dtype):
+    """forward_process at finite x0 = value, noise = -value, where u = noise - x0 = -2·value overflows."""
+    full = lambda x: torch.full((B, 3), x, dtype=dtype)
+    return lambda kw: {**kw, "x0": full(value), "noise": full(-value)}
+
+
+def fp16_rescale_overflow(kw):
+    v = torch.zeros(2, 64, dtype=torch.float16)
+    v[:, 0] = 6e4  # ‖v‖ = 6e4, and ‖v_ref‖ = 8·2e4 = 1.6e5: the rescaled entry 1.6e5 is beyond fp16's 65504
+    return {"v": v, "v_ref": torch.full((2, 64), 2e4, dtype=torch.float16)}
+
+
+def elbo_at(t_value):
+    return lambda kw: {**poke("t", t_value)(kw), "kl_weighting": "elbo"}
+
+
 NAN, INF = float("nan"), float("inf")
 diffusers_grid = ng.TIMESTEP_SCALE * ng.flow_timesteps(4)  # a scheduler's .timesteps, not its sigmas
 
@@ -163,8 +179,8 @@ BAD = [
         ValueError,
         r"^advantages: expected the same value on the timesteps_per_sample rows of a sample",
     ),
-    ("awm_loss", lambda kw: {**poke("t", 0.0)(kw), "kl_weighting": "elbo"}, ValueError, r"^t: .*> 0 .*'elbo'"),
-    ("awm_kl_weight", poke("t", 0.0), ValueError, r"^t: expected values > 0 with kl_weighting='elbo'"),
+    ("awm_loss", lambda kw: {**poke("t", 0.0)(kw), "kl_weighting": "elbo"}, ValueError, r"^t: .*>= .*'elbo'"),
+    ("awm_kl_weight", poke("t", 0.0), ValueError, r"^t: expected values >= 1.175e-38 with kl_weighting='elbo'"),
     ("awm_kl_weight", poke("t", 1.5), ValueError, r"^t: expected values in \[0, 1\]"),
     ("awm_kl_weight", poke("t", NAN), ValueError, r"^t: expected finite"),
     ("awm_kl_weight", set_(kl_weighting="ELBO"), ValueError, r"^kl_weighting:"),
@@ -191,7 +207,43 @@ BAD = [
         ValueError,
         r"^v, v_old: log p~ - log p~_old reaches 400 on a sample with A < 0",
     ),
+    # results that overflow their dtype although every input is finite (they returned Inf)
+    ("forward_process", overflowing(6e4, torch.float16), ValueError, r"^x0, noise: finite, but .* torch.float16"),
+    ("forward_process", overflowing(3e38, torch.float32), ValueError, r"^x0, noise: finite, but .* torch.float32"),
+    ("rescale_to_reference", fp16_rescale_overflow, ValueError, r"^v, v_ref: finite, but .* overflows torch.float16"),
+    (
+        "euler_sample",
+        lambda kw: {**kw, "noise": kw["noise"].half(), "velocity_fn": lambda x, t: 1e5 * torch.ones_like(x)},
+        ValueError,
+        r"^velocity_fn: expected finite velocities; .* beyond torch.float16's range",
+    ),
+    ("awm_kl_weight", poke("t", 1e-45), ValueError, r"^t: expected values >= 1.175e-38 with kl_weighting='elbo'"),
+    ("awm_loss", elbo_at(1e-40), ValueError, r"^t: expected values >= 1.175e-38 with kl_weighting='elbo'"),
+    # β so large (or small) that the loss overflows, named as β's fault: the same inputs are finite at β = 1
+    ("nft_loss", set_(beta=1e30), ValueError, r"^beta: expected a β for which NFT's policy term is finite"),
+    ("nft_loss", set_(beta=1e300), ValueError, r"^beta: expected a β for which NFT's policy term is finite"),
+    ("nft_loss", set_(beta=1e-300), ValueError, r"^beta: expected a β for which NFT's policy term is finite"),
+    ("dpo_loss", set_(beta=1e300), ValueError, r"^beta: expected a β for which the logit z is finite"),
+    ("dpo_loss", set_(beta=-1e300), ValueError, r"^beta: expected a β for which the logit z is finite"),
+    # callables and devices
+    ("euler_sample", set_(velocity_fn=None), TypeError, r"^velocity_fn: expected a callable"),
+    ("velocity_scale_sensitivity", set_(velocity_fn="model"), TypeError, r"^velocity_fn: expected a callable"),
+    ("velocity_scale_sensitivity", set_(reward_fn=None), TypeError, r"^reward_fn: expected a callable"),
+    ("flow_timesteps", set_(device="nope"), ValueError, r"^device: expected a torch device such as 'cpu'"),
+    # a (1, ...) velocity would broadcast over the batch under the diagnostic's (1 + α) scaling
+    (
+        "velocity_scale_sensitivity",
+        set_(velocity_fn=lambda x, t: -x[:1]),
+        ValueError,
+        r"^velocity_fn: expected a velocity of x's shape \(4, 3, 4, 4\), got \(1, 3, 4, 4\) at step 0",
+    ),
     # the reward in the sensitivity diagnostic
+    (
+        "velocity_scale_sensitivity",
+        set_(reward_fn=lambda x: x.flatten(1).sum(1).detach()),
+        ValueError,
+        r"^reward_fn: expected rewards differentiable in x",
+    ),
     (
         "velocity_scale_sensitivity",
         set_(reward_fn=lambda x: x.flatten(1).sum(1) * NAN),
@@ -328,6 +380,38 @@ def check_forward_process_int_free(out, kw):
     torch.testing.assert_close(u, kw["noise"].float() - kw["x0"])
 
 
+def mixed_bf16_forward_process(kw):
+    return {**kw, "x0": kw["x0"].bfloat16()}  # noise stays float32: the case that was 1.3 % off
+
+
+def one_bf16_rounding_of_the_float64_answer(out, kw):
+    """Computed in float32 and rounded once to bf16: within one bf16 ulp (2^-8 relative) of the float64 answer,
+    entry by entry, u included (noise - x0 cancels; rounding noise to bf16 first cost 1.3 %)."""
+    x0, noise, t = kw["x0"].double(), kw["noise"].double(), kw["t"].double()[:, None, None, None]
+    for got, exact in zip(out, ((1 - t) * x0 + t * noise, noise - x0)):
+        assert got.dtype == torch.bfloat16
+        assert ((got.double() - exact).abs() <= 2**-8 * exact.abs()).all()
+
+
+def bf16_euler(kw):
+    return {**kw, "noise": kw["noise"].bfloat16(), "velocity_fn": lambda x, t: -x * (1 + t[:, None, None, None])}
+
+
+def euler_steps_in_float32_rounded_to_bf16(out, kw):
+    x, grid = kw["noise"], kw["timesteps"]
+    for t_cur, t_next in zip(grid[:-1], grid[1:]):
+        v = kw["velocity_fn"](x, t_cur.expand(B).to(x.dtype))
+        x = (x.float() + (t_next - t_cur) * v.float()).bfloat16()
+    assert out.dtype == torch.bfloat16 and torch.equal(out, x)
+
+
+def check_elbo_at_the_smallest_normal(out, kw):
+    t = kw["t"].double()
+    expected = 1 / (2 * 0.49 * t / (1 - t.clamp(max=0.99)))  # 8.7e37 at t = 1.2e-38: finite in float32
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=0)
+
+
 def check_ones(out, kw):
     assert torch.equal(out, torch.ones(B))
 
@@ -362,6 +446,9 @@ RIGHT = [
     ("awm_kl_weight", set_(kl_weighting="uniform", t=torch.zeros(B)), check_ones),  # t = 0 is fine uniform
     ("group_advantages", mixed(rewards=torch.float64), dtype_is(torch.float64)),
     ("euler_sample", set_(velocity_fn=lambda x, t: -x.double()), dtype_is(torch.float32)),
+    ("forward_process", mixed_bf16_forward_process, one_bf16_rounding_of_the_float64_answer),
+    ("euler_sample", bf16_euler, euler_steps_in_float32_rounded_to_bf16),
+    ("awm_kl_weight", poke("t", torch.finfo(torch.float32).tiny), check_elbo_at_the_smallest_normal),
     ("norm_ratio_profile", mixed(ratio=torch.bfloat16), dtype_is(torch.float32, lambda out: out[0])),
 ]
 

@@ -475,10 +475,12 @@ def test_identity_leaves_out_added_keys_at_their_old_values():
     """A checkpoint written before sampler, grad_steps_per_batch, ... existed resumes when they hold the values that
     code ran with (Euler, the first-90 % subset, one optimiser step, ...): the identity is then the one it wrote."""
     old = dict(sampler="euler", awm_timesteps="subset", decay_lag=1, pretrained_model_name_or_path="x")
+    old.update(dpo_t_law="sigmoid", dpo_t_shared=False)
     identity = tf.run_identity(tf.make_config(old))
     assert not set(tf.KEYS_ADDED_SINCE) & set(identity) and identity["sample_steps"] == 10
     official = tf.run_identity(tf.make_config({"pretrained_model_name_or_path": "x"}))
     assert official["sampler"] == "dpm2" and official["awm_timesteps"] == "discrete" and official["decay_lag"] == 0
+    assert official["dpo_t_law"] == "flow_factory" and official["dpo_t_shared"] is True
 
 
 def short_digits_runs(root):

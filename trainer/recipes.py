@@ -6,15 +6,18 @@ stays overridable. Sources (the official code, read for facts only): DiffusionNF
 What a recipe does not reproduce (NFT's rollouts from its old policy, ...) is listed in docs/train_full.md.
 """
 
+# Both official trainers encode prompts with 128 T5 tokens (compute_text_embeddings(..., max_sequence_length=128));
+# without a recipe the trainer keeps the SD3 pipeline's own default, 256
+OFFICIAL_T5 = dict(max_sequence_length=128)
 # DiffusionNFT: SD3.5-M at 512 px, 10 deterministic dpm2 steps, CFG 1, 24 images per prompt, lr 3e-4, KL 1e-4
 NFT = dict(method="nft", sample_steps=10, train_timesteps=0, group_size=24, cfg_scale=1.0, lr=3e-4, weight_decay=1e-4)
-NFT.update(nft_beta=1.0, kl_weight=1e-4, adv_clip=5.0, nft_decay_type=1, sampler="dpm2")
+NFT.update(nft_beta=1.0, kl_weight=1e-4, adv_clip=5.0, nft_decay_type=1, sampler="dpm2", **OFFICIAL_T5)
 # AWM: 14 SA-Solver steps, 6 train timesteps (0 = the recipe), one per stratum of the first 90 %, ghuber p = 0.25,
 # EMA weight 1; the strata from index 0 and noise level 0 for PickScore, from index 1 and 0.4 for GenEval and OCR
 AWM = dict(method="awm", sample_steps=14, train_timesteps=0, group_size=24, cfg_scale=1.0, lr=3e-4, weight_decay=1e-4)
 AWM.update(adv_clip=5.0, awm_weighting="ghuber", awm_loss_type="exp_first", awm_kl_weighting="uniform")
 AWM.update(sampler="sa_solver", awm_timesteps="discrete", sa_noise_level=0.0)
-AWM.update(awm_ema_weight=1.0, ema_decay_rate=0.001)
+AWM.update(awm_ema_weight=1.0, ema_decay_rate=0.001, **OFFICIAL_T5)
 AWM_WO_INIT = dict(AWM, awm_timesteps="discrete_wo_init", sa_noise_level=0.4)
 
 # reward="" marks a reward we do not ship (OCR, GenEval, HPSv2, the multi-reward mix): check() asks for --reward

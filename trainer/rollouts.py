@@ -12,8 +12,8 @@ official codes read them from `pipeline.scheduler.timesteps`: NFT K - 1 of its K
 one grid index from each of T equal strata of its first int(0.9·K) steps, never the last 10 % (`awm_timesteps`:
 "discrete", AWM's PickScore configs, strata of 0 .. int(0.9·K) - 1; "discrete_wo_init", its GenEval and OCR
 configs, strata of 1 .. int(0.9·K) - 1, so t_0 never), or this repo's earlier rule, "subset": a random T of the
-first int(0.9·K) points (the digits tables'). The samplers themselves are samplers.py's; nothing here knows a model
-family (velocities come through the adapter).
+first int(0.9·K) points (the digits tables'). DPO trains each pair at a t drawn off the grid (dpo_train_t). The
+samplers themselves are samplers.py's; nothing here knows a model family (velocities come through the adapter).
 """
 
 import torch
@@ -87,6 +87,17 @@ def timestep_pool(cfg):
         return k, k - 1
     pool = max(1, int(0.9 * k)) - (cfg.awm_timesteps == "discrete_wo_init")
     return pool, min(6, pool)
+
+
+def dpo_train_t(cfg, pairs, gen):
+    """DPO's train t (pairs,), n ~ N(0, 1) from gen. cfg.dpo_t_law "flow_factory" (Flow-Factory's DPO trainer: a
+    logit-normal over 99 % of the range, timestep_range 0.99, no shift) is t = 1 - 0.99·clamp(sigmoid(n), 0.01,
+    1 - 1e-6), so t in [0.0100, 0.9901]; "sigmoid" is t = sigmoid(n), this trainer's earlier law. cfg.dpo_t_shared:
+    one n for all the pairs of a micro-batch, as Flow-Factory draws one t per batch of pairs; false: one per pair."""
+    n = torch.randn(1 if cfg.dpo_t_shared else pairs, generator=gen).expand(pairs)
+    if cfg.dpo_t_law == "sigmoid":
+        return torch.sigmoid(n)
+    return 1 - 0.99 * torch.sigmoid(n).clamp(0.01, 1 - 1e-6)
 
 
 def train_timestep_plan(cfg, sigmas, gen):
