@@ -41,6 +41,7 @@ import train_full as tf
 from experiments import digits_testbed as dg
 from experiments import evidence as ev
 from trainer import cli
+from trainer.evaluation import EVAL_SEED_OFFSET
 
 METHODS = ("nft", "awm", "dpo")
 HEADLINE = ("none", "guard", "null")  # official un-guarded, + NormGuard, shuffled-reward control
@@ -56,7 +57,6 @@ PER_RUN = tuple((PER_RUN + " eval_prompts resume reward").split())
 # checkpoint whose FD is worse than step 0's by DRIFT_DAMAGE (about double the reference's FD of 9.5 on seed 0)
 DRIFT_ALARMS = (1.05, 1.10)
 DRIFT_DAMAGE = 10.0
-EVAL_NOISE_OFFSET = 12345  # train_full's Run.evaluate draws its eval noise from seed + 12345
 ADJOINT_NOISE_OFFSET = 54321  # the adjoint diagnostic's noise: per seed, shared by the reference and every model
 
 
@@ -107,7 +107,8 @@ def parse_args(argv):
     """(Config, frontier?) from --key=value overrides of Config or of train_full's Config (forwarded to every run,
     except PER_RUN keys), --smoke and --frontier. A bad argument raises cli.UsageError, a bad value ValueError."""
     forwarded = {f.name for f in dataclasses.fields(tf.Config)} - set(PER_RUN)
-    (own, train), flags = cli.parse(argv, [Config, (tf.Config, forwarded)], flags=FLAGS, doc=__doc__)
+    shown = {**dg.PRESET, **TRAIN_DEFAULTS}  # --help lists the values the runs start from, not the sd3 preset's
+    (own, train), flags = cli.parse(argv, [Config, (tf.Config, forwarded)], flags=FLAGS, doc=__doc__, defaults=shown)
     smoke = "smoke" in flags
     cfg = Config(**{**(SMOKE if smoke else {}), **own, "train": {"smoke": True, **train} if smoke else train})
     check_config(cfg)
@@ -227,9 +228,9 @@ def load_trained(tcfg, ref_path):
 
 def eval_set(tcfg):
     """train_full's eval set of a run (Run.evaluate): labels 0..9, eval_seeds in a row each, and noise (B, 1, 8, 8)
-    from seed + EVAL_NOISE_OFFSET. Every run and the reference of one seed share it."""
+    from seed + EVAL_SEED_OFFSET (train_full's own). Every run and the reference of one seed share it."""
     labels = torch.arange(dg.NUM_CLASSES).repeat_interleave(tcfg.eval_seeds)
-    gen = torch.Generator().manual_seed(tcfg.seed + EVAL_NOISE_OFFSET)
+    gen = torch.Generator().manual_seed(tcfg.seed + EVAL_SEED_OFFSET)
     return torch.randn(len(labels), 1, 8, 8, generator=gen), labels
 
 

@@ -536,6 +536,8 @@ def test_command_line_help_exits_0_and_a_bad_argument_exits_2_with_one_line(caps
         cli.run(dx.main, ["--help"])
     printed = capsys.readouterr().out
     assert done.value.code == 0 and "--frontier" in printed and "--kl_weights=" in printed
+    # train_full's keys show the values the runs start from (digits preset < TRAIN_DEFAULTS), not the sd3 preset's
+    assert "  --resolution=8  " in printed and "  --lr=0.001  " in printed and "  --steps=160  " in printed
     # the script's own entry point, run as __main__ (tests/test_cli.py runs cli.run in a fresh interpreter)
     monkeypatch.setattr("sys.argv", [dx.__file__, "--seeds=x"])
     monkeypatch.delitem(sys.modules, "experiments.digits", raising=False)  # run fresh as __main__, as `python -m` does

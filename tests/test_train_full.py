@@ -651,6 +651,24 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sd3_path, tmp_path, m
     assert m["steps"] == 2
 
 
+def test_help_lists_the_defaults_of_the_preset_that_runs(capsys):
+    """`python -m experiments.digits_testbed --help` (train_full's parser with the digits preset) and
+    `python train_full.py --preset=flux --help` show that preset's values; a plain --help shows sd3's."""
+    from experiments import digits_testbed
+
+    for argv, preset, shown in (
+        (["--help"], "digits", dict(digits_testbed.PRESET, preset="digits")),
+        (["--preset=flux", "--help"], "sd3", dict(adapters.registered("flux").defaults, preset="flux")),
+        (["--help"], "sd3", dict(adapters.registered("sd3").defaults, preset="sd3")),
+    ):
+        with pytest.raises(SystemExit) as done:
+            tf.parse_args(argv, preset=preset)
+        printed = capsys.readouterr().out
+        assert done.value.code == 0 and f"The defaults below are the {shown['preset']} preset's." in printed
+        for key, value in shown.items():
+            assert f"  --{key}={value}  " in printed, (argv, key)
+
+
 def test_bad_arguments_fail_fast_with_clear_messages(tmp_path, monkeypatch):
     import time
 
@@ -676,7 +694,7 @@ def test_bad_arguments_fail_fast_with_clear_messages(tmp_path, monkeypatch):
             tf.main(["--preset=flux", f"--pretrained_model_name_or_path={path}", f"--out_dir={tmp_path / 'o'}"])
         assert time.time() - t0 < 15
     with pytest.raises(ValueError, match="prompt file"):
-        tf.read_prompts(str(tmp_path / "missing.txt"), "sd3")
+        tf.read_prompts(str(tmp_path / "missing.txt"), adapters.registered("sd3").prompts)
 
 
 def test_exported_lora_loads_with_load_lora_weights(sd3_path, tmp_path):
