@@ -178,7 +178,7 @@ NOT_IDENTITY = "out_dir resume overwrite steps eval_every eval_seeds few_steps e
 NOT_IDENTITY += " drift_alarm drift_stop recipe"  # a recipe's values are keys of their own
 NOT_IDENTITY += " checkpoint_every checkpoints_keep cache_dir gradient_checkpointing"
 # Keys added after checkpoints were written without them, at the values under which those runs computed the same:
-# left out of the identity there, so such checkpoints still resume (digits_experiment reuses its runs by the same rule)
+# left out of the identity there, so such checkpoints still resume (experiments/digits.py reuses runs by the same rule)
 KEYS_ADDED_SINCE = dict(awm_loss_type="exp_first", awm_kl_weighting="uniform", nft_decay_type=1, decay_lag=1, recipe="")
 KEYS_ADDED_SINCE.update(sampler="euler", awm_timesteps="subset", sa_noise_level=0.0)
 KEYS_ADDED_SINCE.update(grad_steps_per_batch=1, awm_off_policy=False, awm_clip_range=1.0)

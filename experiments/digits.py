@@ -355,16 +355,15 @@ def cached(path, key, compute):
 # A finished run is reused when it computed the same thing: equal train_full configs, less the keys that only say
 # where files go and how often to checkpoint (a moved output or cache folder reruns nothing; the reference is named
 # by its folder, reference-seed<s>-steps<n>), and equal eval sizes. A train_full key added after a run was cached
-# counts as unchanged when it holds the value under which the older code ran (KEYS_ADDED_SINCE). A run without the
-# guard computed the same thing whatever its lam (lam weighs the hinge only): changing --lam reruns the guarded runs.
+# counts as unchanged when it holds the value under which the older code ran (train_full's KEYS_ADDED_SINCE, which
+# its run identity reads too). A run without the guard computed the same thing whatever its lam (lam weighs the
+# hinge only): changing --lam reruns the guarded runs.
 NOT_COMPARED = "out_dir cache_dir resume overwrite report_to checkpoint_every checkpoints_keep gradient_checkpointing"
-# train_full key -> the value every earlier run ran with: train_full's own table (its run identity reads it too)
-KEYS_ADDED_SINCE = tf.KEYS_ADDED_SINCE
 
 
 def same_run(stored, current):
     def compared(key):
-        config = {**KEYS_ADDED_SINCE, **{k: v for k, v in key.items() if k not in NOT_COMPARED.split()}}
+        config = {**tf.KEYS_ADDED_SINCE, **{k: v for k, v in key.items() if k not in NOT_COMPARED.split()}}
         config["pretrained_model_name_or_path"] = Path(key["pretrained_model_name_or_path"]).name
         if not config["guard"]:
             config.pop("lam")

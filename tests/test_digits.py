@@ -417,7 +417,7 @@ def test_a_finished_experiment_rerun_in_spawned_processes_reads_every_run_back(s
     def not_here(*args):
         raise AssertionError("a job ran in the test's process, not in a spawned one")
 
-    monkeypatch.setattr(dx, "cached", not_here)  # a spawned process imports digits_experiment afresh
+    monkeypatch.setattr(dx, "cached", not_here)  # a spawned process imports experiments.digits afresh
     again = dx.run_all(cfg, first["reference_path"], jobs, progress=False)
     assert {job: file.stat().st_mtime_ns for job, file in files.items()} == stamps
     assert set(again) == set(jobs)
@@ -507,7 +507,7 @@ def test_a_run_is_reused_on_what_it_computed_not_on_where_its_files_went(monkeyp
     assert not dx.same_run(key, {**key, "pretrained_model_name_or_path": "/a/reference-seed1-steps2000"})
     added = {**key, "new_option": "old behaviour"}  # a train_full key that did not exist when `key` was cached
     assert not dx.same_run(key, added)
-    monkeypatch.setitem(dx.KEYS_ADDED_SINCE, "new_option", "old behaviour")
+    monkeypatch.setitem(tf.KEYS_ADDED_SINCE, "new_option", "old behaviour")
     assert dx.same_run(key, added) and not dx.same_run(key, {**key, "new_option": "new behaviour"})
 
 
@@ -575,11 +575,11 @@ DIGITS_RUN.update(train_batch_size=32, mixed_precision="no")
 
 
 def test_the_digits_preset_computes_what_its_runs_computed():
-    """A key added to train_full must be declared in digits_experiment.KEYS_ADDED_SINCE (the cached runs' reuse reads
+    """A key added to train_full must be declared in train_full.KEYS_ADDED_SINCE (the cached runs' reuse reads
     it too) with the value that keeps the digits runs as they were, and the preset must resolve to it; a changed
     default the preset inherits fails here. The old/EMA decay, step by step, is the formula those runs used:
     min(rate * step, 0.5 NFT / 0.3 AWM) at the 0-based step of the update just made."""
-    added = dx.KEYS_ADDED_SINCE
+    added = tf.KEYS_ADDED_SINCE
     for method in ("nft", "awm", "dpo"):
         cfg = tf.make_config({"method": method}, preset="digits")
         identity = tf.run_identity(cfg)
