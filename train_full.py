@@ -189,7 +189,7 @@ NOT_IDENTITY = "out_dir resume overwrite steps eval_every eval_seeds few_steps e
 NOT_IDENTITY += " drift_alarm drift_stop recipe"  # a recipe's values are keys of their own
 NOT_IDENTITY += " checkpoint_every checkpoints_keep cache_dir gradient_checkpointing"
 # Keys added after checkpoints were written without them, at the values under which those runs computed the same:
-# left out of the identity there, so such checkpoints still resume (digits_experiment reuses its runs by the same rule)
+# left out of the identity there, so such checkpoints still resume (experiments/digits.py reuses runs by the same rule)
 KEYS_ADDED_SINCE = dict(awm_loss_type="exp_first", awm_kl_weighting="uniform", nft_decay_type=1, decay_lag=1, recipe="")
 KEYS_ADDED_SINCE.update(sampler="euler", awm_timesteps="subset", sa_noise_level=0.0)
 KEYS_ADDED_SINCE.update(grad_steps_per_batch=1, awm_off_policy=False, awm_clip_range=1.0)
@@ -197,25 +197,34 @@ KEYS_ADDED_SINCE.update(dpo_t_law="sigmoid", dpo_t_shared=False)
 
 
 def parse_args(argv, preset="sd3"):
-    """Config from `--key=value` overrides and `--smoke` on top of `preset` (unless --preset is given)."""
-    (overrides,), flags = cli.parse(argv, [Config], flags=FLAGS, doc=__doc__)
-    return make_config(overrides, smoke="smoke" in flags, preset=preset)
+    """Config from `--key=value` overrides and `--smoke` on top of `preset` (unless --preset is given); `--help`
+    lists that preset's defaults."""
+    name = next((arg.partition("=")[2] for arg in argv if arg.startswith("--preset=")), preset)
+    family = registered(name)
+    doc = f"{__doc__.rstrip()}\n\nThe defaults below are the {name} preset's."
+    shown = {**family.defaults, "preset": name}
+    (overrides,), flags = cli.parse(argv, [Config], flags=FLAGS, doc=doc, defaults=shown)
+    return family_config(family, {**overrides, "preset": name}, smoke="smoke" in flags)
 
 
 def make_config(overrides, smoke=False, preset="sd3"):
-    """The preset's defaults < the recipe's < (smoke) SMOKE and the preset's smoke sizes < `overrides`; checked."""
+    """The config of `overrides` ({Config key: value}) on top of `preset`, unless they name their own."""
     name = overrides.get("preset", preset)
-    family, recipe = registered(name), recipes.settings(overrides.get("recipe", ""))
+    return family_config(registered(name), {**overrides, "preset": name}, smoke)
+
+
+def family_config(family, overrides, smoke):
+    """The family's defaults < the recipe's < (smoke) SMOKE and the family's smoke sizes < `overrides`; checked."""
+    recipe = recipes.settings(overrides.get("recipe", ""))
     cfg = Config(**{**family.defaults, **recipe, **({**SMOKE, **family.smoke_sizes} if smoke else {}), **overrides})
-    cfg.preset = name
     if cfg.method in OFFICIAL:  # "" and 0: the method's official sampler and step count (rollouts.OFFICIAL)
         sampler, steps = OFFICIAL[cfg.method]
         cfg.sampler, cfg.sample_steps = cfg.sampler or sampler, cfg.sample_steps or steps
-    check_config(cfg)
+    check_config(cfg, family)
     return cfg
 
 
-def check_config(cfg):
+def check_config(cfg, family):
     """A ValueError naming the key and what it expects, for the first bad value of cfg (no file is read)."""
     for name, options in CHOICES.items():
         if getattr(cfg, name) not in options:
@@ -235,7 +244,7 @@ def check_config(cfg):
     check_timesteps(cfg)
     recipes.check(cfg)
     check_update_plan(cfg)
-    registered(cfg.preset).adapter.check(cfg)
+    family.adapter.check(cfg)
 
 
 def check_update_plan(cfg):
@@ -373,15 +382,14 @@ class NonFiniteLoss(RuntimeError):
 # the run: setup, resume, then per step rollouts, update, log, checkpoint, eval
 
 
-def train(cfg, model_path=None):
+def train(cfg):
     """Run cfg; returns the final metrics dict (also written to out_dir/metrics.json). accelerate's state is
     process-wide: runs in one process must share mixed_precision."""
     from tqdm import tqdm
 
-    check_config(cfg)
-    path = model_path or resolve_model_path(cfg)
-    ckpt = preflight(cfg, path)  # every check that reads a file, before the model loads: errors in seconds
-    run = Run(cfg, path)
+    family = cli.checked(registered, cfg.preset)  # the model family, looked up once for the whole run
+    path, ckpt = cli.checked(preflight, cfg, family)  # before the model loads: errors in seconds
+    run = Run(cfg, family, path)
     run.resume(ckpt)
     if run.main and run.eval_missing(run.counter.step):  # step 0: the reference, the baseline of every later eval;
         run.evaluate(run.counter.step)  # after a resume: the checkpoint's eval, when a crash came before it
@@ -402,19 +410,18 @@ def train(cfg, model_path=None):
     return run.finish()
 
 
-def preflight(cfg, path):
-    """The checks that read files, all before any weight loads: the model folder against the preset (pipeline class,
-    resolution, lora_targets), the reward, the prompt files, out_dir against --resume and --overwrite. Returns the
-    checkpoint to resume (None: a fresh run); a ValueError naming the key otherwise."""
-    registered(cfg.preset).adapter.check_model(cfg, path)
+def preflight(cfg, family):
+    """Every check, all before any weight loads: the config, the model folder the family resolves against the
+    family (pipeline class, resolution, lora_targets), the reward, the prompt files, out_dir against --resume and
+    --overwrite. Returns (model folder, the checkpoint to resume or None: a fresh run); a ValueError naming the key
+    otherwise."""
+    check_config(cfg, family)
+    path = family.adapter.resolve_path(cfg)
+    family.adapter.check_model(cfg, path)
     check_reward(cfg)
-    read_prompts(cfg.train_prompts, cfg.preset)
-    read_prompts(cfg.eval_prompts, cfg.preset)
-    return check_run_folder(Path(cfg.out_dir) / "checkpoints", cfg.resume, cfg.overwrite, run_identity(cfg))
-
-
-def resolve_model_path(cfg):
-    return registered(cfg.preset).adapter.resolve_path(cfg)
+    read_prompts(cfg.train_prompts, family.prompts)
+    read_prompts(cfg.eval_prompts, family.prompts)
+    return path, check_run_folder(Path(cfg.out_dir) / "checkpoints", cfg.resume, cfg.overwrite, run_identity(cfg))
 
 
 @dataclass
@@ -429,7 +436,7 @@ class Rollouts:
 class Run:
     """One training run: setup in __init__, then the loop's steps as methods (train() calls them in order)."""
 
-    def __init__(self, cfg, path):
+    def __init__(self, cfg, family, path):
         """Accelerator, model (LoRA through peft, or full fine-tuning), optimiser, old/EMA policy, reward, prompts."""
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
@@ -437,8 +444,8 @@ class Run:
         self.cfg, self.out_dir, self.model_path = cfg, Path(cfg.out_dir), path
         self.ckpt_root = self.out_dir / "checkpoints"
         self.last_good, self.log, self.evals, self.last_step = None, None, [], {}  # see resume, evaluate, log_step
-        self.train_prompts = read_prompts(cfg.train_prompts, cfg.preset)
-        self.eval_prompts = read_prompts(cfg.eval_prompts, cfg.preset)
+        self.train_prompts = read_prompts(cfg.train_prompts, family.prompts)
+        self.eval_prompts = read_prompts(cfg.eval_prompts, family.prompts)
         project, trackers = ProjectConfiguration(project_dir=str(self.out_dir)), cfg.report_to or None
         kw = dict(project_config=project, step_scheduler_with_optimizer=False)
         acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers, **kw)
@@ -448,7 +455,7 @@ class Run:
         acc.wait_for_everyone()
         weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
         torch.manual_seed(cfg.seed)
-        self.adapter = registered(cfg.preset).adapter(cfg, path, device, weight_dtype)
+        self.adapter = family.adapter(cfg, path, device, weight_dtype)
         frozen_copy = make_trainable(cfg, self.adapter.transformer, device, weight_dtype)
         self.params = trainable_params(self.adapter.transformer)
         opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -718,9 +725,10 @@ class Run:
         return metrics
 
 
-def read_prompts(path, preset):
+def read_prompts(path, defaults):
+    """The prompts of the file at `path` (one a line), or the family's built-in `defaults` when path is ""."""
     if not path:
-        return list(registered(preset).prompts)
+        return list(defaults)
     if not os.path.isfile(path):
         raise ValueError(f"prompt file: expected a text file with one prompt per line, got {path!r}")
     prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
@@ -738,10 +746,8 @@ def step_generator(cfg, step, rank, stream):
 def main(argv=None, preset="sd3"):
     """The command line; `preset` applies when --preset is not given (a testbed's script passes its own)."""
     cfg = cli.checked(parse_args, sys.argv[1:] if argv is None else argv, preset)
-    path = cli.checked(resolve_model_path, cfg)
-    cli.checked(preflight, cfg, path)
     try:
-        return train(cfg, path)
+        return train(cfg)
     except NonFiniteLoss as e:
         sys.exit(f"stopped: {e}")
 

@@ -44,6 +44,7 @@ import train_full as tf
 from experiments import digits_testbed as dg
 from experiments import evidence as ev
 from trainer import cli, rewards
+from trainer.evaluation import EVAL_SEED_OFFSET
 
 METHODS = ("nft", "awm", "dpo")
 HEADLINE = ("none", "guard", "null")  # official un-guarded, + NormGuard, shuffled-reward control
@@ -59,7 +60,6 @@ PER_RUN = tuple((PER_RUN + " eval_prompts resume reward").split())
 # checkpoint whose FD is worse than step 0's by DRIFT_DAMAGE (about double the reference's FD of 9.5 on seed 0)
 DRIFT_ALARMS = (1.05, 1.10)
 DRIFT_DAMAGE = 10.0
-EVAL_NOISE_OFFSET = 12345  # train_full's Run.evaluate draws its eval noise from seed + 12345
 ADJOINT_NOISE_OFFSET = 54321  # the adjoint diagnostic's noise: per seed, shared by the reference and every model
 REWARDS = ("digits", "jpeg")  # the testbed's classifier proxy; JPEG compressibility (flow_grpo's), no gradient
 
@@ -112,7 +112,8 @@ def parse_args(argv):
     """(Config, frontier?) from --key=value overrides of Config or of train_full's Config (forwarded to every run,
     except PER_RUN keys), --smoke and --frontier. A bad argument raises cli.UsageError, a bad value ValueError."""
     forwarded = {f.name for f in dataclasses.fields(tf.Config)} - set(PER_RUN)
-    (own, train), flags = cli.parse(argv, [Config, (tf.Config, forwarded)], flags=FLAGS, doc=__doc__)
+    shown = {**dg.PRESET, **TRAIN_DEFAULTS}  # --help lists the values the runs start from, not the sd3 preset's
+    (own, train), flags = cli.parse(argv, [Config, (tf.Config, forwarded)], flags=FLAGS, doc=__doc__, defaults=shown)
     smoke = "smoke" in flags
     cfg = Config(**{**(SMOKE if smoke else {}), **own, "train": {"smoke": True, **train} if smoke else train})
     if cfg.reward != "digits" and "out_dir" not in own:  # a second reward's runs never mix with the first's
@@ -237,9 +238,9 @@ def load_trained(tcfg, ref_path):
 
 def eval_set(tcfg):
     """train_full's eval set of a run (Run.evaluate): labels 0..9, eval_seeds in a row each, and noise (B, 1, 8, 8)
-    from seed + EVAL_NOISE_OFFSET. Every run and the reference of one seed share it."""
+    from seed + EVAL_SEED_OFFSET (train_full's own). Every run and the reference of one seed share it."""
     labels = torch.arange(dg.NUM_CLASSES).repeat_interleave(tcfg.eval_seeds)
-    gen = torch.Generator().manual_seed(tcfg.seed + EVAL_NOISE_OFFSET)
+    gen = torch.Generator().manual_seed(tcfg.seed + EVAL_SEED_OFFSET)
     return torch.randn(len(labels), 1, 8, 8, generator=gen), labels
 
 
@@ -382,16 +383,15 @@ def cached(path, key, compute):
 # A finished run is reused when it computed the same thing: equal train_full configs, less the keys that only say
 # where files go and how often to checkpoint (a moved output or cache folder reruns nothing; the reference is named
 # by its folder, reference-seed<s>-steps<n>), and equal eval sizes. A train_full key added after a run was cached
-# counts as unchanged when it holds the value under which the older code ran (KEYS_ADDED_SINCE). A run without the
-# guard computed the same thing whatever its lam (lam weighs the hinge only): changing --lam reruns the guarded runs.
+# counts as unchanged when it holds the value under which the older code ran (train_full's KEYS_ADDED_SINCE, which
+# its run identity reads too). A run without the guard computed the same thing whatever its lam (lam weighs the
+# hinge only): changing --lam reruns the guarded runs.
 NOT_COMPARED = "out_dir cache_dir resume overwrite report_to checkpoint_every checkpoints_keep gradient_checkpointing"
-# train_full key -> the value every earlier run ran with: train_full's own table (its run identity reads it too)
-KEYS_ADDED_SINCE = tf.KEYS_ADDED_SINCE
 
 
 def same_run(stored, current):
     def compared(key):
-        config = {**KEYS_ADDED_SINCE, **{k: v for k, v in key.items() if k not in NOT_COMPARED.split()}}
+        config = {**tf.KEYS_ADDED_SINCE, **{k: v for k, v in key.items() if k not in NOT_COMPARED.split()}}
         config["pretrained_model_name_or_path"] = Path(key["pretrained_model_name_or_path"]).name
         if not config["guard"]:
             config.pop("lam")

@@ -64,7 +64,7 @@ def _defaults(cls):
     return out
 
 
-def help_text(classes, flags, doc):
+def help_text(classes, flags, doc, defaults=None):
     lines = [doc.strip(), ""] if doc else []
     for cls, keys in classes:
         comments = field_comments(cls)
@@ -72,7 +72,8 @@ def help_text(classes, flags, doc):
         for name, default in _defaults(cls).items():
             if keys is None or name in keys:
                 note = f"  # {comments[name]}" if comments.get(name) else ""
-                lines.append(f"  --{name}={default}  ({type(default).__name__}){note}")
+                shown = (defaults or {}).get(name, default)  # a preset's value where the script applies one
+                lines.append(f"  --{name}={shown}  ({type(default).__name__}){note}")
     if flags:
         lines.append("flags:")
         lines += [f"  --{name}  {text}" for name, text in flags.items()]
@@ -80,17 +81,18 @@ def help_text(classes, flags, doc):
     return "\n".join(lines)
 
 
-def parse(argv, classes, flags=None, doc=""):
+def parse(argv, classes, flags=None, doc="", defaults=None):
     """Overrides from `argv` for one or more config dataclasses.
 
     classes: a list of dataclasses, or of `(dataclass, allowed keys)` pairs; a key goes to the first class that
     has it. flags: {name: description} of bare `--name` switches. Returns `(overrides, set_flags)` with one dict
-    of converted values per class, in order. `--help` prints help_text and exits 0.
+    of converted values per class, in order. `--help` prints help_text and exits 0, showing a key's value from
+    `defaults` ({key: value}, e.g. a preset's) where it has one instead of the dataclass's default.
     """
     classes = [c if isinstance(c, tuple) else (c, None) for c in classes]
     flags = flags or {}
     if "--help" in argv or "-h" in argv:
-        print(help_text(classes, flags, doc))
+        print(help_text(classes, flags, doc, defaults))
         sys.exit(0)
     owners = {}
     for i, (cls, keys) in enumerate(classes):
