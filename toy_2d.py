@@ -320,7 +320,8 @@ def nft_awm_batch(cfg, x0, rewards, noise):
 
 
 def nft_awm_loss(cfg, arm, batch, v, v_ref, v_old):
-    """DiffusionNFT or AWM with group advantages; v, v_ref, v_old (S, N, 2) at the batch's points."""
+    """DiffusionNFT or AWM with group advantages; v, v_ref, v_old (S, N, 2) at the batch's points (AWM: v_old
+    None)."""
     v, v_ref, x_t, t = v.reshape(-1, 2), v_ref.reshape(-1, 2), batch["x_t"].reshape(-1, 2), batch["t"].reshape(-1)
     if arm.method == "nft":
         kw = dict(beta=cfg.nft_beta, kl_weight=arm.kl_weight)
@@ -371,11 +372,12 @@ def rl_loss(cfg, arm_list, policy, old, ref, noise):
     x_t, t = torch.cat([b["x_t"] for b in batches]), torch.cat([b["t"] for b in batches])
     v = policy(x_t, t)  # one call for every model, not one per arm: the same numbers from fewer, larger ops
     with torch.no_grad():
-        v_ref, v_old = reference_fn(ref)(x_t, t), old(x_t, t)  # v_old: NFT's old policy (AWM and DPO ignore it)
+        v_ref = reference_fn(ref)(x_t, t)
     loss = 0.0  # the core's losses are batch means: times S, each model's gradient is its own loss's
     for arm, sl, batch in zip(arm_list, slices, batches):
+        v_old = old(x_t[sl], t[sl], sl) if arm.method == "nft" else None  # NFT's old policy (frozen: no graph)
         loss_fn = dpo_loss if arm.method == "dpo" else nft_awm_loss
-        loss = loss + S * loss_fn(cfg, arm, batch, v[sl], v_ref[sl], v_old[sl])
+        loss = loss + S * loss_fn(cfg, arm, batch, v[sl], v_ref[sl], v_old)
     return loss
 
 
@@ -410,9 +412,10 @@ def train(cfg, ref, arm_list, fixed, progress=True, tracked=None):
     for i in models.tolist():
         curves[i] = {"step": []}
 
-    def checkpoint(step):  # each model's numbers do not depend on which others are sampled beside it
-        scored = sample_and_score(cfg, velocity_fn(policy, models), len(models), ref, cfg.sample_steps, fixed)[0]
-        for i, score in zip(models.tolist(), scored):
+    def checkpoint(step):  # each model's numbers do not depend on which others are sampled beside it, so at
+        sampled = models[:1] if step == 0 else models  # step 0, where every model is the reference, one is enough
+        scored = sample_and_score(cfg, velocity_fn(policy, sampled), len(sampled), ref, cfg.sample_steps, fixed)[0]
+        for i, score in zip(models.tolist(), scored * len(models) if step == 0 else scored):
             for key, value in {"step": step, **score}.items():
                 curves[i].setdefault(key, []).append(value)
 
