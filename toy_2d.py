@@ -394,12 +394,13 @@ def adam_step_per_model_lr(opt, model, lr_scale):
             p.copy_(p0 + (p - p0) * lr_scale.view(-1, *[1] * (p.ndim - 1)))
 
 
-def train(cfg, ref, arm_list, fixed, progress=True, tracked=None):
+def train(cfg, ref, arm_list, fixed, progress=True, tracked=None, last=True):
     """RL fine-tune every arm on every seed from the reference, as one ensemble. Returns (ensemble, curves).
 
     Curves, one per model in model order: {"step", "reward", "sw", "logp", "support", "ratio", "rms_ratio"}, a
-    value per checkpoint (step 0, every eval_every steps and the last), measured as the final full-step evaluation
-    (same `fixed`). tracked: indices into arm_list of the arms to checkpoint (None: all); the others' curves are None.
+    value per checkpoint (step 0, every eval_every steps and, with last, the last), measured as the final full-step
+    evaluation (same `fixed`); without last the caller appends its own final evaluation. tracked: indices into
+    arm_list of the arms to checkpoint (None: all); the others' curves are None.
     """
     S, M = cfg.seeds, len(arm_list) * cfg.seeds
     policy, old = ref.replicate(M), ref.replicate(M).requires_grad_(False)
@@ -428,7 +429,7 @@ def train(cfg, ref, arm_list, fixed, progress=True, tracked=None):
         with torch.no_grad():  # NFT's old policy: an EMA of theta, decay min(0.001·step, 0.5), once per batch
             for p_old, p in zip(old.parameters(), policy.parameters()):
                 p_old.lerp_(p, 1 - min(0.001 * step, 0.5))
-        if step % cfg.eval_every == 0 or step == cfg.rl_steps:
+        if (step < cfg.rl_steps and step % cfg.eval_every == 0) or (step == cfg.rl_steps and last):
             checkpoint(step)
     return policy, curves
 

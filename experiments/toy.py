@@ -245,8 +245,11 @@ def run(cfg, frontier=False, progress=True, out_dir=None):
     arm_list, fixed = arms(cfg, frontier), toy.evaluation_inputs(cfg)
     # the headline judges the "null" arms by their final evaluation alone: no checkpoints for them
     tracked = [a for a, arm in enumerate(arm_list) if frontier or arm.name != "null"]
-    policy, curves = toy.train(cfg, ref, arm_list, fixed, progress, tracked)
+    policy, curves = toy.train(cfg, ref, arm_list, fixed, progress, tracked, last=False)
     evals, reference, samples = evaluate(cfg, policy, ref, arm_list, fixed, RESCALES if frontier else (1.0,))
+    for curve, ev in zip(curves, evals):  # the last checkpoint is the final evaluation, not sampled twice
+        for key, value in {"step": cfg.rl_steps, **ev["full"]}.items() if curve is not None else ():
+            curve[key].append(value)
     by, histories = by_arm(cfg, arm_list, evals), by_arm(cfg, arm_list, curves)
     metrics = {
         "pretrain_loss": pretrain_loss,
