@@ -591,7 +591,8 @@ def plot(cfg, result, path):
     ax_steps.set(xlabel="RL step", ylabel="√mean‖v_θ‖² / √mean‖v_ref‖²", title="norm ratio during RL")
     ax_t.set(xlabel="t of the sampler (1 = noise)", ylabel="mean ‖v_θ‖ / ‖v_ref‖ per point", title="norm ratio per t")
     fig.suptitle(
-        f"python toy_2d.py: {cfg.rl_steps} RL steps, seed {cfg.seed}; grey: the data density, gold: the target modes"
+        f"python toy_2d.py: {cfg.rl_steps} RL steps at lr {cfg.rl_lr:g} (DPO {cfg.dpo_lr:g}), seed {cfg.seed}; "
+        "grey: the data density, gold: the target modes"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
