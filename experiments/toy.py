@@ -1,6 +1,6 @@
 """The 2D experiment: RL inflates the velocity norm, and the one-sided hinge stops it — or the toy says not.
 
-    python -m experiments.toy             # headline: each method un-guarded, guarded, on shuffled rewards (~20 s)
+    python -m experiments.toy             # headline: each method un-guarded, guarded, on shuffled rewards (~25 s)
     python -m experiments.toy --frontier  # the guard against a stronger KL, lower lr, early stopping, rescaling
     python -m experiments.toy --smoke     # tiny sizes, for tests
 

@@ -29,7 +29,7 @@
 # Every function comes from `normguard.py`, `toy_2d.py`, `experiments/toy.py` or `experiments/evidence.py`; nothing is
 # re-implemented here, and every number about the experiment is printed from what `toy_experiment.run` returns.
 #
-# Section 4 runs the toy's headline, about 20 s on a laptop CPU. To run it with other arguments of
+# Section 4 runs the toy's headline, about 25 s on a laptop CPU. To run it with other arguments of
 # `experiments/toy.py`, set the environment variable `NORMGUARD_TOY_ARGS` before starting Jupyter (for example
 # `NORMGUARD_TOY_ARGS="--seeds=3"`); the test suite sets `--smoke`, which runs the notebook top to bottom in seconds
 # on tiny sizes (its numbers then mean nothing).

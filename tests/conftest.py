@@ -95,7 +95,7 @@ def trained_digits_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def toy_headline():
-    """`python -m experiments.toy` at its default settings (the headline, ~20 s), run once per session for every
+    """`python -m experiments.toy` at its default settings (the headline, ~25 s), run once per session for every
     test that pins what it shows: run()'s result (metrics, models, samples), without figures or files."""
     from experiments import toy as toy_experiment
 
