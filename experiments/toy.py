@@ -40,7 +40,7 @@ class Config(toy.Config):
     out_dir: str = "runs/toy_experiment"
     few_steps: int = 3  # Euler steps of the few-step evaluation
     adjoint_samples: int = 256  # noise draws per model for the adjoint diagnostic
-    plot: bool = True
+    plot: bool = True  # headline.png (with --frontier: frontier_<method>.png) next to the JSON
 
 
 QUALITY = E.Quality("sw", "SW→tilted", higher_is_better=False, digits=3)
