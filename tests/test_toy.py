@@ -568,7 +568,7 @@ def test_longer_training_hurts_quality_and_the_guard_repairs_it_beyond_early_sto
         assert kept > 0.6, (m, kept)
         assert mean(guard["full_reward"]) > mean(none["rescale_reward"])
         assert mean(guard["full_sw"]) < mean(none["rescale_sw"])
-        assert all(d > 0 for d, _ in metrics["early_stopping_control"][m]), metrics["early_stopping_control"][m]
+        assert all(d > 0 for d, *_ in metrics["early_stopping_control"][m]), metrics["early_stopping_control"][m]
 
 
 @pytest.mark.experiment
