@@ -1,19 +1,32 @@
-"""The command line every script here shares: `--key=value` overrides of a config dataclass.
+"""The command line every script here shares: overrides of a config dataclass, from the command line and files.
 
     cfg_overrides, flags = cli.parse(sys.argv[1:], [Config], flags={"smoke": "tiny sizes, for tests"}, doc=__doc__)
 
-- `--help` prints the script's docstring, then every key with its type, default and the comment written beside
-  the field in the dataclass, then the flags; it exits 0.
-- A value is converted to the type of the field's default (`true/false/1/0` for bools); an unknown key, a
-  repeated key, a value that does not convert or an argument not of the form `--key=value` raises `UsageError`
-  naming the argument and what was expected.
+- `--key=value` or `--key value`; a bool key also bare (`--gradient_checkpointing` means true). A value is
+  converted to the type of the field's default (`true/false/1/0` for bools).
+- `--config=<file>` (`.yaml`, `.yml` or `.json`; YAML needs PyYAML) reads keys from a flat mapping; a run's own
+  config.json (the mapping under its "config") repeats that run. Keys on the command line override the file's.
+- `aliases` ({other name: key}) accept a second name for a key (train_full takes the diffusers training scripts'
+  names where they mean the same); `notes` ({name: text}) answer a name that has no equivalent here.
+- `--help` prints the script's docstring, then every key with its type, default, other names and the comment
+  written beside the field in the dataclass, then the flags; it exits 0.
+- An unknown key (answered with the closest keys: "did you mean ..."), a key given twice, a value that does not
+  convert or an argument not of these forms raises `UsageError` naming the argument and what was expected.
 - `cli.run(main)` runs a script's `main(argv)` and turns a `UsageError` into one line on stderr and exit code 2,
   without a traceback. Other exceptions keep theirs.
 Also what every script writes next to its outputs: `git_revision()`, the code version, and `dumps()`, strict JSON.
-Imports only the standard library.
+Imports only the standard library (PyYAML when a YAML file is read).
+
+Why our own parser and not a library: the scripts layer a preset's, a recipe's and --smoke's values under what the
+user typed, so the parser returns only the keys given, per dataclass, not a config filled in with defaults; --help
+reads the comments beside the fields; a bad argument is one line. argparse (Python 3.11) has no "did you mean" and
+prints its usage block on an error; tyro, jsonargparse and simple-parsing fill in the whole config (the layering
+would need a second pass to learn which keys were typed) and add dependencies to scripts that otherwise need only
+torch (the toy). The rules above take a page of standard library, tested in tests/test_cli.py.
 """
 
 import dataclasses
+import difflib
 import inspect
 import json
 import math
@@ -56,6 +69,21 @@ def convert(key, text, default):
         raise UsageError(f"--{key}: expected {'an' if kind is int else 'a'} {kind.__name__}, got {text!r}") from None
 
 
+def from_file(key, value, default, source):
+    """A value read from a config file as the type of `default`: strings convert as on the command line (YAML
+    reads 3e-4 as a string), an int serves a float key, an empty YAML value a string key; else a UsageError."""
+    if isinstance(value, str) and not isinstance(default, str):
+        return convert(key, value, default)
+    if value is None and isinstance(default, str):
+        return ""
+    kind = type(default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not kind:
+        raise UsageError(f"{source}: {key}: expected {'an' if kind is int else 'a'} {kind.__name__}, got {value!r}")
+    return value
+
+
 def _defaults(cls):
     out = {}
     for f in dataclasses.fields(cls):
@@ -64,16 +92,25 @@ def _defaults(cls):
     return out
 
 
-def help_text(classes, flags, doc, defaults=None):
+def help_text(classes, flags, doc, aliases=None, defaults=None):
+    others = {}
+    for name, key in (aliases or {}).items():
+        others.setdefault(key, []).append(f"--{name}")
     lines = [doc.strip(), ""] if doc else []
+    lines += [
+        "--key=value or --key value; a bool key alone means true (--key); --config=<file.yaml|.json> reads keys",
+        "from a file (a run's config.json repeats the run), the command line overriding it.",
+        "",
+    ]
     for cls, keys in classes:
         comments = field_comments(cls)
         lines.append(f"{cls.__module__}.{cls.__name__} keys (--key=value):")
         for name, default in _defaults(cls).items():
             if keys is None or name in keys:
                 note = f"  # {comments[name]}" if comments.get(name) else ""
+                also = f"  (also {', '.join(others[name])})" if name in others else ""
                 shown = (defaults or {}).get(name, default)  # a preset's value where the script applies one
-                lines.append(f"  --{name}={shown}  ({type(default).__name__}){note}")
+                lines.append(f"  --{name}={shown}  ({type(default).__name__}){also}{note}")
     if flags:
         lines.append("flags:")
         lines += [f"  --{name}  {text}" for name, text in flags.items()]
@@ -81,39 +118,109 @@ def help_text(classes, flags, doc, defaults=None):
     return "\n".join(lines)
 
 
-def parse(argv, classes, flags=None, doc="", defaults=None):
-    """Overrides from `argv` for one or more config dataclasses.
+def read_config_file(path):
+    """The {key: value} mapping of a YAML or JSON file; a run's config.json gives the mapping under "config"."""
+    file = Path(path)
+    if file.suffix not in (".yaml", ".yml", ".json"):
+        raise UsageError(f"--config: expected a .yaml, .yml or .json file, got {path!r}")
+    if not file.is_file():
+        raise UsageError(f"--config: no file {path!r}")
+    if file.suffix == ".json":
+        try:
+            data = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--config: {path} is not valid JSON ({e})") from None
+    else:
+        try:
+            import yaml
+        except ImportError:
+            raise UsageError("--config: reading YAML needs PyYAML (pip install pyyaml); or pass a .json file") from None
+        try:
+            data = yaml.safe_load(file.read_text())
+        except yaml.YAMLError as e:
+            raise UsageError(f"--config: {path} is not valid YAML ({' '.join(str(e).split())})") from None
+    if isinstance(data, dict) and isinstance(data.get("config"), dict):
+        data = data["config"]  # a run's config.json: its resolved config, beside the command and revision
+    if data is None:  # an empty YAML file
+        return {}
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise UsageError(f"--config: expected a mapping of keys to values in {path}, got {type(data).__name__}")
+    return data
+
+
+def parse(argv, classes, flags=None, doc="", aliases=None, notes=None, defaults=None):
+    """Overrides from `argv` (and the --config file it names) for one or more config dataclasses.
 
     classes: a list of dataclasses, or of `(dataclass, allowed keys)` pairs; a key goes to the first class that
-    has it. flags: {name: description} of bare `--name` switches. Returns `(overrides, set_flags)` with one dict
-    of converted values per class, in order. `--help` prints help_text and exits 0, showing a key's value from
-    `defaults` ({key: value}, e.g. a preset's) where it has one instead of the dataclass's default.
+    has it. flags: {name: description} of bare `--name` switches. aliases: {other name: key}; notes: {name: why
+    it is not a key here}. Returns `(overrides, set_flags)` with one dict of converted values per class, in order:
+    the file's keys, then the command line's over them. `--help` prints help_text and exits 0, showing a key's
+    value from `defaults` ({key: value}, e.g. a preset's) where it has one instead of the dataclass's default.
     """
     classes = [c if isinstance(c, tuple) else (c, None) for c in classes]
-    flags = flags or {}
+    flags, aliases, notes = flags or {}, aliases or {}, notes or {}
     if "--help" in argv or "-h" in argv:
-        print(help_text(classes, flags, doc, defaults))
+        print(help_text(classes, flags, doc, aliases, defaults))
         sys.exit(0)
     owners = {}
     for i, (cls, keys) in enumerate(classes):
         for name, default in _defaults(cls).items():
             if (keys is None or name in keys) and name not in owners:
                 owners[name] = (i, default)
-    overrides, seen, set_flags = [{} for _ in classes], set(), set()
-    for arg in argv:
-        key, eq, value = arg[2:].partition("=")
-        if arg.startswith("--") and not eq and key in flags:
-            set_flags.add(key)
+    aliases = {name: key for name, key in aliases.items() if key in owners}
+    forms = " or ".join([f"--{f}" for f in flags] + ["--key=value"])
+
+    def unknown(name, where):
+        """What `notes` says of a name no class has, or the closest names."""
+        if name in notes:
+            return UsageError(f"{where}: no such key here: {notes[name]}")
+        close = difflib.get_close_matches(name, [*owners, *aliases, *flags, "config"], n=3, cutoff=0.6)
+        guess = f"did you mean {' or '.join('--' + c for c in close)}? " if close else ""
+        return UsageError(f"{where}: unknown key, {guess}(expected {forms} with a key that --help lists)")
+
+    given, set_flags, config, args = {}, set(), None, list(argv)
+    while args:
+        arg = args.pop(0)
+        name, eq, value = arg[2:].partition("=")
+        if not arg.startswith("--") or not name:
+            raise UsageError(f"argument {arg!r}: expected {forms} (or --key value) with a key that --help lists")
+        if not eq and name in flags:
+            set_flags.add(name)
             continue
-        if not arg.startswith("--") or not eq or key not in owners:
-            wanted = " or ".join([f"--{f}" for f in flags] + ["--key=value"])
-            raise UsageError(f"argument {arg!r}: expected {wanted} with a key that --help lists")
-        if key in seen:
-            raise UsageError(f"--{key}: given twice; expected each key at most once")
-        seen.add(key)
-        index, default = owners[key]
-        overrides[index][key] = convert(key, value, default)
+        key = aliases.get(name, name)
+        if key != "config" and key not in owners:
+            raise unknown(name, f"argument {arg!r}")
+        if not eq:
+            value = take_value(name, args, owners[key][1] if key in owners else "")
+        if key in given or (key == "config" and config is not None):
+            first = given.get(key, (key,))[0]
+            raise UsageError(f"--{key}: given twice{f' (also as --{first})' if first != key else ''}; expected once")
+        if key == "config":
+            config = value
+        else:
+            given[key] = (name, convert(name, value, owners[key][1]))
+    overrides = [{} for _ in classes]
+    for name, value in (read_config_file(config) if config is not None else {}).items():
+        key = aliases.get(name, name)
+        if key not in owners:
+            raise unknown(name, f"--config: {name} in {config}")
+        overrides[owners[key][0]][key] = from_file(name, value, owners[key][1], config)
+    for key, (_, value) in given.items():
+        overrides[owners[key][0]][key] = value
     return overrides, set_flags
+
+
+def take_value(name, args, default):
+    """The value of `--name value`: the next argument; a bool key without one (or followed by another --key)
+    means true."""
+    following = args[0] if args else None
+    if isinstance(default, bool):
+        if following is not None and following.lower() in BOOLEANS:
+            return args.pop(0)
+        return "true"
+    if following is None or following.startswith("--"):
+        raise UsageError(f"--{name}: expected a value (--{name}=VALUE or --{name} VALUE)")
+    return args.pop(0)
 
 
 def checked(check, *args):
