@@ -58,7 +58,7 @@ from trainer.checkpoints import (
     trainable_params,
     truncate_jsonl,
 )
-from trainer.rewards import build_reward, check_reward
+from trainer.rewards import build_reward, check_reward, eval_reward_names
 from trainer.rollouts import (
     OFFICIAL,
     SAMPLERS,
@@ -68,6 +68,7 @@ from trainer.rollouts import (
     rollout_grid,
     train_timestep_plan,
 )
+from trainer.sample import how_to_load
 
 METHODS = ("nft", "awm", "dpo")
 
@@ -147,7 +148,8 @@ class Config:
     profile_bins: int = 10
     drift_alarm: float = 0.0  # warn when an eval's norm ratio, overall or in any t bin, exceeds this (0 = off)
     drift_stop: bool = False  # at the first drift alarm: save a checkpoint, export, and stop
-    report_to: str = ""  # "" | tensorboard | wandb (through accelerate)
+    report_to: str = ""  # "" | tensorboard | wandb: the scalars, each eval's grid and per-t norm-ratio profile
+    eval_rewards: str = ""  # held-out rewards scored on the eval images, never trained on: names or module:function
     # outputs
     out_dir: str = "runs/train_full"
     checkpoint_every: int = 50
@@ -161,6 +163,21 @@ SMOKE = dict(steps=2, prompts_per_step=2, group_size=2, sample_steps=3, few_step
 SMOKE.update(eval_every=2, eval_seeds=1, checkpoint_every=1, lora_rank=4, lora_alpha=8, mixed_precision="no")
 SMOKE.update(gradient_checkpointing=False, out_dir="runs/train_full_smoke", overwrite=True)  # throwaway runs
 FLAGS = {"smoke": "tiny sizes (2 steps, 2x2 rollouts, LoRA r=4), each run replacing the last; tests, a first try"}
+# The diffusers training scripts' names (train_dreambooth_lora_sd3.py) for keys that mean the same here. steps and
+# checkpoint_every count rollout batches: their optimiser steps while grad_steps_per_batch = 1.
+ALIASES = dict(output_dir="out_dir", learning_rate="lr", max_train_steps="steps", rank="lora_rank")
+ALIASES.update(checkpointing_steps="checkpoint_every", checkpoints_total_limit="checkpoints_keep")
+ALIASES.update(resume_from_checkpoint="resume")
+ALIASES.update(lr_warmup_steps="warmup_steps", adam_weight_decay="weight_decay", lora_layers="lora_targets")
+NOT_HERE = {  # their names that mean something else here, with what to use
+    "gradient_accumulation_steps": "each optimiser step accumulates the gradients of all its micro-batches (of "
+    "--train_batch_size samples) already; --grad_steps_per_batch splits a rollout batch into several steps",
+    "validation_prompt": "--eval_prompts takes a text file, one prompt per line",
+    "validation_epochs": "--eval_every counts steps",
+    "num_train_epochs": "no dataset is cycled: --steps counts rollout batches",
+    "lr_scheduler": "the learning rate is constant after --warmup_steps of linear warmup",
+    "logging_dir": "--report_to's logs go into --out_dir",
+}
 CHOICES = dict(method=METHODS, margin=("relative", "absolute"), power=(1, 2), granularity=("sample", "token"))
 CHOICES.update(sampler=SAMPLERS, awm_timesteps=("discrete", "discrete_wo_init", "subset"))
 CHOICES.update(dpo_guard=("both", "winner", "loser"), mixed_precision=("no", "fp16", "bf16"))
@@ -187,24 +204,36 @@ RANGES = [  # (keys, test, what a value must be)
 # evaluate, log and checkpoint, how far to train (steps), the eval sizes, gradient checkpointing (the same math).
 NOT_IDENTITY = "out_dir resume overwrite steps eval_every eval_seeds few_steps eval_prompts profile_bins report_to"
 NOT_IDENTITY += " drift_alarm drift_stop recipe"  # a recipe's values are keys of their own
-NOT_IDENTITY += " checkpoint_every checkpoints_keep cache_dir gradient_checkpointing"
+NOT_IDENTITY += " checkpoint_every checkpoints_keep cache_dir gradient_checkpointing eval_rewards"
 # Keys added after checkpoints were written without them, at the values under which those runs computed the same:
 # left out of the identity there, so such checkpoints still resume (experiments/digits.py reuses runs by the same rule)
 KEYS_ADDED_SINCE = dict(awm_loss_type="exp_first", awm_kl_weighting="uniform", nft_decay_type=1, decay_lag=1, recipe="")
 KEYS_ADDED_SINCE.update(sampler="euler", awm_timesteps="subset", sa_noise_level=0.0)
-KEYS_ADDED_SINCE.update(grad_steps_per_batch=1, awm_off_policy=False, awm_clip_range=1.0)
+KEYS_ADDED_SINCE.update(grad_steps_per_batch=1, awm_off_policy=False, awm_clip_range=1.0, eval_rewards="")
 KEYS_ADDED_SINCE.update(dpo_t_law="sigmoid", dpo_t_shared=False)
 
 
 def parse_args(argv, preset="sd3"):
-    """Config from `--key=value` overrides and `--smoke` on top of `preset` (unless --preset is given); `--help`
-    lists that preset's defaults."""
-    name = next((arg.partition("=")[2] for arg in argv if arg.startswith("--preset=")), preset)
-    family = registered(name)
+    """Config from the command line (--key=value, --key value, bare booleans, --config=<file>, the diffusers names
+    of ALIASES) and `--smoke` on top of `preset` (unless --preset or the file names one); `--help` lists that
+    preset's defaults."""
+    name = named_preset(argv, preset)
     doc = f"{__doc__.rstrip()}\n\nThe defaults below are the {name} preset's."
-    shown = {**family.defaults, "preset": name}
-    (overrides,), flags = cli.parse(argv, [Config], flags=FLAGS, doc=doc, defaults=shown)
-    return family_config(family, {**overrides, "preset": name}, smoke="smoke" in flags)
+    shown = {**registered(name).defaults, "preset": name}
+    kw = dict(flags=FLAGS, doc=doc, defaults=shown, aliases=ALIASES, notes=NOT_HERE)
+    (overrides,), flags = cli.parse(argv, [Config], **kw)
+    name = overrides.get("preset", name)  # a --config file may name it
+    return family_config(registered(name), {**overrides, "preset": name}, smoke="smoke" in flags)
+
+
+def named_preset(argv, preset):
+    """The preset the command line names (--preset=x or --preset x), else `preset`."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--preset="):
+            return arg.partition("=")[2]
+        if arg == "--preset" and i + 1 < len(argv):
+            return argv[i + 1]
+    return preset
 
 
 def make_config(overrides, smoke=False, preset="sd3"):
@@ -419,6 +448,8 @@ def preflight(cfg, family):
     path = family.adapter.resolve_path(cfg)
     family.adapter.check_model(cfg, path)
     check_reward(cfg)
+    eval_reward_names(cfg)
+    evaluation.check_tracker(cfg.report_to)
     read_prompts(cfg.train_prompts, family.prompts)
     read_prompts(cfg.eval_prompts, family.prompts)
     return path, check_run_folder(Path(cfg.out_dir) / "checkpoints", cfg.resume, cfg.overwrite, run_identity(cfg))
@@ -449,6 +480,7 @@ class Run:
         project, trackers = ProjectConfiguration(project_dir=str(self.out_dir)), cfg.report_to or None
         kw = dict(project_config=project, step_scheduler_with_optimizer=False)
         acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers, **kw)
+        check_launch(acc.num_processes)
         self.accelerator, self.main, device = acc, acc.is_main_process, acc.device
         if cfg.overwrite and not cfg.resume and self.main:  # preflight allowed it; before anything is written
             print(f"overwrite: removed {clear_run(self.out_dir) or 'nothing'} from {self.out_dir}")
@@ -471,6 +503,7 @@ class Run:
             if state is not None:
                 acc.register_for_checkpointing(state)
         self.reward_fn = build_reward(cfg, device)
+        self.held_out = {name: build_reward(cfg, device, name) for name in eval_reward_names(cfg)}
         self.sigmas = self.adapter.sigmas(cfg.sample_steps)  # the model's grid: train timesteps are its points
         self.grid = rollout_grid(cfg.sampler, self.sigmas)  # the grid the rollout sampler runs on
         self.report()
@@ -675,13 +708,14 @@ class Run:
         """evaluation.measure at `step` (reward at the full and few-step samplers, the norm-ratio profile along the
         policy's own trajectories, the drift alarm, the adapter's image metrics), an image grid; appended to
         evals.jsonl and logged. Runs on the main process."""
-        from torchvision.utils import save_image
+        from torchvision.utils import make_grid, save_image
 
-        cfg = self.cfg
+        cfg, acc = self.cfg, self.accelerator
         self.model.eval()
         prompts = [p for p in self.eval_prompts for _ in range(cfg.eval_seeds)]
-        result, images = evaluation.measure(cfg, self.adapter, self.base, prompts, self.score, self.accelerator)
-        save_image((images + 1) / 2, self.out_dir / "eval" / f"grid_{step:07d}.png", nrow=cfg.eval_seeds * 4)
+        result, images = evaluation.measure(cfg, self.adapter, self.base, prompts, self.score, acc, self.held_out)
+        grid = make_grid((images + 1) / 2, nrow=cfg.eval_seeds * 4)
+        save_image(grid, self.out_dir / "eval" / f"grid_{step:07d}.png")
         if result["drift_alarm"]:
             print(f"DRIFT ALARM at step {step}: norm ratio {result['norm_ratio_max']:.4f} > {cfg.drift_alarm}")
         profile = " ".join("  -  " if m is None else f"{m:.3f}" for m in result["profile"])
@@ -690,8 +724,7 @@ class Run:
             f"{result['norm_ratio']:.4f} | per t bin (0 -> 1): {profile}"
         )
         self.evals.append({"step": step, **result})
-        scalars = {f"eval/{k}": float(v) for k, v in self.evals[-1].items() if k != "profile"}
-        self.accelerator.log(scalars, step=step)
+        evaluation.publish(acc, step, self.evals[-1], grid)
         with open(self.out_dir / "evals.jsonl", "a") as f:
             f.write(cli.dumps(self.evals[-1]) + "\n")
 
@@ -719,10 +752,26 @@ class Run:
         }
         if self.main:
             export_lora(self.cfg, self.adapter, self.base.module, self.out_dir)
+            print(how_to_load(self.cfg, self.adapter, self.out_dir))
             (self.out_dir / "metrics.json").write_text(cli.dumps(metrics, indent=1))
             self.log.close()
         self.accelerator.end_training()
         return metrics
+
+
+LAUNCHER_SIZES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")  # what launchers set
+
+
+def check_launch(n_processes):
+    """Stop before anything is written when the launcher (torchrun, accelerate launch, mpirun) started more
+    processes than accelerate joined into one run: each would train alone into the same out_dir."""
+    launched = max(int(os.environ.get(name) or 1) for name in LAUNCHER_SIZES)
+    if launched > n_processes:
+        raise cli.UsageError(
+            f"the launcher started {launched} processes but accelerate sees {n_processes}: each would train alone "
+            "into the same out_dir. On CPUs launch with ACCELERATE_USE_CPU=1 set (torchrun or accelerate launch "
+            "--multi_gpu); on GPUs check that each process sees its GPU (docs/train_full.md#several-gpus)"
+        )
 
 
 def read_prompts(path, defaults):

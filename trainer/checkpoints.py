@@ -190,17 +190,20 @@ RUN_OUTPUTS = ("checkpoints", "log.jsonl", "evals.jsonl", "metrics.json", "confi
 
 
 def clear_run(out_dir):
-    """--overwrite: remove what a train_full run writes into out_dir (RUN_OUTPUTS), nothing else; the names removed."""
+    """--overwrite: remove what a train_full run writes into out_dir (RUN_OUTPUTS), nothing else; the names removed.
+    Another process clearing the same folder at once (a second run started into the same out_dir, or the ranks of a
+    launch accelerate did not join, which train_full now stops before this) may remove an entry first: what is
+    gone counts as removed."""
     removed = []
     for name in RUN_OUTPUTS:
         path = Path(out_dir) / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-        else:
-            continue
-        removed.append(name)
+        if path.exists():
+            removed.append(name)
+        while path.exists() or path.is_symlink():
+            try:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            except FileNotFoundError:  # an entry another process removed under our walk: walk what is left
+                continue
     return removed
 
 

@@ -194,7 +194,7 @@ def parse(argv, classes, flags=None, doc="", aliases=None, notes=None, defaults=
             value = take_value(name, args, owners[key][1] if key in owners else "")
         if key in given or (key == "config" and config is not None):
             first = given.get(key, (key,))[0]
-            raise UsageError(f"--{key}: given twice{f' (also as --{first})' if first != key else ''}; expected once")
+            raise UsageError(f"--{name}: given twice{f' (also as --{first})' if first != name else ''}; expected once")
         if key == "config":
             config = value
         else:

@@ -63,28 +63,48 @@ register_reward("jpeg", lambda cfg, device: jpeg_reward)
 register_reward("pickscore", lambda cfg, device: PickScore(cfg.pickscore_model, device))
 
 
-def check_reward(cfg):
+def check_reward(cfg, key="reward", name=None):
     """Before the model loads: a registered reward (pickscore: its CLIP folder or hub id answers), or a
-    module:function that imports and is callable; a ValueError naming the key otherwise."""
-    if cfg.reward == "pickscore":
+    module:function that imports and is callable; a ValueError naming `key` otherwise. name: the reward to check
+    (default cfg.reward)."""
+    name = cfg.reward if name is None else name
+    if name == "pickscore":
         model_file("pickscore_model", cfg.pickscore_model, "config.json", "a CLIPModel folder or hub id")
-    if cfg.reward in REWARDS:
+    if name in REWARDS:
         return
-    module, colon, name = cfg.reward.partition(":")
-    if not (module and colon and name):
-        raise ValueError(f"reward: expected one of {sorted(REWARDS)} or module:function, got {cfg.reward!r}")
+    module, colon, attr = name.partition(":")
+    if not (module and colon and attr):
+        raise ValueError(f"{key}: expected one of {sorted(REWARDS)} or module:function, got {name!r}")
     try:
-        fn = getattr(importlib.import_module(module), name)
+        fn = getattr(importlib.import_module(module), attr)
     except Exception as e:  # the user's module may fail in any way on import
-        raise ValueError(f"reward: cannot load {cfg.reward!r} ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{key}: cannot load {name!r} ({type(e).__name__}: {e})") from None
     if not callable(fn):
-        raise ValueError(f"reward: expected {cfg.reward!r} to be a function fn(images, prompts) -> (B,)")
+        raise ValueError(f"{key}: expected {name!r} to be a function fn(images, prompts) -> (B,)")
 
 
-def build_reward(cfg, device):
-    if cfg.reward in REWARDS:
-        return REWARDS[cfg.reward](cfg, device)
-    module, colon, name = cfg.reward.partition(":")
+def build_reward(cfg, device, name=None):
+    """fn(images, prompts) -> (B,) of the reward `name` (default cfg.reward)."""
+    name = cfg.reward if name is None else name
+    if name in REWARDS:
+        return REWARDS[name](cfg, device)
+    module, colon, attr = name.partition(":")
     if not colon:
-        raise ValueError(f"reward: expected one of {sorted(REWARDS)} or module:function, got {cfg.reward!r}")
-    return getattr(importlib.import_module(module), name)
+        raise ValueError(f"reward: expected one of {sorted(REWARDS)} or module:function, got {name!r}")
+    return getattr(importlib.import_module(module), attr)
+
+
+def eval_reward_names(cfg):
+    """The held-out rewards of --eval_rewards (comma-separated), each checked like --reward; a ValueError for the
+    trained reward (its eval already logs it as reward_full/few) or a name given twice."""
+    names = [n.strip() for n in cfg.eval_rewards.split(",") if n.strip()]
+    for i, name in enumerate(names):
+        if name == cfg.reward:
+            raise ValueError(
+                f"eval_rewards: {name} is the trained reward (logged as reward_full and reward_few); expected "
+                "rewards the run does not train on"
+            )
+        if name in names[:i]:
+            raise ValueError(f"eval_rewards: {name} given twice")
+        check_reward(cfg, "eval_rewards", name)
+    return names
