@@ -167,8 +167,8 @@ FLAGS = {"smoke": "tiny sizes (2 steps, 2x2 rollouts, LoRA r=4), each run replac
 # checkpoint_every count rollout batches: their optimiser steps while grad_steps_per_batch = 1.
 ALIASES = dict(output_dir="out_dir", learning_rate="lr", max_train_steps="steps", rank="lora_rank")
 ALIASES.update(checkpointing_steps="checkpoint_every", checkpoints_total_limit="checkpoints_keep")
-ALIASES.update(resume_from_checkpoint="resume")
-ALIASES.update(lr_warmup_steps="warmup_steps", adam_weight_decay="weight_decay", lora_layers="lora_targets")
+ALIASES.update(resume_from_checkpoint="resume", lr_warmup_steps="warmup_steps", adam_weight_decay="weight_decay")
+ALIASES.update(lora_layers="lora_targets")
 NOT_HERE = {  # their names that mean something else here, with what to use
     "gradient_accumulation_steps": "each optimiser step accumulates the gradients of all its micro-batches (of "
     "--train_batch_size samples) already; --grad_steps_per_batch splits a rollout batch into several steps",
