@@ -198,8 +198,10 @@ def test_the_sample_command_turns_a_finished_lora_into_a_grid_beside_the_referen
     written = sample_cmd.main([f"--run={out}", "--seeds=2", f"--out={tmp_path / 'side.png'}"])
     assert Image.open(written).size == (2 + 4 * 18, 2 + 4 * 18)  # 4 rows (prompts) x 2 reference + 2 LoRA images
     assert "row 4: a lighthouse at dusk" in capsys.readouterr().out
-    with pytest.raises(cli.UsageError, match="--run: .* holds no config.json"):
-        sample_cmd.parse_args([f"--run={tmp_path}"])
+    with pytest.raises(cli.UsageError, match="--run: expected a finished train_full run's out_dir"):
+        sample_cmd.draw(sample_cmd.parse_args([f"--run={tmp_path}"]))
+    with pytest.raises(cli.UsageError, match="--seeds: expected >= 0"):
+        sample_cmd.parse_args(["--run=x", "--seeds=-1"])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -46,19 +46,19 @@ class Config:
 
 
 def parse_args(argv):
+    """Config from the command line (keys and values; the run's folder is read by load_run)."""
     (overrides,), _ = cli.parse(argv, [Config], doc=__doc__)
     cfg = Config(**overrides)
-    if not cfg.run:
-        raise cli.UsageError("--run: expected a finished train_full run's out_dir (it holds config.json)")
-    if not (Path(cfg.run) / "config.json").is_file():
-        raise cli.UsageError(f"--run: {cfg.run!r} holds no config.json; expected a train_full run's out_dir")
-    if cfg.seeds < 0 or cfg.steps < 0 or cfg.cfg_scale < 0:
-        raise cli.UsageError("--seeds, --steps, --cfg_scale: expected >= 0 (0: the run's own)")
+    for key in ("seeds", "steps", "cfg_scale"):
+        if getattr(cfg, key) < 0:
+            raise cli.UsageError(f"--{key}: expected >= 0 (0: the run's own), got {getattr(cfg, key)}")
     return cfg
 
 
 def load_run(cfg):
     """(the run's config as a namespace, its model path, the trained weights' folder, prompts)."""
+    if not (Path(cfg.run) / "config.json").is_file():
+        raise cli.UsageError(f"--run: expected a finished train_full run's out_dir (its config.json), got {cfg.run!r}")
     saved = json.loads((Path(cfg.run) / "config.json").read_text())
     run_cfg = SimpleNamespace(**saved["config"])
     if cfg.preset_module:
