@@ -198,3 +198,102 @@ def test_a_failed_export_keeps_the_previous_lora(sd3_path, tmp_path, monkeypatch
     with pytest.raises(SystemExit, match=f"stopped: could not write {tmp_path / 'lora'} \\(No space left"):
         run(sd3_path, tmp_path, "--eval_every=100", "--resume=latest", "--steps=3")
     assert {p.name: p.read_bytes() for p in (tmp_path / "lora").iterdir()} == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the digits driver: its workers die with it, a run folder has one writer, every value is checked up front
+
+
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("--out_dir=", "out_dir: expected a folder"),
+        ("--kl_weight=-1", "kl_weight: expected a finite number >= 0"),
+        ("--lam=inf", "lam: expected a finite number >= 0"),
+        ("--threads=0", "threads: expected an int >= 1"),
+        ("--rescales=inf", "rescales: expected comma-separated finite numbers > 0"),
+        ("--kl_weights=1e-2,nan", "kl_weights: expected comma-separated finite numbers > 0"),
+        ("--dpo_lr=inf", "dpo_lr: expected a finite number > 0"),
+        ("--seeds=0,1180591620717411303424", "seed: expected an int in 0..2147483647"),
+        ("--ref_seed=-1", "ref_seed: expected an int in 0..2147483647"),
+        ("--jobs=0", "jobs: expected an int >= 1"),
+    ],
+)
+def test_digits_refuses_each_bad_value_up_front(arg, message):
+    from experiments import digits as dx
+
+    with pytest.raises(cli.UsageError) as e:
+        cli.checked(dx.parse_args, [arg])
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_a_run_folder_lock_refuses_a_live_owner_and_takes_over_a_dead_ones(tmp_path):
+    import subprocess
+    import sys
+
+    from experiments import digits as dx
+
+    folder, lock = tmp_path / "runs" / "nft_none_seed0", tmp_path / "runs" / "nft_none_seed0.lock"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.parent.mkdir(parents=True)
+        lock.write_text(str(live.pid))
+        with pytest.raises(RuntimeError, match=f"{folder} is in use by process {live.pid}"):
+            with dx.run_lock(folder):
+                pass
+    finally:
+        live.kill()
+        live.wait()
+    with dx.run_lock(folder):  # its owner is dead now: taken over, this process's pid written
+        assert lock.read_text() == str(os.getpid())
+    assert not lock.exists()
+
+
+def test_kill_9_of_the_digits_driver_takes_its_workers_with_it(digits_cache, tmp_path):
+    """kill -9 of `python -m experiments.digits --jobs=2` while its two spawned workers train: both are gone
+    within seconds (they poll their parent), so a rerun never meets them in its run folders."""
+    import subprocess
+    import sys
+
+    from tests.test_digits import smoke_args
+
+    args = smoke_args(digits_cache, tmp_path, "--jobs=2", "--methods=nft", "--steps=50")
+    root = Path(__file__).resolve().parents[1]
+    main = subprocess.Popen([sys.executable, "-m", "experiments.digits", *args], cwd=root, stdout=subprocess.DEVNULL)
+    try:
+        deadline, workers = time.time() + 240, []
+        while len(workers) < 2 and time.time() < deadline and main.poll() is None:
+            time.sleep(0.5)
+            training = len(list((tmp_path / "runs").glob("*/train.log")))
+            workers = spawned_children(main.pid) if training == 2 else []
+        assert len(workers) == 2, f"two workers never trained (driver exit code {main.poll()})"
+        os.kill(main.pid, signal.SIGKILL)
+        main.wait()
+        deadline = time.time() + 15
+        while any(alive(pid) for pid in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(pid) for pid in workers), "a worker outlived the killed driver"
+    finally:
+        main.kill()
+
+
+def spawned_children(parent):
+    """The pids of multiprocessing's spawned workers whose parent is `parent` (read from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().split(") ")[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and b"spawn_main" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid):
+    """Whether process `pid` runs (a zombie, dead but not yet reaped by init, counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
