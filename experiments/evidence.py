@@ -396,6 +396,8 @@ def verdicts(
     gained = {m: paired(paired_diff(collect(runs, m, "none", "full", "reward"), r0)).p <= ALPHA for m in runs}
     methods = [m for m, ok in gained.items() if ok]
     note = "".join(f"; {m} set aside: its un-guarded run gained no reward" for m, ok in gained.items() if not ok)
+    if len(r0) < 2:  # one seed has no interval (paired gives p = 1): no gain test, nor any other, is possible
+        note = "; 1 seed: no test possible"
     flags, lines = {"not_tested": [m for m, ok in gained.items() if not ok]}, []
 
     def judge(name, claim, results, extra="", word=verdict_word):

@@ -29,7 +29,7 @@
 # Every function comes from `normguard.py`, `toy_2d.py`, `experiments/toy.py` or `experiments/evidence.py`; nothing is
 # re-implemented here, and every number about the experiment is printed from what `toy_experiment.run` returns.
 #
-# Section 4 runs the toy's headline, about a minute on a laptop CPU. To run it with other arguments of
+# Section 4 runs the toy's headline, about 25 s on a laptop CPU. To run it with other arguments of
 # `experiments/toy.py`, set the environment variable `NORMGUARD_TOY_ARGS` before starting Jupyter (for example
 # `NORMGUARD_TOY_ARGS="--seeds=3"`); the test suite sets `--smoke`, which runs the notebook top to bottom in seconds
 # on tiny sizes (its numbers then mean nothing).
@@ -209,9 +209,10 @@ for granularity in ("sample", "token"):
 # %% [markdown]
 # ## 4. The 2D experiment
 #
-# `toy_2d.py` makes the whole story small enough to watch: the data is a ring of Gaussians whose density is known
-# in closed form (the "true image distribution"), the reference is a velocity MLP pretrained on it by flow matching,
-# and the reward is a classifier-style proxy, $P(\text{target modes} \mid x)$, that — like a learned reward model —
+# `toy_2d.py` makes the whole story small enough to watch (`python toy_2d.py` runs its own short demo: one seed
+# at twice the learning rate, where the drift is plain to see in seconds): the data is a ring of Gaussians whose
+# density is known in closed form (the "true image distribution"), the reference is a velocity MLP pretrained on it
+# by flow matching, and the reward is a classifier-style proxy, $P(\text{target modes} \mid x)$, that — like a learned reward model —
 # keeps growing as $x$ moves away from the other modes, on the data's support or off it. Quality is what the reward
 # cannot see: the sliced Wasserstein distance (SW) of the samples to the ideal reward-tilted distribution
 # $p(x)\,e^{r(x)/\tau}/Z$, the target a KL-regularised RL run should reach (lower is better; it sees overshoot and
@@ -420,8 +421,10 @@ for m in methods:
 # %% [markdown]
 # ## Where to go next
 #
+# - `python toy_2d.py` is the short demo: each method without and with the guard at twice the learning rate, one
+#   seed, ~10 s, where the drift grows past the paper's range and the samples leave the ring.
 # - `python -m experiments.toy` prints the table and verdicts above and writes its figure, config and metrics to
-#   `runs/toy_2d/`; `--frontier` sets the guard against what users already have — a stronger KL, a lower learning
+#   `runs/toy_experiment/`; `--frontier` sets the guard against what users already have — a stronger KL, a lower learning
 #   rate, stopping early, rescaling at inference — each traced from the reference to the official run.
 # - `notebooks/put_normguard_in_your_trainer.py` puts the same hinge into a LoRA trainer of a diffusers SD3
 #   transformer: five added lines.

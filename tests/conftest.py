@@ -95,9 +95,8 @@ def trained_digits_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def toy_headline():
-    """`python -m experiments.toy` at its default settings (the headline, ~1 min), run once per session for every
+    """`python -m experiments.toy` at its default settings (the headline, ~25 s), run once per session for every
     test that pins what it shows: run()'s result (metrics, models, samples), without figures or files."""
-    import toy_2d
     from experiments import toy as toy_experiment
 
-    return toy_experiment.run(toy_2d.Config(plot=False), progress=False)
+    return toy_experiment.run(toy_experiment.Config(plot=False), progress=False)

@@ -410,6 +410,16 @@ def test_a_method_that_did_not_learn_is_set_apart():
     assert "nft set aside: its un-guarded run gained no reward" in lines[0]
 
 
+def test_one_seed_says_no_test_is_possible_rather_than_no_reward_gained():
+    """With one seed every method's reward gain has p = 1 (no interval): the lines say why nothing was tested, not
+    that the methods gained no reward (here each gained 0.08)."""
+    lines, flags = judged(n_seeds=1)
+    assert set(flags["not_tested"]) == set(METHODS) and len(lines) == 6
+    for line in lines:
+        assert ": NOT TESTED — no method to test" in line and line.endswith("; 1 seed: no test possible"), line
+        assert "set aside" not in line, line
+
+
 def test_drift_lead_finds_the_first_crossings_and_counts_the_seeds_without_one():
     history = {"step": [0, 20, 40, 60], "reward": [0.5, 0.6, 0.7, 0.8], "ratio_max": [1.0, 1.06, 1.2, 1.3]}
     fd = {**history, "fd": [10.0, 14.0, 21.0, 30.0]}  # lower is better: worse by >= 10 first at step 40

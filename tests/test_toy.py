@@ -1,13 +1,14 @@
 """toy_2d.py and experiments/toy.py: the closed-form world, the ensemble trick it rests on, the pairing of arms by
-seed, the null-reward control, the norm ratios, smoke runs of the headline and the frontier, and regression tests
-that pin, at the default settings and fixed seeds, what the toy shows (marked `experiment`; the headline runs once
-per session, in conftest.toy_headline)."""
+seed, the null-reward control, the norm ratios, each config holding what its file reads, smoke runs of the demo, the
+headline and the frontier, and regression tests that pin, at the default settings and fixed seeds, what the toy shows
+(marked `experiment`; the headline runs once per session, in conftest.toy_headline)."""
 
 import contextlib
 import dataclasses
 import io
 import json
 import math
+import re
 import runpy
 import sys
 from pathlib import Path
@@ -169,11 +170,14 @@ def test_per_model_learning_rate_equals_separate_adam_runs():
 # arms: paired by seed, the null-reward control, the norm ratios
 
 
+def smoke_config(**overrides):
+    """toy_2d's smoke sizes with two seeds and a tinier model."""
+    return toy.Config(**{**toy.SMOKE, "seeds": 2, "hidden": 16, "depth": 2, "pretrain_steps": 20, **overrides})
+
+
 def train_arms(method, arm_list, **overrides):
     """Smoke-sized training of arm_list from a tiny reference: the ensemble's weights, one (seeds, ...) per arm."""
-    cfg = toy.Config(
-        **{**toy_experiment.SMOKE, "hidden": 16, "depth": 2, "pretrain_steps": 20, "rl_steps": 4, **overrides}
-    )
+    cfg = smoke_config(rl_steps=4, **overrides)
     ref, _ = toy.make_reference(cfg)
     policy, _ = toy.train(cfg, ref, arm_list, toy.evaluation_inputs(cfg), progress=False)
     S = cfg.seeds
@@ -185,7 +189,8 @@ def test_arms_of_one_seed_share_rollout_and_training_noise(method):
     """Two arms with the same knobs end bit-identical, and so does a guard at λ = 0 with the un-guarded arm: every
     arm of seed s draws the same rollouts, t and ε. A guard at λ > 0 and a second seed do differ."""
     lr = 5e-3 if method != "dpo" else 2e-3  # large enough that four steps move every model
-    none = toy.Arm(method, "none", lr_scale=1.0)
+    none = toy.make_arm(smoke_config(rl_lr=lr, dpo_lr=lr), method)
+    assert none.lr_scale == 1.0
     arm_list = [
         none,
         dataclasses.replace(none, name="twin"),
@@ -203,7 +208,8 @@ def test_null_arm_learns_from_a_permutation_of_the_batch_rewards():
     """The shuffled-reward control: the same rewards, in an order unrelated to the samples. With one group its
     advantages are exactly the true advantages permuted; over many steps they do not correlate with them."""
     cfg = toy.Config(groups=1, group_size=64)
-    null, none = toy.Arm("nft", "null", shuffle_rewards=True), toy.Arm("nft", "none")
+    none = toy.make_arm(cfg, "nft")
+    null = dataclasses.replace(none, name="null", shuffle_rewards=True)
     gens = [torch.Generator().manual_seed(s) for s in range(3)]
     rewards = torch.rand(3, 64, generator=torch.Generator().manual_seed(9))
     corr = []
@@ -261,10 +267,10 @@ def test_help_exits_0_and_lists_every_key_and_a_bad_argument_exits_2_in_one_line
         cli.run(toy_experiment.main, ["--help"])
     assert done.value.code == 0
     printed = capsys.readouterr().out
-    for field in dataclasses.fields(toy.Config):
-        assert f"--{field.name}={field.default}" in printed, field.name
+    for field in dataclasses.fields(toy_experiment.Config):  # each key once, with the experiment's default
+        assert printed.count(f"--{field.name}=") == 1 and f"--{field.name}={field.default}" in printed, field.name
     assert "--tilt_temp=0.1  (float)  # tau of the ideal" in printed and "--smoke" in printed
-    assert "--frontier" in printed
+    assert "--seeds=5  (int)  # RL seeds per arm" in printed and "--frontier" in printed
     # the script's own entry point, run as __main__: exit code 2, one line on stderr, no traceback (tests/test_cli.py
     # runs cli.run in a fresh interpreter)
     monkeypatch.setattr("sys.argv", ["experiments/toy.py", "--rl_steps=many"])
@@ -273,6 +279,87 @@ def test_help_exits_0_and_lists_every_key_and_a_bad_argument_exits_2_in_one_line
         runpy.run_module("experiments.toy", run_name="__main__", alter_sys=True)
     assert done.value.code == 2
     assert capsys.readouterr() == ("", "error: --rl_steps: expected an int, got 'many'\n")
+
+
+def test_each_config_holds_what_its_file_reads():
+    """toy_2d.Config: only settings toy_2d.py reads; experiments/toy.py's Config adds only settings it reads itself
+    (and toy_2d.py never does), plus defaults of its own for toy_2d's seeds, rl_lr and out_dir."""
+    source = {path: (ROOT / path).read_text() for path in ("toy_2d.py", "experiments/toy.py")}
+    reads = lambda path, name: re.search(rf"\bcfg\.{name}\b", source[path]) is not None
+    for field in dataclasses.fields(toy.Config):
+        assert reads("toy_2d.py", field.name), field.name
+    own = set(toy_experiment.Config.__annotations__)
+    assert own - {f.name for f in dataclasses.fields(toy.Config)} == {"few_steps", "adjoint_samples", "plot"}
+    for name in own - {"seeds", "rl_lr", "out_dir"}:
+        assert reads("experiments/toy.py", name) and not reads("toy_2d.py", name), name
+
+
+def test_demo_help_lists_every_key_and_a_bad_argument_exits_2_in_one_line(capsys, monkeypatch):
+    with pytest.raises(SystemExit) as done:
+        cli.run(toy.main, ["--help"])
+    assert done.value.code == 0
+    printed = capsys.readouterr().out
+    for field in dataclasses.fields(toy.Config):
+        assert f"--{field.name}={field.default}" in printed, field.name
+    assert "python toy_2d.py --out_dir=docs" in printed and "--smoke" in printed
+    monkeypatch.setattr("sys.argv", ["toy_2d.py", "--margin=both"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(ROOT / "toy_2d.py"), run_name="__main__")
+    assert done.value.code == 2
+    assert capsys.readouterr() == ("", "error: margin: expected relative or absolute, got 'both'\n")
+
+
+def test_demo_smoke_prints_what_to_look_at_and_writes_its_figure_and_json(tmp_path, capsys):
+    """`python toy_2d.py --smoke`: the run the README's first command makes, at tiny sizes (numbers mean nothing)."""
+    result = toy.main(["--smoke", f"--out_dir={tmp_path}"])
+    printed = capsys.readouterr().out
+    assert (tmp_path / "toy_2d.png").stat().st_size > 10_000
+    data = json.loads((tmp_path / "toy_2d.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert data["config"]["rl_steps"] == toy.SMOKE["rl_steps"] and data["command"] == sys.argv
+    assert set(data["runs"]) == {f"{m} {arm}" for m in toy.METHODS for arm in ("none", "guard")}
+    for m in toy.METHODS:
+        assert f"{m}: the guard takes the norm ratio from" in printed
+        assert f"{m} + guard " in printed
+    assert "python -m experiments.toy (docs/toy_2d.md)" in printed and "top row, no guard" in printed
+    for run, arm in zip(result["runs"], result["arms"]):  # the last checkpoint is the final evaluation
+        assert run["curve"]["step"] == [0, 3, 6] and len(run["profile"]) == toy.Config.profile_bins, arm
+        assert run["curve"]["rms_ratio"][-1] == pytest.approx(run["scores"]["rms_ratio"], rel=1e-5)
+
+
+def test_bench_times_each_command_in_a_fresh_interpreter_and_prints_its_budget_ratio(monkeypatch, capsys):
+    """bench/bench_toy.py times the README's two toy commands against their budgets; its plumbing runs here on two
+    trivial commands (the real sizes are measured by running the bench, docs/toy_2d.md, never by a timed test)."""
+    from bench import bench_toy
+
+    assert bench_toy.COMMANDS == {"python toy_2d.py": 15.0, "python -m experiments.toy": 20.0}
+    commands = {"python -c pass": 15.0, "python -c x=1": 20.0}  # each gets --out_dir=..., which -c leaves alone
+    monkeypatch.setattr(bench_toy, "COMMANDS", commands)
+    rows = bench_toy.main(["--repeats=2"])
+    printed = capsys.readouterr().out
+    for command, row in rows.items():
+        assert 0 < row["cpu"] and 0 < row["wall"] and row["budget"] == commands[command]
+        assert f"{row['wall'] / row['budget']:.2f}" in printed
+    assert printed.startswith("machine: ") and "of the experiment's wall time (fastest of 2 each)" in printed
+    with pytest.raises(cli.UsageError, match="repeats: expected an int >= 1"):
+        bench_toy.main(["--repeats=0"])
+
+
+def test_checkpointing_some_arms_leaves_their_curves_as_they_were():
+    """The headline checkpoints only the arms it reads curves of: the others' curves are None, and the tracked
+    arms' curves are those of a run that checkpoints every arm (rel 1e-6: each model is sampled by its own batched
+    matmul whichever models sit beside it; equal to the bit on the CPUs we ran)."""
+    cfg = smoke_config()
+    ref, _ = toy.make_reference(cfg)
+    arm_list = [toy.make_arm(cfg, m, guard) for m in ("nft", "dpo") for guard in (False, True)]
+    fixed = toy.evaluation_inputs(cfg)
+    _, every = toy.train(cfg, ref, arm_list, fixed, progress=False)
+    _, some = toy.train(cfg, ref, arm_list, fixed, progress=False, tracked=[1, 2])
+    for i, (a, b) in enumerate(zip(every, some)):
+        if i // cfg.seeds in (1, 2):
+            for key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), (i, key)
+        else:
+            assert b is None
 
 
 @pytest.fixture(scope="module")
@@ -292,7 +379,7 @@ def test_smoke_run_writes_config_metrics_and_figure(smoke):
     assert "nft+guard" in printed and printed.count("\n(") == 6  # six verdict lines: 1, 2, 3, 4, 4b, 5
     metrics = json.loads((out / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     config = json.loads((out / "config.json").read_text())
-    assert (out / "toy_2d.png").stat().st_size > 10_000
+    assert (out / "headline.png").stat().st_size > 10_000
     assert config["config"]["rl_steps"] == toy_experiment.SMOKE["rl_steps"] and len(config["git_revision"]) > 0
     assert config["command"] == sys.argv
     assert len(metrics["verdicts"]) == 6 and metrics["table"] in printed
@@ -468,9 +555,9 @@ def test_longer_training_hurts_quality_and_the_guard_repairs_it_beyond_early_sto
     """800 RL steps: the drift reaches ~1.5-2x and moves the samples off the ring; the guarded runs keep most of
     the reward gain much closer to the tilted target, beat rescaling on both axes and beat the un-guarded
     checkpoint of equal reward."""
-    metrics = toy_experiment.run(toy.Config(methods="nft,awm", seeds=3, rl_steps=800, plot=False), progress=False)[
-        "metrics"
-    ]
+    metrics = toy_experiment.run(
+        toy_experiment.Config(methods="nft,awm", seeds=3, rl_steps=800, plot=False), progress=False
+    )["metrics"]
     table, ref = flat_table(metrics), metrics["reference"]["full"]
     for m in ("nft", "awm"):
         none, guard = table[m]["none"], table[m]["guard"]
@@ -488,8 +575,8 @@ def test_longer_training_hurts_quality_and_the_guard_repairs_it_beyond_early_sto
 def test_relative_margin_destabilises_guarded_dpo_in_2d():
     """With the core's default relative margin, the hinge's 1/|v_ref|^2 gradient where the 2D reference velocity
     nearly vanishes leaves guarded DPO (at its large lr) with a much lower log-density."""
-    metrics = toy_experiment.run(toy.Config(methods="dpo", seeds=3, margin="relative", plot=False), progress=False)[
-        "metrics"
-    ]
+    metrics = toy_experiment.run(
+        toy_experiment.Config(methods="dpo", seeds=3, margin="relative", plot=False), progress=False
+    )["metrics"]
     dpo = flat_table(metrics)["dpo"]
     assert mean(dpo["guard"]["full_logp"]) < mean(dpo["none"]["full_logp"]) - 0.3
