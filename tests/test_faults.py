@@ -297,3 +297,30 @@ def alive(pid):
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+TOY_BAD = [  # each passed the toy's checks and failed later (a traceback) or ran to a NaN result
+    ("--out_dir=", "out_dir: expected a folder"),
+    ("--sw_projections=0", "sw_projections: expected an int >= 1"),
+    ("--kl_weight=-1", "kl_weight: expected a finite number >= 0"),
+    ("--lam=inf", "lam: expected a finite number >= 0"),
+    ("--threads=0", "threads: expected an int >= 1"),
+    ("--rl_lr=inf", "rl_lr: expected a finite number > 0"),
+    ("--dpo_beta=nan", "dpo_beta: expected a finite number != 0"),
+    ("--seed=1180591620717411303424", "seed: expected an int in 0..2147483647"),
+    ("--temb_dim=3", "temb_dim: expected an even int >= 2"),
+    ("--radius=inf", "radius: expected a finite number > 0"),
+]
+
+
+@pytest.mark.parametrize("arg, message", TOY_BAD)
+def test_the_toy_and_its_experiment_refuse_each_bad_value_up_front(arg, message, capsys):
+    import toy_2d
+    from experiments import toy
+
+    with pytest.raises(cli.UsageError) as e:
+        toy.parse_args([arg])
+    assert str(e.value).startswith(message), str(e.value)
+    with pytest.raises(SystemExit) as e:
+        cli.run(toy_2d.main, [arg])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith(f"error: {message}")
