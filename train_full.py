@@ -470,10 +470,10 @@ def train_steps(run, cfg):
 
 
 def preflight(cfg, family):
-    """Every check, all before any weight loads: the config, the model folder the family resolves against the
-    family (pipeline class, resolution, lora_targets), the reward, the prompt files, out_dir against --resume and
-    --overwrite. Returns (model folder, the checkpoint to resume or None: a fresh run); a ValueError naming the key
-    otherwise."""
+    """Every check, all before any weight loads, those that need no model first: the config, the reward, the prompt
+    files, out_dir (writable) against --resume and --overwrite, then the model folder the family resolves against
+    the family (pipeline class, resolution, lora_targets). Returns (model folder, the checkpoint to resume or None:
+    a fresh run); a ValueError naming the key otherwise."""
     check_config(cfg, family)
     check_reward(cfg)
     eval_reward_names(cfg)
