@@ -640,7 +640,7 @@ def main(argv):
         for a, arm in enumerate(result["arms"])
     }
     metrics = dict(pretrain_loss=result["pretrain_loss"], reference=result["reference"], runs=runs, wall_time_s=wall)
-    (out / "toy_2d.json").write_text(cli.dumps({**info, **metrics}, indent=1))
+    cli.write_atomic(out / "toy_2d.json", cli.dumps({**info, **metrics}, indent=1))
     print(f"wall time {wall:.1f} s after imports | outputs in {out}")
     return result
 
