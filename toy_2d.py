@@ -95,12 +95,20 @@ def check_config(cfg):
         ("margin", cfg.margin in ("relative", "absolute"), "relative or absolute"),
         ("power", cfg.power in (1, 2), "1 or 2"),
         ("group_size", cfg.group_size >= 2 and cfg.group_size % 2 == 0, "an even int >= 2 (DPO pairs best and worst)"),
-        ("lam", cfg.lam >= 0, "a number >= 0"),
+        ("lam", math.isfinite(cfg.lam) and cfg.lam >= 0, "a finite number >= 0"),
+        ("kl_weight", math.isfinite(cfg.kl_weight) and cfg.kl_weight >= 0, "a finite number >= 0"),
+        ("dpo_beta", math.isfinite(cfg.dpo_beta) and cfg.dpo_beta != 0, "a finite number != 0"),
+        ("temb_dim", cfg.temb_dim >= 2 and cfg.temb_dim % 2 == 0, "an even int >= 2 (sin and cos pairs)"),
+        ("out_dir", bool(cfg.out_dir.strip()), "a folder for the outputs"),
     ]
     counts = ("seeds", "rl_steps", "groups", "sample_steps", "eval_every", "pretrain_steps", "eval_samples")
+    counts += ("n_modes", "hidden", "depth", "pretrain_batch", "profile_bins", "sw_projections", "threads")
     rules += [(k, getattr(cfg, k) >= 1, "an int >= 1") for k in counts]
-    scales = ("rl_lr", "dpo_lr", "pretrain_lr", "reward_width", "tilt_temp", "mode_std")
-    rules += [(k, getattr(cfg, k) > 0, "a number > 0") for k in scales]
+    scales = ("rl_lr", "dpo_lr", "pretrain_lr", "reward_width", "tilt_temp", "mode_std", "radius", "nft_beta")
+    rules += [(k, math.isfinite(getattr(cfg, k)) and getattr(cfg, k) > 0, "a finite number > 0") for k in scales]
+    # seeds feed torch's generators (1000 * (seed + s) included): bounded like train_full's --seed
+    seeds = ("seed", "ref_seed", "eval_seed")
+    rules += [(k, 0 <= getattr(cfg, k) <= 2**31 - 1, "an int in 0..2147483647") for k in seeds]
     for key, ok, expected in rules:
         if not ok:
             raise ValueError(f"{key}: expected {expected}, got {getattr(cfg, key)!r}")
@@ -632,7 +640,7 @@ def main(argv):
         for a, arm in enumerate(result["arms"])
     }
     metrics = dict(pretrain_loss=result["pretrain_loss"], reference=result["reference"], runs=runs, wall_time_s=wall)
-    (out / "toy_2d.json").write_text(cli.dumps({**info, **metrics}, indent=1))
+    cli.write_atomic(out / "toy_2d.json", cli.dumps({**info, **metrics}, indent=1))
     print(f"wall time {wall:.1f} s after imports | outputs in {out}")
     return result
 

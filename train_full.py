@@ -25,7 +25,8 @@ What happens, top to bottom:
    Euler samplers on fixed prompts and seeds, the norm-ratio profile along the policy's own trajectories, a grid.
 5. save: atomic checkpoints (trainer/checkpoints.py: trainable weights, optimiser, LR schedule, RNG, step, old/EMA
    policy, the run identity --resume must match), the LoRA in the diffusers format
-   (`pipe.load_lora_weights(out_dir + "/lora")`), config and metrics; a non-finite update stops before any save.
+   (`pipe.load_lora_weights(out_dir + "/lora")`), config and metrics, each written temp + rename; a non-finite
+   update, or one beyond WEIGHT_NORM_BOUND, stops before any save, and the stop line names the last good checkpoint.
 Every base loss here evaluates the reference velocity at the training points already (their KL terms and DPO's
 implicit reward need it), so the guard reuses that forward: it costs no extra network evaluation.
 """
@@ -35,6 +36,7 @@ import dataclasses
 import functools
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -48,12 +50,15 @@ from trainer.adapters import Base, export_lora, make_trainable, registered
 from trainer.checkpoints import (
     Counter,
     PolicyCopy,
+    check_out_dir,
     check_run_folder,
     checkpoint_step,
     clear_run,
     complete_checkpoints,
     identity_hash,
     register_trainable_only_hooks,
+    reject_checkpoint,
+    replace_dir,
     save_checkpoint,
     trainable_params,
     truncate_jsonl,
@@ -187,6 +192,7 @@ CHOICES.update(dpo_t_law=("flow_factory", "sigmoid"))
 AT_LEAST_1 = "steps prompts_per_step group_size sample_steps few_steps train_batch_size eval_every eval_seeds"
 AT_LEAST_1 += " checkpoint_every checkpoints_keep lora_rank lora_alpha resolution profile_bins max_sequence_length"
 AT_LEAST_1 += " grad_steps_per_batch"
+MAX_SEED = 2**31 - 1
 RANGES = [  # (keys, test, what a value must be)
     (AT_LEAST_1, lambda v: v >= 1, "an int >= 1"),
     ("sa_noise_level", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
@@ -199,6 +205,7 @@ RANGES = [  # (keys, test, what a value must be)
     ),
     ("dpo_beta", lambda v: math.isfinite(v) and v != 0, "a finite number != 0 (0: a constant DPO loss)"),
     ("flux_guidance", math.isfinite, "a finite number"),
+    ("seed", lambda v: 0 <= v <= MAX_SEED, f"an int in 0..{MAX_SEED}"),  # step_generator's seeds then fit 64 bits
 ]
 # The run identity: every key that changes what a step computes. Not in it: where outputs go, how often to
 # evaluate, log and checkpoint, how far to train (steps), the eval sizes, gradient checkpointing (the same math).
@@ -403,7 +410,22 @@ def pair_loss(cfg, adapter, model, base, old, x_w, x_l, cond, t, eps):
     return loss + penalty, {**stats, "hinge": g["hinge"], "active_frac": g["active_frac"], "guard": penalty.detach()}
 
 
-class NonFiniteLoss(RuntimeError):
+# An optimiser step that multiplies the trainable weights' norm by more than this destroyed them, finite or not: a
+# LoRA's norm (its A, gaussian at init) moves by ~lr·r relative per step, a full fine-tune's far less; 10x takes lr
+# ~0.3 at r = 32. Such an update stops the run before the counter, the old/EMA copy or a checkpoint sees it.
+WEIGHT_NORM_BOUND = 10.0
+
+
+def weight_norm(params):
+    """The L2 norm of all `params` together, as a float (inf or nan when some weight is)."""
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.detach().double()) for p in params])))
+
+
+class Stopped(RuntimeError):
+    """A run stopped by a fault (its message says what happened and names the last good checkpoint)."""
+
+
+class NonFiniteLoss(Stopped):
     pass
 
 
@@ -414,14 +436,23 @@ class NonFiniteLoss(RuntimeError):
 def train(cfg):
     """Run cfg; returns the final metrics dict (also written to out_dir/metrics.json). accelerate's state is
     process-wide: runs in one process must share mixed_precision."""
-    from tqdm import tqdm
-
     family = cli.checked(registered, cfg.preset)  # the model family, looked up once for the whole run
     path, ckpt = cli.checked(preflight, cfg, family)  # before the model loads: errors in seconds
     run = Run(cfg, family, path)
-    run.resume(ckpt)
-    if run.main and run.eval_missing(run.counter.step):  # step 0: the reference, the baseline of every later eval;
-        run.evaluate(run.counter.step)  # after a resume: the checkpoint's eval, when a crash came before it
+    try:
+        run.resume(ckpt)
+        if run.main and run.eval_missing(run.counter.step):  # step 0: the reference, the baseline of every eval;
+            run.evaluate(run.counter.step)  # after a resume: the checkpoint's eval, when a crash came before it
+        train_steps(run, cfg)
+        return run.finish()
+    except cli.WriteError as e:  # a full disk, a folder gone read-only: the file is named, and where to resume
+        raise Stopped(f"{e}; {run.good()}") from None
+
+
+def train_steps(run, cfg):
+    """The loop from the run's step to cfg.steps: rollouts, update, log, checkpoint, eval (a drift stop ends it)."""
+    from tqdm import tqdm
+
     bar = tqdm(range(run.counter.step, cfg.steps), initial=run.counter.step, total=cfg.steps, disable=not run.main)
     for step in bar:
         t0 = time.time()
@@ -436,23 +467,29 @@ def train(cfg):
         if cfg.drift_stop and run.drift_alarmed(step + 1):  # a clean stop: this step's checkpoint, then the export
             run.checkpoint(step + 1)
             break
-    return run.finish()
 
 
 def preflight(cfg, family):
-    """Every check, all before any weight loads: the config, the model folder the family resolves against the
-    family (pipeline class, resolution, lora_targets), the reward, the prompt files, out_dir against --resume and
-    --overwrite. Returns (model folder, the checkpoint to resume or None: a fresh run); a ValueError naming the key
-    otherwise."""
+    """Every check, all before any weight loads, those that need no model first: the config, the reward, the prompt
+    files, out_dir (writable) against --resume and --overwrite, then the model folder the family resolves against
+    the family (pipeline class, resolution, lora_targets). Returns (model folder, the checkpoint to resume or None:
+    a fresh run); a ValueError naming the key otherwise."""
     check_config(cfg, family)
-    path = family.adapter.resolve_path(cfg)
-    family.adapter.check_model(cfg, path)
     check_reward(cfg)
     eval_reward_names(cfg)
     evaluation.check_tracker(cfg.report_to)
-    read_prompts(cfg.train_prompts, family.prompts)
-    read_prompts(cfg.eval_prompts, family.prompts)
-    return path, check_run_folder(Path(cfg.out_dir) / "checkpoints", cfg.resume, cfg.overwrite, run_identity(cfg))
+    read_prompts("train_prompts", cfg.train_prompts, family.prompts)
+    read_prompts("eval_prompts", cfg.eval_prompts, family.prompts)
+    check_out_dir(cfg.out_dir)
+    ckpt = check_run_folder(Path(cfg.out_dir) / "checkpoints", cfg.resume, cfg.overwrite, run_identity(cfg))
+    if ckpt is not None and checkpoint_step(ckpt) > cfg.steps:  # it would "finish" at once, its config saying less
+        raise ValueError(
+            f"steps: expected >= {checkpoint_step(ckpt)}, the step of {ckpt} that --resume continues, got {cfg.steps}"
+        )
+    # last: a hub id may take seconds to answer, a testbed may build its model, lora_targets reads the model's config
+    path = family.adapter.resolve_path(cfg)
+    family.adapter.check_model(cfg, path)
+    return path, ckpt
 
 
 @dataclass
@@ -475,8 +512,8 @@ class Run:
         self.cfg, self.out_dir, self.model_path = cfg, Path(cfg.out_dir), path
         self.ckpt_root = self.out_dir / "checkpoints"
         self.last_good, self.log, self.evals, self.last_step = None, None, [], {}  # see resume, evaluate, log_step
-        self.train_prompts = read_prompts(cfg.train_prompts, family.prompts)
-        self.eval_prompts = read_prompts(cfg.eval_prompts, family.prompts)
+        self.train_prompts = read_prompts("train_prompts", cfg.train_prompts, family.prompts)
+        self.eval_prompts = read_prompts("eval_prompts", cfg.eval_prompts, family.prompts)
         project, trackers = ProjectConfiguration(project_dir=str(self.out_dir)), cfg.report_to or None
         kw = dict(project_config=project, step_scheduler_with_optimizer=False)
         acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers, **kw)
@@ -523,7 +560,7 @@ class Run:
         (self.out_dir / "eval").mkdir(parents=True, exist_ok=True)
         saved = dict(config=dataclasses.asdict(cfg), identity=identity_hash(run_identity(cfg)), command=sys.argv)
         saved.update(git_revision=cli.git_revision(), model_path=self.model_path)
-        (self.out_dir / "config.json").write_text(cli.dumps(saved, indent=1))
+        cli.write_atomic(self.out_dir / "config.json", cli.dumps(saved, indent=1))
         trainable = "full" if cfg.full_finetune else f"LoRA r={cfg.lora_rank}"
         guard = f"on: lam {cfg.lam}, {cfg.margin}" if cfg.guard else "off"
         n_params, grid = sum(p.numel() for p in self.params) / 1e6, [round(s, 4) for s in self.grid.tolist()]
@@ -548,8 +585,8 @@ class Run:
             self.last_good = max(complete_checkpoints(self.ckpt_root), default=None)
             log, evals = (self.out_dir / "log.jsonl", self.out_dir / "evals.jsonl")
             if ckpt is None:
-                log.write_text("")
-                evals.write_text("")
+                cli.write_atomic(log, "")
+                cli.write_atomic(evals, "")
             self.last_step = (truncate_jsonl(log, self.counter.step) or [{}])[-1]
             self.evals = truncate_jsonl(evals, self.counter.step)
             self.log = open(log, "a")
@@ -571,23 +608,53 @@ class Run:
         noise = torch.randn(per_proc, *adapter.latent_shape, generator=gen).to(acc.device)
         self.model.eval()
         x0s, conds, rewards, sde = [], [], [], step_generator(cfg, step, rank, 2)  # sde: the SA-Solver's noise
-        policy = self.old.swapped_in() if cfg.awm_off_policy else contextlib.nullcontext()
+        policy, broken = self.old.swapped_in() if cfg.awm_off_policy else contextlib.nullcontext(), False
         with torch.no_grad(), acc.autocast(), policy:
             for i in range(0, per_proc, bs):
                 cond, part = adapter.encode(prompts[i : i + bs]), prompts[i : i + bs]
-                null = adapter.null_cond(len(part)) if cfg.cfg_scale != 1 else None
-                kw = dict(sampler=cfg.sampler, generator=sde, noise_level=cfg.sa_noise_level)
-                x0 = rollout(adapter, self.base.module, cond, noise[i : i + bs], self.grid, cfg.cfg_scale, null, **kw)
+                x0 = self.sample(cond, noise[i : i + bs], sde)
                 x0s.append(x0.float())
                 conds.append(cond)
-                rewards.append(self.score(adapter.decode(x0), part))
+                if bool(torch.isfinite(x0).all()):
+                    rewards.append(self.score(adapter.decode(x0), part))
+                else:  # no reward is asked to judge NaN images: the check below stops every process
+                    rewards.append(torch.full((len(part),), math.nan, device=acc.device))
+                    broken = True
         rewards = torch.cat(rewards)
         all_rewards = acc.gather(rewards)
         if not bool(torch.isfinite(all_rewards).all()):
-            raise NonFiniteLoss(f"step {step + 1}: the reward returned NaN/Inf; stopped, {self.good()}")
+            raise self.nonfinite_rollouts(step, broken)
         adv = ng.group_advantages(all_rewards, cfg.group_size)[rank * per_proc : (rank + 1) * per_proc]
         cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
         return Rollouts(torch.cat(x0s), cond, rewards, adv.to(acc.device), all_rewards)
+
+    def sample(self, cond, noise, sde):
+        """The rollout sampler's x0 from `noise` (NaN where the policy's velocities were not finite)."""
+        cfg, adapter = self.cfg, self.adapter
+        null = adapter.null_cond(len(noise)) if cfg.cfg_scale != 1 else None
+        kw = dict(sampler=cfg.sampler, generator=sde, noise_level=cfg.sa_noise_level)
+        try:
+            return rollout(adapter, self.base.module, cond, noise, self.grid, cfg.cfg_scale, null, **kw)
+        except ValueError as e:  # the samplers' own check names a non-finite velocity
+            if "finite" not in str(e):
+                raise
+            return torch.full_like(noise, math.nan)
+
+    def nonfinite_rollouts(self, step, broken):
+        """The stop of a step whose rewards are NaN/Inf. When the policy's samples were (on any process), the
+        weights after the last update are broken though finite: a checkpoint of them is moved out of --resume's
+        reach (renamed rejected-...) and the one before it named."""
+        acc = self.accelerator
+        if acc.reduce(torch.tensor([float(broken)], device=acc.device), "sum").item() == 0:
+            return NonFiniteLoss(f"step {step + 1}: the reward returned NaN/Inf; stopped, {self.good()}")
+        rejected = ""
+        if self.main and self.last_good is not None and checkpoint_step(self.last_good) == step:
+            rejected = f"; {self.last_good.name} holds them: moved to {reject_checkpoint(self.last_good).name}"
+            self.last_good = max(complete_checkpoints(self.ckpt_root), default=None)
+        return NonFiniteLoss(
+            f"step {step + 1}: the policy's rollouts are NaN/Inf: the weights after step {step} are finite but broken"
+            f"{rejected}; stopped, {self.good()}"
+        )
 
     def score(self, images, prompts):
         """The reward of images (B, C, H, W): (B,) float, or a ValueError saying what the reward returned."""
@@ -666,6 +733,7 @@ class Run:
         grad_norm = self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
         if not math.isfinite(grad_norm):
             raise NonFiniteLoss(f"{where}: gradient norm {float(grad_norm)}; stopped before the update, {self.good()}")
+        before = weight_norm(self.params)
         try:
             self.opt.step()
         except RuntimeError as e:  # torch refuses a step size beyond float32's range (e.g. lr 1e39)
@@ -674,9 +742,15 @@ class Run:
             raise NonFiniteLoss(
                 f"{where}: the update overflowed ({e}); stopped before any save, {self.good()}"
             ) from None
-        if not bool(torch.stack([p.isfinite().all() for p in self.params]).all()):  # e.g. a huge weight_decay
+        after = weight_norm(self.params)
+        if not math.isfinite(after):  # e.g. a huge weight_decay
             raise NonFiniteLoss(
                 f"{where}: the update made the weights non-finite; stopped before any save, {self.good()}"
+            )
+        if after > WEIGHT_NORM_BOUND * before:  # finite but destroyed (e.g. lr 1e30: |w| ~ 1e30)
+            raise NonFiniteLoss(
+                f"{where}: the update took the trainable weights' norm from {before:.4g} to {after:.4g}, beyond "
+                f"{WEIGHT_NORM_BOUND:g}x in one optimiser step; stopped before any save, {self.good()}"
             )
         return grad_norm
 
@@ -700,8 +774,7 @@ class Run:
                 f"{line['loss']:.5f} ({extra}) | hinge {line['hinge']:.3g} active {line['active_frac']:.3f} | "
                 f"norm ratio {line['norm_ratio']:.4f} | {line['step_time']:.2f} s"
             )
-            self.log.write(cli.dumps(line) + "\n")
-            self.log.flush()
+            append(self.log, line)
         self.accelerator.log(line, step=step + 1)
 
     def evaluate(self, step):
@@ -715,7 +788,11 @@ class Run:
         prompts = [p for p in self.eval_prompts for _ in range(cfg.eval_seeds)]
         result, images = evaluation.measure(cfg, self.adapter, self.base, prompts, self.score, acc, self.held_out)
         grid = make_grid((images + 1) / 2, nrow=cfg.eval_seeds * 4)
-        save_image(grid, self.out_dir / "eval" / f"grid_{step:07d}.png")
+        file = self.out_dir / "eval" / f"grid_{step:07d}.png"
+        try:
+            save_image(grid, file)
+        except OSError as e:
+            raise cli.write_error(file, e) from None
         if result["drift_alarm"]:
             print(f"DRIFT ALARM at step {step}: norm ratio {result['norm_ratio_max']:.4f} > {cfg.drift_alarm}")
         profile = " ".join("  -  " if m is None else f"{m:.3f}" for m in result["profile"])
@@ -726,7 +803,7 @@ class Run:
         self.evals.append({"step": step, **result})
         evaluation.publish(acc, step, self.evals[-1], grid)
         with open(self.out_dir / "evals.jsonl", "a") as f:
-            f.write(cli.dumps(self.evals[-1]) + "\n")
+            append(f, self.evals[-1])
 
     def checkpoint(self, step):
         """Save the checkpoint of `step` (once: a second call for the same step keeps the first)."""
@@ -751,12 +828,33 @@ class Run:
             "eval": self.evals[-1] if self.evals else None,
         }
         if self.main:
-            export_lora(self.cfg, self.adapter, self.base.module, self.out_dir)
+            self.export()
             print(how_to_load(self.cfg, self.adapter, self.out_dir))
-            (self.out_dir / "metrics.json").write_text(cli.dumps(metrics, indent=1))
+            cli.write_atomic(self.out_dir / "metrics.json", cli.dumps(metrics, indent=1))
             self.log.close()
         self.accelerator.end_training()
         return metrics
+
+    def export(self):
+        """The LoRA (full fine-tuning: the transformer) written into a temp folder, then renamed into place."""
+        tmp, name = self.out_dir / ".tmp-export", "transformer" if self.cfg.full_finetune else "lora"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            export_lora(self.cfg, self.adapter, self.base.module, tmp)
+            replace_dir(tmp / name, self.out_dir / name)
+        except OSError as e:
+            raise cli.write_error(self.out_dir / name, e) from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def append(file, record):
+    """One JSON line appended to the open log `file`, flushed; a failed write (a full disk) names the file."""
+    try:
+        file.write(cli.dumps(record) + "\n")
+        file.flush()
+    except OSError as e:
+        raise cli.write_error(file.name, e) from None
 
 
 LAUNCHER_SIZES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")  # what launchers set
@@ -774,15 +872,20 @@ def check_launch(n_processes):
         )
 
 
-def read_prompts(path, defaults):
-    """The prompts of the file at `path` (one a line), or the family's built-in `defaults` when path is ""."""
+def read_prompts(key, path, defaults):
+    """The prompts of the file at `path` (one a line, UTF-8), or the family's built-in `defaults` when path is "";
+    a ValueError naming `key` and the file otherwise."""
     if not path:
         return list(defaults)
     if not os.path.isfile(path):
-        raise ValueError(f"prompt file: expected a text file with one prompt per line, got {path!r}")
-    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+        raise ValueError(f"{key}: expected a text file with one prompt per line, got {path!r}")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{key}: {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at {e.start})") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
-        raise ValueError(f"prompt file {path!r}: no prompts (expected one per line)")
+        raise ValueError(f"{key}: {path} holds no prompts (expected one per line)")
     return prompts
 
 
@@ -797,7 +900,7 @@ def main(argv=None, preset="sd3"):
     cfg = cli.checked(parse_args, sys.argv[1:] if argv is None else argv, preset)
     try:
         return train(cfg)
-    except NonFiniteLoss as e:
+    except (Stopped, cli.WriteError) as e:  # WriteError: before the run's first step, no checkpoint to name yet
         sys.exit(f"stopped: {e}")
 
 

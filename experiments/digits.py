@@ -28,6 +28,7 @@ sample count) and differences are paired by seed.
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shutil
 import statistics
@@ -139,16 +140,21 @@ def check_config(cfg):
             values = floats(getattr(cfg, name))
         except ValueError:
             values = [-1.0]
-        if not all(v > 0 for v in values):
-            raise ValueError(f"{name}: expected comma-separated numbers > 0, got {getattr(cfg, name)!r}")
+        if not all(math.isfinite(v) and v > 0 for v in values):
+            raise ValueError(f"{name}: expected comma-separated finite numbers > 0, got {getattr(cfg, name)!r}")
     for name in ("pretrain_steps", "jobs", "threads", "adjoint_samples"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {getattr(cfg, name)}")
     if cfg.eval_samples < 10 or cfg.eval_samples % 10:
         raise ValueError(f"eval_samples: expected a multiple of 10 (every digit equally often), got {cfg.eval_samples}")
-    if not cfg.dpo_lr > 0:
-        raise ValueError(f"dpo_lr: expected a number > 0, got {cfg.dpo_lr}")
-    train_config(cfg, "nft", "null", seeds[0], "")  # the forwarded train_full keys fail here, before any work
+    if not (math.isfinite(cfg.dpo_lr) and cfg.dpo_lr > 0):
+        raise ValueError(f"dpo_lr: expected a finite number > 0, got {cfg.dpo_lr}")
+    if not cfg.out_dir.strip():
+        raise ValueError("out_dir: expected a folder for the experiment's outputs, got ''")
+    if not 0 <= cfg.ref_seed <= tf.MAX_SEED:
+        raise ValueError(f"ref_seed: expected an int in 0..{tf.MAX_SEED}, got {cfg.ref_seed}")
+    for seed in seeds:  # the forwarded train_full keys and every seed fail here, before any work
+        train_config(cfg, "nft", "null", seed, "")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -434,8 +440,15 @@ def run_job(cfg, ref_path, method, arm, seed):
         result = torch.load(out / "result.pt", weights_only=False)
         if same_run(result["key"], key):
             return result
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    with run_lock(out):
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        return train_and_evaluate(cfg, tcfg, ref_path, arm, key)
+
+
+def train_and_evaluate(cfg, tcfg, ref_path, arm, key):
+    """run_job's work in the run's folder (emptied, locked): train_full, then the exported model's evaluation."""
+    out = Path(tcfg.out_dir)
 
     def compute():
         t0 = time.time()
@@ -454,6 +467,64 @@ def run_job(cfg, ref_path, method, arm, seed):
         }
 
     return cached(out / "result.pt", key, compute)
+
+
+@contextlib.contextmanager
+def run_lock(folder):
+    """Hold `folder`'s lock file (<folder>.lock beside it, holding this process's pid) while a run writes into it:
+    a second experiment started while a worker of the first still runs stops here instead of sharing the folder.
+    A lock whose pid is gone (a killed run) is taken over."""
+    lock = folder.with_name(folder.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            owner = lock_owner(lock)
+            if owner is not None and pid_alive(owner):
+                raise RuntimeError(
+                    f"{folder} is in use by process {owner} (a run of another experiment still going): stop it, "
+                    "or give this experiment another --out_dir"
+                ) from None
+            lock.unlink(missing_ok=True)  # stale: its owner died
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def lock_owner(lock):
+    """The pid written in `lock`, or None (unreadable, or half-written by an owner killed at that moment)."""
+    try:
+        return int(lock.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def die_with_parent(parent):
+    """A spawned worker's initializer: exit when the experiment's process `parent` is gone (kill -9 included: no
+    handler of the parent runs then). A worker never outlives the run that owns its folder. Polls once a second."""
+    import threading
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def run_all(cfg, ref_path, jobs, progress):
@@ -476,7 +547,8 @@ def run_all(cfg, ref_path, jobs, progress):
             bar.update()
         bar.close()
         return results
-    with ProcessPoolExecutor(cfg.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    context, parent = multiprocessing.get_context("spawn"), os.getpid()
+    with ProcessPoolExecutor(cfg.jobs, mp_context=context, initializer=die_with_parent, initargs=(parent,)) as pool:
         pending = {submit(pool.submit, job): job for job in jobs}
         while pending:
             for future in wait(pending, return_when=FIRST_COMPLETED)[0]:
@@ -767,8 +839,8 @@ def run(cfg, frontier=False, progress=True):
     wall["runs"] = {f"{m}_{a}_seed{s}": r["wall_time_s"] for (m, a, s), r in results.items() if m != "reference"}
     histories = {f"{m}_{a}_seed{s}": r["history"] for (m, a, s), r in results.items() if m != "reference"}
     metrics = {**info, **summary, "histories": histories, "wall_time_s": wall}
-    ev.write_json(out / "config.json", info, indent=2)
-    ev.write_json(out / "metrics.json", metrics)
+    cli.write_atomic(out / "config.json", cli.dumps(info, indent=2))
+    cli.write_atomic(out / "metrics.json", cli.dumps(metrics, indent=1))
     return metrics
 
 

@@ -286,9 +286,11 @@ def save(cfg, result, out, frontier):
     and the figures unless cfg.plot is off."""
     out.mkdir(parents=True, exist_ok=True)
     info = {"config": dataclasses.asdict(cfg), "command": sys.argv, "git_revision": cli.git_revision()}
-    E.write_json(out / ("frontier.json" if frontier else "metrics.json"), {**info, **result["metrics"]})
+    cli.write_atomic(
+        out / ("frontier.json" if frontier else "metrics.json"), cli.dumps({**info, **result["metrics"]}, indent=1)
+    )
     if not frontier:  # the frontier's config lives in frontier.json: both can share one out_dir
-        E.write_json(out / "config.json", info, indent=2)
+        cli.write_atomic(out / "config.json", cli.dumps(info, indent=2))
     if cfg.plot:
         plot(cfg, result, out, frontier)
 

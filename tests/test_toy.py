@@ -258,7 +258,7 @@ def test_overrides_are_typed_and_unknown_keys_rejected():
             toy_experiment.parse_args([f"--target_modes={bad}"])
     with pytest.raises(cli.UsageError, match="group_size"):
         toy_experiment.parse_args(["--group_size=3"])
-    with pytest.raises(cli.UsageError, match="lam: expected a number >= 0"):
+    with pytest.raises(cli.UsageError, match="lam: expected a finite number >= 0"):
         toy_experiment.parse_args(["--lam=-1"])
 
 

@@ -731,6 +731,7 @@ def test_bad_arguments_fail_fast_with_clear_messages(tmp_path, monkeypatch):
         match=r"preset: expected one of \['flux', 'sd3'\], got 'digits'; .*`python -m experiments.digits_testbed`",
     ):
         tf.main(["--preset=digits", "--smoke"])
+    jpeg = ["--reward=jpeg"]  # the model folder is checked last: the default reward's (offline) error would come first
     for path, match in (
         (tmp_path / "nothing_here", "no folder"),
         (tmp_path, "has no model_index.json"),
@@ -738,10 +739,10 @@ def test_bad_arguments_fail_fast_with_clear_messages(tmp_path, monkeypatch):
     ):
         t0 = time.time()
         with pytest.raises(ValueError, match=f"pretrained_model_name_or_path: .*{match}.*pass"):
-            tf.main(["--preset=flux", f"--pretrained_model_name_or_path={path}", f"--out_dir={tmp_path / 'o'}"])
+            tf.main(["--preset=flux", f"--pretrained_model_name_or_path={path}", f"--out_dir={tmp_path / 'o'}", *jpeg])
         assert time.time() - t0 < 15
-    with pytest.raises(ValueError, match="prompt file"):
-        tf.read_prompts(str(tmp_path / "missing.txt"), adapters.registered("sd3").prompts)
+    with pytest.raises(ValueError, match="train_prompts: expected a text file"):
+        tf.read_prompts("train_prompts", str(tmp_path / "missing.txt"), adapters.registered("sd3").prompts)
 
 
 def test_exported_lora_loads_with_load_lora_weights(sd3_path, tmp_path):

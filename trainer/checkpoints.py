@@ -9,11 +9,12 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
-from trainer.cli import dumps
+from trainer.cli import dumps, write_atomic, write_error
 
 
 def trainable_params(model):
@@ -89,11 +90,15 @@ def save_checkpoint(accelerator, ckpt_root, step, keep, identity):
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:  # torch's writer reports a full disk as a RuntimeError ("unexpected pos ...") naming no file
+        accelerator.save_state(str(tmp))
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(final, e) from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "identity.json").write_text(dumps({"hash": identity_hash(identity), "config": identity}, indent=1))
-        (tmp / "COMPLETE").write_text(dumps({"step": step}))
+        write_atomic(tmp / "identity.json", dumps({"hash": identity_hash(identity), "config": identity}, indent=1))
+        write_atomic(tmp / "COMPLETE", dumps({"step": step}))
         _fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
@@ -175,7 +180,8 @@ def check_run_folder(ckpt_root, resume, overwrite, identity):
     if not file.is_file():
         raise ValueError(f"resume: {path} has no identity.json (not written by this trainer's version); start anew")
     saved, current = json.loads(file.read_text()), json.loads(dumps(identity))  # current: as json reads it back
-    if saved["hash"] != identity_hash(current):
+    saved["config"], current = resolved_model(saved["config"]), resolved_model(current)
+    if identity_hash(saved["config"]) != identity_hash(current):
         keys = sorted(set(saved["config"]) | set(current))
         old, new = (tuple(c.get(k, "(absent)") for k in keys) for c in (saved["config"], current))
         diff = [f"{k} {a!r} -> {b!r}" for k, a, b in zip(keys, old, new) if a != b]
@@ -184,6 +190,51 @@ def check_run_folder(ckpt_root, resume, overwrite, identity):
             "values or start a fresh run in another out_dir"
         )
     return path
+
+
+def resolved_model(identity):
+    """The identity with its model folder as the folder it resolves to: `PIPE/`, `./PIPE` or a symlink to it name
+    the same model (a hub id, or a folder gone since, stays as written)."""
+    path = identity.get("pretrained_model_name_or_path")
+    if path and os.path.isdir(path):
+        return {**identity, "pretrained_model_name_or_path": os.path.realpath(path)}
+    return identity
+
+
+def reject_checkpoint(path):
+    """Rename the checkpoint `path` rejected-<name>: kept to inspect, out of --resume's reach (a fresh run into the
+    folder still needs --overwrite). Returns the new path."""
+    target = Path(path).with_name(f"rejected-{Path(path).name}")
+    shutil.rmtree(target, ignore_errors=True)
+    os.rename(path, target)
+    return target
+
+
+def check_out_dir(out_dir):
+    """Before any weight loads: out_dir is a folder this process can write into (or can create). A ValueError names
+    the file in its way (out_dir itself or a parent that is a file) or the folder that refuses a write: a probe file
+    is created and removed, so read-only mounts, immutable folders and missing permissions all show here."""
+    path = Path(out_dir)
+    existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"lies under {existing}, a file"
+        raise ValueError(f"out_dir: {out_dir} {where}; expected a folder (or a path where one can be made)")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-probe-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"out_dir: cannot write into {existing} ({e.strerror}); expected a writable folder") from None
+
+
+def replace_dir(tmp, final):
+    """Put the finished folder `tmp` at `final` (a previous one moved aside first, then removed): a kill leaves the
+    old folder or the new one whole, never a half-written one under the final name."""
+    old = final.with_name(f".old-{final.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 RUN_OUTPUTS = ("checkpoints", "log.jsonl", "evals.jsonl", "metrics.json", "config.json", "lora", "transformer", "eval")
@@ -219,7 +270,5 @@ def truncate_jsonl(path, last_step):
                 continue
             if record.get("step", math.inf) <= last_step:
                 records.append(record)
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text("".join(dumps(r) + "\n" for r in records))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(dumps(r) + "\n" for r in records))
     return records

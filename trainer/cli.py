@@ -14,7 +14,8 @@
   convert or an argument not of these forms raises `UsageError` naming the argument and what was expected.
 - `cli.run(main)` runs a script's `main(argv)` and turns a `UsageError` into one line on stderr and exit code 2,
   without a traceback. Other exceptions keep theirs.
-Also what every script writes next to its outputs: `git_revision()`, the code version, and `dumps()`, strict JSON.
+Also what every script writes next to its outputs: `git_revision()`, the code version, `dumps()`, strict JSON, and
+`write_atomic()`, the one way an output file is written (temp + rename; a failed write names the file).
 Imports only the standard library (PyYAML when a YAML file is read).
 
 Why our own parser and not a library: the scripts layer a preset's, a recipe's and --smoke's values under what the
@@ -30,6 +31,7 @@ import difflib
 import inspect
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -40,6 +42,10 @@ BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 
 class UsageError(ValueError):
     """A bad command line or config value: shown to the user as one line, never as a traceback."""
+
+
+class WriteError(OSError):
+    """An output file that could not be written (a full disk, a read-only folder): its message names the file."""
 
 
 def field_comments(cls):
@@ -271,3 +277,30 @@ def json_safe(obj):
 def dumps(obj, **kw):
     """Strict JSON: json_safe, then json.dumps with allow_nan=False (no bare NaN, which other parsers reject)."""
     return json.dumps(json_safe(obj), allow_nan=False, **kw)
+
+
+def write_error(path, error):
+    """A WriteError naming `path` for the OSError (or torch's writer error, which carries no errno) `error`."""
+    if isinstance(error, OSError) and error.strerror:
+        why = error.strerror
+    else:
+        why = f"{str(error).splitlines()[0]}: is the disk full?"
+    failed = WriteError(f"could not write {path} ({why})")
+    failed.errno = getattr(error, "errno", None)
+    return failed
+
+
+def write_atomic(path, text):
+    """Write `text` to `path` whole or not at all: a temp file beside it, fsynced, renamed over it. A kill or a
+    full disk mid-write leaves the previous file (or none), never half of one; the error names the file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, e) from None
