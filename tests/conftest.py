@@ -100,3 +100,21 @@ def toy_headline():
     from experiments import toy as toy_experiment
 
     return toy_experiment.run(toy_experiment.Config(plot=False), progress=False)
+
+
+@pytest.fixture
+def host_syncs(monkeypatch):
+    """The list every way a tensor's value reaches Python (bool, item, tolist, float) appends its name to, from now
+    until the test ends: a host sync on a GPU."""
+    import torch
+
+    syncs = []
+    for name in ("__bool__", "item", "tolist", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name):
+            syncs.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return syncs

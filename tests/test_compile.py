@@ -166,24 +166,11 @@ def test_every_public_function_runs_on_fake_tensors_shape_only():
 # the switch for hot loops
 
 
-def count_syncs(monkeypatch):
-    syncs = []
-    for name in ("__bool__", "item", "tolist", "__float__"):
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _original=original, _name=name):
-            syncs.append(_name)
-            return _original(self, *args)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
-    return syncs
-
-
-def test_value_checks_off_skips_the_sync_and_the_check_and_restores(monkeypatch):
+def test_value_checks_off_skips_the_sync_and_the_check_and_restores(host_syncs, monkeypatch):
     kw = inputs(torch.float32)
     bad = kw["v"].detach().clone()
     bad[0, 0, 0, 0] = float("nan")
-    syncs = count_syncs(monkeypatch)
+    syncs = host_syncs
     with ng.value_checks(False):
         loss, _ = ng.nft_loss(bad, kw["v_old"], kw["v_ref"], kw["x_t"], kw["x0"], kw["t"], kw["adv"])
         with pytest.raises(ValueError, match="^beta:"):  # hyperparameters are still checked

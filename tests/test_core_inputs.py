@@ -474,16 +474,7 @@ def awm_options(kw):
     [(fn, lambda kw: kw) for fn in ("normguard_penalty", "nft_loss", "awm_loss", "dpo_loss")]
     + [("awm_loss", awm_options)],
 )
-def test_a_loss_call_syncs_with_the_host_once(fn, modify, monkeypatch):
+def test_a_loss_call_syncs_with_the_host_once(fn, modify, host_syncs):
     """Every way a value reaches Python (bool, item, tolist, float) is counted during one call."""
-    syncs = []
-    for name in ("__bool__", "item", "tolist", "__float__"):
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _original=original, _name=name):
-            syncs.append(_name)
-            return _original(self, *args)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
     getattr(ng, fn)(**modify(valid(fn)))
-    assert syncs == ["__bool__"]
+    assert host_syncs == ["__bool__"]

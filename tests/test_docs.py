@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import test_train_full
 import torch
 
 import normguard as ng
@@ -140,19 +141,7 @@ def tiny_sd3():
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        out_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        caption_projection_dim=16,
-        pooled_projection_dim=32,
-        pos_embed_max_size=16,
-    ).requires_grad_(False)
+    transformer = SD3Transformer2DModel(**test_train_full.TINY_SD3).requires_grad_(False)
     cond = dict(encoder_hidden_states=torch.randn(2, 5, 32), pooled_projections=torch.randn(2, 32))
     return transformer, torch.randn(2, 4, 8, 8), torch.rand(2), cond
 

@@ -16,6 +16,22 @@ from trainer import adapters, checkpoints, cli, recipes, rewards
 WORDS = ["a", "photo", "of", "cat", "dog", "red", "blue", "car", "bowl", "lighthouse"]
 
 
+# the tests' tiny SD3 transformer: 2 blocks, 4 latent channels, 8x8 latents in 2x2 patches (16 tokens)
+TINY_SD3 = dict(
+    sample_size=8,
+    patch_size=2,
+    in_channels=4,
+    out_channels=4,
+    num_layers=2,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    caption_projection_dim=16,
+    pooled_projection_dim=32,
+    pos_embed_max_size=16,
+)
+
+
 def tokenizers():
     from transformers import CLIPTokenizer, T5Tokenizer
 
@@ -91,19 +107,7 @@ def sd3_path(tmp_path_factory):
     torch.manual_seed(0)
     clip_tok, t5_tok = tokenizers()
     te, te2, te3 = text_encoders(clip_tok, t5_tok, 32, True)
-    transformer = SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        out_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        caption_projection_dim=16,
-        pooled_projection_dim=32,
-        pos_embed_max_size=16,
-    )
+    transformer = SD3Transformer2DModel(**TINY_SD3)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
