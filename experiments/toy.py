@@ -1,20 +1,21 @@
 """The 2D experiment: RL inflates the velocity norm, and the one-sided hinge stops it — or the toy says not.
 
-    python -m experiments.toy             # headline: each method un-guarded, guarded, on shuffled rewards (~25 s)
+    python -m experiments.toy             # headline: each method un-guarded, guarded, on shuffled rewards (~16 s)
     python -m experiments.toy --frontier  # the guard against a stronger KL, lower lr, early stopping, rescaling
     python -m experiments.toy --smoke     # tiny sizes, for tests
 
 toy_2d.py is the world, the model, RL through normguard.py's losses and the norm-ratio measurement; read it first.
 This file is the experiment around it: its config (toy_2d's, with the experiment's defaults and its own knobs); the
 arms (per method the official loss "none", "guard" and the shuffled-reward control "null"; or, with --frontier, the
-families of docs/protocol.md), trained at once as one toy_2d ensemble, every arm of seed s on the same noise; their
-evaluation (full and few-step sampling, the norm ratio per timestep, the inference-time rescale, the adjoint
-diagnostic); evidence.py's verdict on each claim of the paper or its frontiers, by the rules of docs/protocol.md;
-the figures, the JSON and the command line.
+families of docs/protocol.md), trained as toy_2d ensembles, one per process (--jobs, each a share of the arms on
+every seed), every arm of seed s on the same noise; their evaluation (full and few-step sampling, the norm ratio per
+timestep, the inference-time rescale, the adjoint diagnostic); evidence.py's verdict on each claim of the paper or its
+frontiers, by the rules of docs/protocol.md; the figures, the JSON and the command line.
 """
 
 import dataclasses
 import math
+import multiprocessing
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -41,6 +42,7 @@ class Config(toy.Config):
     few_steps: int = 3  # Euler steps of the few-step evaluation
     adjoint_samples: int = 256  # noise draws per model for the adjoint diagnostic
     plot: bool = True  # headline.png (with --frontier: frontier_<method>.png) next to the JSON
+    jobs: int = 2  # processes, each training a share of the arms (every seed); the numbers do not depend on it
 
 
 QUALITY = E.Quality("sw", "SW→tilted", higher_is_better=False, digits=3)
@@ -65,7 +67,7 @@ FLAGS = {"smoke": f"tiny sizes, for tests ({SMOKE})", "frontier": "the frontier 
 def check_config(cfg):
     """toy_2d's checks, then the experiment's own: a ValueError naming the first key the run cannot use."""
     toy.check_config(cfg)
-    for key in ("few_steps", "adjoint_samples"):
+    for key in ("few_steps", "adjoint_samples", "jobs"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key}: expected an int >= 1, got {getattr(cfg, key)!r}")
 
@@ -125,25 +127,31 @@ def rescaled(policy, ref, models, s):
 def evaluate(cfg, policy, ref, arm_list, fixed, scales=(1.0,)):
     """Every model's final evaluation at the full and few-step samplers, its norm ratio profile over t, and the
     un-guarded ("none") models rescaled by each s in scales (phases "rescale", "rescale_few" at s = 1, else
-    "rescale_<s>"). Returns (evaluations in model order, the reference's, samples for the figures)."""
+    "rescale_<s>"). Returns (evaluations in model order, the full-step samples (M, 600, 2) for the figures)."""
     M = len(arm_list) * cfg.seeds
-    evals, reference, samples = [{} for _ in range(M)], {}, {"ideal": fixed["ideal"][:600]}
+    evals = [{} for _ in range(M)]
     none = [i for i in range(M) if arm_list[i // cfg.seeds].name == "none"]
     for phase, steps in (("full", cfg.sample_steps), ("few", cfg.few_steps)):
         scored, x, ratio = toy.sample_and_score(cfg, toy.velocity_fn(policy), M, ref, steps, fixed)
         for ev, score in zip(evals, scored):
             ev[phase] = score
-        for s in scales if phase == "full" else (1.0,):
+        for s in (scales if phase == "full" else (1.0,)) if none else ():  # a share of the arms may hold no "none"
             key = f"rescale_{s:g}" if s != 1 else {"full": "rescale", "few": "rescale_few"}[phase]
             scored_rescaled = toy.sample_and_score(cfg, rescaled(policy, ref, none, s), len(none), ref, steps, fixed)[0]
             for i, score in zip(none, scored_rescaled):
                 evals[i][key] = score
-        (reference[phase],), x_ref, _ = toy.sample_and_score(cfg, toy.velocity_fn(ref), 1, ref, steps, fixed)
         if phase == "full":
             for ev, profile in zip(evals, toy.ratio_profiles(cfg, ratio)):
                 ev["profile"] = profile
-            samples.update(models=x[:, :600], reference=x_ref[0, :600])
-    return evals, reference, samples
+            samples = x[:, :600]
+    return evals, samples
+
+
+def evaluate_reference(cfg, ref, fixed):
+    """The reference's evaluation at the full and few-step samplers, and its full-step samples (600, 2)."""
+    full, x, _ = toy.sample_and_score(cfg, toy.velocity_fn(ref), 1, ref, cfg.sample_steps, fixed)
+    few = toy.sample_and_score(cfg, toy.velocity_fn(ref), 1, ref, cfg.few_steps, fixed)[0]
+    return {"full": full[0], "few": few[0]}, x[0, :600]
 
 
 def adjoint_diagnostic(cfg, policy, ref, arm_list):
@@ -164,7 +172,7 @@ def adjoint_diagnostic(cfg, policy, ref, arm_list):
         return [dict(zip(out, row)) for row in zip(*(value.tolist() for value in out.values()))]
 
     idx = [i for i in range(len(arm_list) * S) if arm_list[i // S].name == "none"]
-    rows = stats(policy.replicate(len(idx), idx), len(idx))
+    rows = stats(policy.replicate(len(idx), idx), len(idx)) if idx else []  # a share of the arms may hold none
     methods = [arm.method for arm in arm_list if arm.name == "none"]
     return {m: rows[k * S : (k + 1) * S] for k, m in enumerate(methods)}, stats(ref.replicate(S), S)
 
@@ -204,12 +212,11 @@ def columns(cfg):
     return [E.Column("full", *k) for k in keys + [("logp", "log p", 2), ("support", "support", 3)]] + few
 
 
-def judge_headline(cfg, policy, ref, arm_list, by, histories, reference):
+def judge_headline(cfg, by, histories, reference, adjoint, adjoint_ref):
     """The headline's verdicts (evidence.verdicts) from the "none", "guard" and "null" arms, the adjoint diagnostic
     and the early-stopping control. Returns what it measured, as metrics.json holds it, and the results table."""
     runs, null_runs = {m: {v: by[m][v] for v in E.VARIANTS} for m in by}, {m: {"none": by[m]["null"]} for m in by}
     histories = {m: {v: histories[m][v] for v in E.VARIANTS} for m in by}
-    adjoint, adjoint_ref = adjoint_diagnostic(cfg, policy, ref, arm_list)
     control = {m: [E.early_stopping_control(*pair, QUALITY) for pair in zip(*histories[m].values())] for m in by}
     lines, flags = E.verdicts(runs, reference, adjoint, adjoint_ref, control, QUALITY, cfg.few_steps, null_runs)
     return dict(
@@ -246,6 +253,52 @@ def judge_frontier(cfg, by, histories, reference):
     )
 
 
+def measure(cfg, ref, arm_list, fixed, frontier, progress):
+    """Train every arm on cfg's seeds as one ensemble and measure each model: one worker's share of run().
+
+    Returns {"curves", "evals", "samples" (M, 600, 2), "models" (a VelocityMLP each)} in model order, and for the
+    headline "adjoint" (adjoint_diagnostic's pair)."""
+    torch.set_num_threads(cfg.threads)
+    # the headline judges the "null" arms by their final evaluation alone: no checkpoints for them
+    tracked = [a for a, arm in enumerate(arm_list) if frontier or arm.name != "null"]
+    policy, curves = toy.train(cfg, ref, arm_list, fixed, progress, tracked, last=False)
+    evals, samples = evaluate(cfg, policy, ref, arm_list, fixed, RESCALES if frontier else (1.0,))
+    for curve, ev in zip(curves, evals):  # the last checkpoint is the final evaluation, not sampled twice
+        for key, value in {"step": cfg.rl_steps, **ev["full"]}.items() if curve is not None else ():
+            curve[key].append(value)
+    models = [policy.model(i) for i in range(len(arm_list) * cfg.seeds)]
+    out = dict(curves=curves, evals=evals, samples=samples, models=models)
+    if not frontier:
+        out["adjoint"] = adjoint_diagnostic(cfg, policy, ref, arm_list)
+    return out
+
+
+def measure_in_parallel(cfg, ref, arm_list, fixed, frontier, progress):
+    """measure() on cfg.jobs processes, each a contiguous share of the arms on every seed, joined in model order.
+
+    Every number equals the one-process run's, bit for bit (tests/test_toy.py checks it): each arm's loss is a mean
+    over its own seeds' models, every seed draws the same noise in every process, and the ensemble's ops act model
+    by model. (Sharing out seeds instead would not: an arm's loss is scaled by its seed count, and the product of
+    that count with β or λ rounds differently for 5 seeds than for 10.)"""
+    jobs = min(cfg.jobs, len(arm_list))
+    bounds = [len(arm_list) * j // jobs for j in range(jobs + 1)]
+    tasks = [(cfg, ref, arm_list[lo:hi], fixed, frontier, progress and lo == 0) for lo, hi in zip(bounds, bounds[1:])]
+    if jobs == 1:
+        parts = [measure(*tasks[0])]
+    else:  # fork: the workers start in milliseconds with the reference already in memory; elsewhere, spawn
+        context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+        with context.Pool(jobs) as pool:
+            parts = pool.starmap(measure, tasks)
+    joined = {key: [x for part in parts for x in part[key]] for key in ("curves", "evals", "models")}
+    joined["samples"] = torch.cat([part["samples"] for part in parts])
+    if not frontier:  # every part has the reference's adjoint statistics: the same seeds' noise
+        joined["adjoint"] = (
+            {m: rows for part in parts for m, rows in part["adjoint"][0].items()},
+            parts[0]["adjoint"][1],
+        )
+    return joined
+
+
 def run(cfg, frontier=False, progress=True, out_dir=None):
     """The headline experiment (or, with frontier, the frontiers) in memory; with out_dir, also its JSON (config,
     command, git revision, metrics) and figures there.
@@ -256,14 +309,9 @@ def run(cfg, frontier=False, progress=True, out_dir=None):
     t0 = time.time()
     ref, pretrain_loss = toy.make_reference(cfg)
     arm_list, fixed = arms(cfg, frontier), toy.evaluation_inputs(cfg)
-    # the headline judges the "null" arms by their final evaluation alone: no checkpoints for them
-    tracked = [a for a, arm in enumerate(arm_list) if frontier or arm.name != "null"]
-    policy, curves = toy.train(cfg, ref, arm_list, fixed, progress, tracked, last=False)
-    evals, reference, samples = evaluate(cfg, policy, ref, arm_list, fixed, RESCALES if frontier else (1.0,))
-    for curve, ev in zip(curves, evals):  # the last checkpoint is the final evaluation, not sampled twice
-        for key, value in {"step": cfg.rl_steps, **ev["full"]}.items() if curve is not None else ():
-            curve[key].append(value)
-    by, histories = by_arm(cfg, arm_list, evals), by_arm(cfg, arm_list, curves)
+    measured = measure_in_parallel(cfg, ref, arm_list, fixed, frontier, progress)
+    reference, reference_samples = evaluate_reference(cfg, ref, fixed)
+    by, histories = by_arm(cfg, arm_list, measured["evals"]), by_arm(cfg, arm_list, measured["curves"])
     metrics = {
         "pretrain_loss": pretrain_loss,
         "reference": reference,
@@ -272,9 +320,10 @@ def run(cfg, frontier=False, progress=True, out_dir=None):
     if frontier:
         metrics.update(judge_frontier(cfg, by, histories, reference))
     else:
-        metrics.update(judge_headline(cfg, policy, ref, arm_list, by, histories, reference))
+        metrics.update(judge_headline(cfg, by, histories, reference, *measured["adjoint"]))
     metrics["wall_time_s"] = time.time() - t0
-    models = by_arm(cfg, arm_list, [policy.model(i) for i in range(len(arm_list) * cfg.seeds)])
+    samples = {"models": measured["samples"], "reference": reference_samples, "ideal": fixed["ideal"][:600]}
+    models = by_arm(cfg, arm_list, measured["models"])
     result = {"metrics": metrics, "reference": ref.model(0), "models": models, "samples": samples}
     if out_dir is not None:
         save(cfg, result, Path(out_dir), frontier)
@@ -354,9 +403,10 @@ def main(argv):
     n_arms = len(arms(cfg, frontier))
     print(
         f"device cpu | float32 | {torch.get_num_threads()} thread(s) | {n_arms} arms x {cfg.seeds} seeds = "
-        f"{n_arms * cfg.seeds} models trained at once | {cfg.groups}x{cfg.group_size} rollouts/step | {cfg.rl_steps} "
-        f"RL steps | lr {cfg.rl_lr:g} (dpo {cfg.dpo_lr:g}) | {cfg.sample_steps} and {cfg.few_steps} Euler steps | "
-        f"reference seed {cfg.ref_seed}, RL seeds {cfg.seed}-{cfg.seed + cfg.seeds - 1}"
+        f"{n_arms * cfg.seeds} models, trained as {min(cfg.jobs, n_arms)} ensemble(s) in parallel processes | "
+        f"{cfg.groups}x{cfg.group_size} rollouts/step | {cfg.rl_steps} RL steps | lr {cfg.rl_lr:g} (dpo "
+        f"{cfg.dpo_lr:g}) | {cfg.sample_steps} and {cfg.few_steps} Euler steps | reference seed {cfg.ref_seed}, RL "
+        f"seeds {cfg.seed}-{cfg.seed + cfg.seeds - 1}"
     )
     result = run(cfg, frontier, out_dir=cfg.out_dir)
     metrics = result["metrics"]

@@ -289,7 +289,7 @@ def test_each_config_holds_what_its_file_reads():
     for field in dataclasses.fields(toy.Config):
         assert reads("toy_2d.py", field.name), field.name
     own = set(toy_experiment.Config.__annotations__)
-    assert own - {f.name for f in dataclasses.fields(toy.Config)} == {"few_steps", "adjoint_samples", "plot"}
+    assert own - {f.name for f in dataclasses.fields(toy.Config)} == {"few_steps", "adjoint_samples", "plot", "jobs"}
     for name in own - {"seeds", "rl_lr", "out_dir"}:
         assert reads("experiments/toy.py", name) and not reads("toy_2d.py", name), name
 
@@ -444,6 +444,42 @@ def test_the_verdicts_are_evidence_rules_on_the_run(smoke):
         for s in range(cfg.seeds):
             h_none, h_guard = (metrics["histories"][m][v][s] for v in E.VARIANTS)
             assert control[m][s] == E.early_stopping_control(h_none, h_guard, toy_experiment.QUALITY)
+
+
+def assert_same_numbers(a, b, where=""):
+    """JSON-like a and b equal in structure and strings, their floats within rel 1e-6 (see the test below)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same_numbers(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_numbers(x, y, f"{where}[{i}]")
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, rel=1e-6, abs=1e-7, nan_ok=True), where
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("frontier", [False, True])
+def test_the_numbers_do_not_depend_on_the_processes(tmp_path, frontier):
+    """--jobs shares the arms out to processes: one process, two (the default) and five (shares of one or two arms,
+    some with no un-guarded arm) give the same metrics, table and verdicts. Equal to the bit on the CPUs we ran
+    (every arm's loss sees only its own models, each model's matmul is its own); rel 1e-6 allows a BLAS that orders
+    a matmul's sums by the batch beside it."""
+    read = {}
+    for jobs in (1, 2, 5):
+        out = tmp_path / f"jobs{jobs}"
+        flags = ["--smoke", f"--jobs={jobs}", "--plot=false", f"--out_dir={out}", *(["--frontier"] if frontier else [])]
+        with contextlib.redirect_stdout(io.StringIO()):
+            toy_experiment.main(flags)
+        data = json.loads((out / ("frontier.json" if frontier else "metrics.json")).read_text())
+        read[jobs] = {k: v for k, v in data.items() if k not in ("wall_time_s", "config", "command")}
+    assert_same_numbers(read[1], read[2])
+    assert_same_numbers(read[1], read[5])
+    with pytest.raises(cli.UsageError, match="jobs: expected an int >= 1"):
+        toy_experiment.parse_args(["--jobs=0"])
 
 
 def test_frontier_smoke_writes_figures_and_json_with_paths_from_the_reference_to_the_official_run(tmp_path, capsys):
