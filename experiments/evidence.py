@@ -1,5 +1,5 @@
 """The evidence behind every experiment here: statistics over seeds, the verdict rules of docs/protocol.md, the
-early-stopping control, the reward-quality frontiers, the results table, strict JSON and the shared figures.
+early-stopping control, the reward-quality frontiers, the results table and the shared figures.
 Written once, used by both experiments (toy.py, digits.py).
 
 The data every function reads, per method (nft, awm, dpo) and variant ("none": base loss, "guard": + NormGuard):
@@ -31,12 +31,9 @@ t distribution) and the standard library; matplotlib inside the functions that d
 import math
 import statistics
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from scipy.special import stdtr, stdtrit  # Student t's CDF and its inverse
-
-from trainer.cli import dumps
 
 VARIANTS = ("none", "guard")
 METHOD_COLORS = {"nft": "tab:blue", "awm": "tab:orange", "dpo": "tab:green"}
@@ -693,15 +690,6 @@ def format_table(runs, reference_eval, columns):
         ]
         rows.append(f"{m + ' rescl':<{width}}" + "".join(f"{x:>14}" for x in cells))
     return "\n".join(rows)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# outputs: strict JSON, the code's version
-
-
-def write_json(path, obj, indent=1):
-    """Write obj as strict JSON (cli.dumps: no NaN or Infinity tokens)."""
-    Path(path).write_text(dumps(obj, indent=indent))
 
 
 # ---------------------------------------------------------------------------------------------------------------
