@@ -53,7 +53,10 @@ GRIDS = {
     "guard": (1.6, 0.8, 0.4, 0.2, 0.1, 0.05, 0.025),  # λ, absolute margin
     "guard_relative": (0.4, 0.1),  # λ, relative margin
     "kl": (1.0, 0.1, 0.05, 0.03, 0.02, 0.01, 0.005, 0.003, 0.002, 1e-3),  # β_KL, no guard (official: 1e-4)
-    "lower_lr": (0.25, 0.5, 0.7, 0.8, 0.9, 0.95),  # learning-rate factor, no guard
+    # learning-rate factor, no guard; 0.849 and 0.748 added by amendment 2's first added-member round: the geometric
+    # midpoints of (0.8, 0.9) and (0.7, 0.8), the chords over 0.10 of the gain that left the reference-2 confirmation's
+    # primary readings against a lower lr no verdict (AWM at 400 steps, NFT and AWM at 800)
+    "lower_lr": (0.25, 0.5, 0.7, 0.748, 0.8, 0.849, 0.9, 0.95),
 }
 DPO_GRIDS = {"guard": (0.4, 0.1)}
 # inference: v <- s·v·‖v_ref‖/‖v‖ on the official un-guarded model, up to the largest un-guarded RMS ratio seen (1.60)
