@@ -471,47 +471,40 @@ def train_and_evaluate(cfg, tcfg, ref_path, arm, key):
 
 @contextlib.contextmanager
 def run_lock(folder):
-    """Hold `folder`'s lock file (<folder>.lock beside it, holding this process's pid) while a run writes into it:
-    a second experiment started while a worker of the first still runs stops here instead of sharing the folder.
-    A lock whose pid is gone (a killed run) is taken over."""
+    """Hold `folder`'s lock (<folder>.lock beside it: an OS lock on the file, which holds the owner's pid for the
+    message) while a run writes into it: a second experiment started while a worker of the first still runs stops
+    here instead of sharing the folder. The OS drops the lock when its owner dies (kill -9 included), so a killed
+    run's lock is taken over, and a pid reused by another process since is never mistaken for a live owner."""
+    import fcntl  # POSIX only, like the fork the toy uses: imported where it is needed
+
     lock = folder.with_name(folder.name + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
+        f = open(lock, "a+")
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            owner = lock_owner(lock)
-            if owner is not None and pid_alive(owner):
-                raise RuntimeError(
-                    f"{folder} is in use by process {owner} (a run of another experiment still going): stop it, "
-                    "or give this experiment another --out_dir"
-                ) from None
-            lock.unlink(missing_ok=True)  # stale: its owner died
-    with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "unknown"
+            f.close()
+            raise RuntimeError(
+                f"{folder} is in use by process {owner} (a run of another experiment still going): stop it, "
+                "or give this experiment another --out_dir"
+            ) from None
+        try:
+            if os.path.samestat(os.fstat(f.fileno()), os.stat(lock)):
+                break
+        except FileNotFoundError:
+            pass
+        f.close()  # the previous owner removed this file between our open and our lock: lock the path's new one
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
     try:
         yield
     finally:
-        lock.unlink(missing_ok=True)
-
-
-def lock_owner(lock):
-    """The pid written in `lock`, or None (unreadable, or half-written by an owner killed at that moment)."""
-    try:
-        return int(lock.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
+        lock.unlink(missing_ok=True)  # while still holding it, so that no one locks the removed file after us
+        f.close()
 
 
 def die_with_parent(parent):

@@ -228,25 +228,41 @@ def test_digits_refuses_each_bad_value_up_front(arg, message):
 
 
 def test_a_run_folder_lock_refuses_a_live_owner_and_takes_over_a_dead_ones(tmp_path):
+    """A live holder stops a second run (the message names its pid); once it is killed (-9: none of its code runs)
+    the lock is free. A lock file left with the pid of a live process that does not hold it (a pid reused after a
+    crash) is taken over too: the OS lock, not the pid, says who owns the folder."""
     import subprocess
     import sys
 
     from experiments import digits as dx
 
     folder, lock = tmp_path / "runs" / "nft_none_seed0", tmp_path / "runs" / "nft_none_seed0.lock"
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    hold = (
+        "import sys, time; from pathlib import Path; from experiments import digits as dx\n"
+        f"with dx.run_lock(Path({str(folder)!r})):\n    print('held', flush=True); time.sleep(60)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    live = subprocess.Popen([sys.executable, "-c", hold], cwd=root, stdout=subprocess.PIPE, text=True)
     try:
-        lock.parent.mkdir(parents=True)
-        lock.write_text(str(live.pid))
+        assert live.stdout.readline().strip() == "held"
         with pytest.raises(RuntimeError, match=f"{folder} is in use by process {live.pid}"):
             with dx.run_lock(folder):
                 pass
     finally:
         live.kill()
         live.wait()
-    with dx.run_lock(folder):  # its owner is dead now: taken over, this process's pid written
+    assert lock.read_text() == str(live.pid)  # a kill -9 leaves the file, not the lock
+    with dx.run_lock(folder):
         assert lock.read_text() == str(os.getpid())
     assert not lock.exists()
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(str(bystander.pid))  # alive, but holding nothing
+        with dx.run_lock(folder):
+            assert lock.read_text() == str(os.getpid())
+    finally:
+        bystander.kill()
+        bystander.wait()
 
 
 def test_kill_9_of_the_digits_driver_takes_its_workers_with_it(digits_cache, tmp_path):
