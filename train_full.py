@@ -234,13 +234,26 @@ def parse_args(argv, preset="sd3"):
 
 
 def named_preset(argv, preset):
-    """The preset the command line names (--preset=x or --preset x), else `preset`."""
+    """The preset the command line names (--preset=x or --preset x), else the one its --config file names, else
+    `preset`: what --help shows the defaults of. A file that cannot be read names none here; parsing says why."""
+    named = argv_value(argv, "preset")
+    config = argv_value(argv, "config")
+    if named is None and config is not None:
+        try:
+            named = cli.read_config_file(config).get("preset")
+        except cli.UsageError:
+            pass
+    return named if isinstance(named, str) and named else preset
+
+
+def argv_value(argv, key):
+    """The value of --key=value or --key value in argv, or None."""
     for i, arg in enumerate(argv):
-        if arg.startswith("--preset="):
+        if arg.startswith(f"--{key}="):
             return arg.partition("=")[2]
-        if arg == "--preset" and i + 1 < len(argv):
+        if arg == f"--{key}" and i + 1 < len(argv):
             return argv[i + 1]
-    return preset
+    return None
 
 
 def make_config(overrides, smoke=False, preset="sd3"):

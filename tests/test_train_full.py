@@ -702,15 +702,22 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sd3_path, tmp_path, m
     assert m["steps"] == 2
 
 
-def test_help_lists_the_defaults_of_the_preset_that_runs(capsys):
-    """`python -m experiments.digits_testbed --help` (train_full's parser with the digits preset) and
-    `python train_full.py --preset=flux --help` show that preset's values; a plain --help shows sd3's."""
+def test_help_lists_the_defaults_of_the_preset_that_runs(capsys, tmp_path):
+    """`python -m experiments.digits_testbed --help` (train_full's parser with the digits preset),
+    `python train_full.py --preset=flux --help` and a --config file naming flux show that preset's values; a plain
+    --help shows sd3's, and so does a --config file that names no preset or cannot be read."""
     from experiments import digits_testbed
 
+    (tmp_path / "flux.json").write_text('{"preset": "flux", "lr": 0.001}')
+    (tmp_path / "plain.json").write_text('{"lr": 0.001}')
+    flux, sd3 = (dict(adapters.registered(name).defaults, preset=name) for name in ("flux", "sd3"))
     for argv, preset, shown in (
         (["--help"], "digits", dict(digits_testbed.PRESET, preset="digits")),
-        (["--preset=flux", "--help"], "sd3", dict(adapters.registered("flux").defaults, preset="flux")),
-        (["--help"], "sd3", dict(adapters.registered("sd3").defaults, preset="sd3")),
+        (["--preset=flux", "--help"], "sd3", flux),
+        (["--config", str(tmp_path / "flux.json"), "--help"], "sd3", flux),
+        ([f"--config={tmp_path / 'plain.json'}", "--help"], "sd3", sd3),
+        ([f"--config={tmp_path / 'missing.json'}", "--help"], "sd3", sd3),
+        (["--help"], "sd3", sd3),
     ):
         with pytest.raises(SystemExit) as done:
             tf.parse_args(argv, preset=preset)
