@@ -35,6 +35,7 @@ to log.
 """
 
 import contextlib
+import contextvars
 import math
 import numbers
 
@@ -83,7 +84,8 @@ def _check(batch, per_sample=None):
             )
 
 
-_VALUE_CHECKS = {"on": True}  # value_checks() switches it
+# value_checks() switches it, per thread and asyncio task: one thread's hot loop leaves another's checks on
+_VALUE_CHECKS = contextvars.ContextVar("normguard_value_checks", default=True)
 
 
 @contextlib.contextmanager
@@ -96,14 +98,14 @@ def value_checks(enabled):
     On by default. Each checked call syncs the host once (on a GPU it waits for the queued work);
     switched off, a bad input gives NaN/Inf or a wrong answer instead of an error. Types, shapes
     and hyperparameters are checked either way. Under torch.compile and on meta or fake tensors the
-    value checks are skipped whatever this says.
+    value checks are skipped whatever this says. The switch holds for the calling thread (or asyncio
+    task) only.
     """
-    before = _VALUE_CHECKS["on"]
-    _VALUE_CHECKS["on"] = bool(enabled)
+    token = _VALUE_CHECKS.set(bool(enabled))
     try:
         yield
     finally:
-        _VALUE_CHECKS["on"] = before
+        _VALUE_CHECKS.reset(token)
 
 
 def _values_unchecked(tensors):
@@ -112,7 +114,7 @@ def _values_unchecked(tensors):
     that shape inference and deferred init trace with)."""
     return (
         torch.compiler.is_compiling()
-        or not _VALUE_CHECKS["on"]
+        or not _VALUE_CHECKS.get()
         or any(
             x.device.type == "meta" or isinstance(x, torch._subclasses.FakeTensor) for x in tensors
         )
@@ -146,8 +148,7 @@ def _check_values(inputs, derived=None, ranges=None, explain=None, rules=None):
         if not bool(((x >= lo) & (x <= hi)).all()):
             want = f"in [{lo:g}, {hi:g}]" if hi < math.inf else f">= {lo:g}"
             raise ValueError(
-                f"{name}: expected values {want}, got min {x.min().item():.4g}, "
-                f"max {x.max().item():.4g}"
+                f"{name}: expected values {want}, got min {x.min().item():.4g}, max {x.max().item():.4g}"
             )
     for message, holds in rules.items():
         if not bool(holds):
@@ -324,8 +325,7 @@ def _velocity(velocity_fn, x, t, step):
     if not isinstance(v, torch.Tensor) or v.shape != x.shape:
         got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
         raise ValueError(
-            f"velocity_fn: expected a velocity of x's shape {tuple(x.shape)}, got {got} "
-            f"at step {step}"
+            f"velocity_fn: expected a velocity of x's shape {tuple(x.shape)}, got {got} at step {step}"
         )
     return v
 

@@ -180,3 +180,35 @@ def test_value_checks_off_skips_the_sync_and_the_check_and_restores(host_syncs, 
     assert loss.isnan()
     with pytest.raises(ValueError, match="^v: expected finite"):  # on again after the block
         ng.nft_loss(bad, kw["v_old"], kw["v_ref"], kw["x_t"], kw["x0"], kw["t"], kw["adv"])
+
+
+def test_value_checks_off_in_one_thread_leaves_another_threads_on():
+    """The switch is per thread: a trainer's hot loop in one thread does not silence a check in another."""
+    import threading
+
+    kw = inputs(torch.float32)
+    bad = kw["v"].detach().clone()
+    bad[0, 0, 0, 0] = float("nan")
+    call = lambda: ng.nft_loss(bad, kw["v_old"], kw["v_ref"], kw["x_t"], kw["x0"], kw["t"], kw["adv"])
+    inside, other, seen = threading.Event(), threading.Event(), {}
+
+    def hot_loop():
+        with ng.value_checks(False):
+            seen["hot"] = call()[0].isnan().item()
+            inside.set()
+            other.wait(timeout=30)  # still inside the block while the other thread calls
+
+    def checked():
+        inside.wait(timeout=30)
+        try:
+            call()
+        except ValueError as e:
+            seen["checked"] = str(e)
+        other.set()
+
+    threads = [threading.Thread(target=hot_loop), threading.Thread(target=checked)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert seen["hot"] and seen["checked"].startswith("v: expected finite")
