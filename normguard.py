@@ -84,7 +84,7 @@ def _check(batch, per_sample=None):
             )
 
 
-# value_checks() switches it, per thread and asyncio task: one thread's hot loop leaves another's checks on
+# value_checks() switches it per thread and asyncio task: one thread's hot loop leaves another's on
 _VALUE_CHECKS = contextvars.ContextVar("normguard_value_checks", default=True)
 
 
@@ -148,7 +148,8 @@ def _check_values(inputs, derived=None, ranges=None, explain=None, rules=None):
         if not bool(((x >= lo) & (x <= hi)).all()):
             want = f"in [{lo:g}, {hi:g}]" if hi < math.inf else f">= {lo:g}"
             raise ValueError(
-                f"{name}: expected values {want}, got min {x.min().item():.4g}, max {x.max().item():.4g}"
+                f"{name}: expected values {want}, got min {x.min().item():.4g}, "
+                f"max {x.max().item():.4g}"
             )
     for message, holds in rules.items():
         if not bool(holds):
@@ -325,7 +326,8 @@ def _velocity(velocity_fn, x, t, step):
     if not isinstance(v, torch.Tensor) or v.shape != x.shape:
         got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
         raise ValueError(
-            f"velocity_fn: expected a velocity of x's shape {tuple(x.shape)}, got {got} at step {step}"
+            f"velocity_fn: expected a velocity of x's shape {tuple(x.shape)}, got {got} "
+            f"at step {step}"
         )
     return v
 
