@@ -234,11 +234,12 @@ def parse_args(argv, preset="sd3"):
 
 
 def named_preset(argv, preset):
-    """The preset the command line names (--preset=x or --preset x), else the one its --config file names, else
-    `preset`: what --help shows the defaults of. A file that cannot be read names none here; parsing says why."""
+    """The preset the command line names (--preset=x or --preset x), else, with --help, the one its --config file
+    names (a run takes that from the parsed file), else `preset`: what --help shows the defaults of. A file that
+    cannot be read names none here; parsing says why."""
     named = argv_value(argv, "preset")
     config = argv_value(argv, "config")
-    if named is None and config is not None:
+    if named is None and config is not None and ("--help" in argv or "-h" in argv):
         try:
             named = cli.read_config_file(config).get("preset")
         except cli.UsageError:

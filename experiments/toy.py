@@ -157,27 +157,32 @@ def evaluate_reference(cfg, ref, fixed):
     return {"full": full[0], "few": few[0]}, x[0, :600]
 
 
-def adjoint_diagnostic(cfg, policy, ref, arm_list):
-    """dR/dα_k for v_k -> (1 + α_k)·v_k (ng.velocity_scale_sensitivity) of every un-guarded model, and of the
-    reference once per seed on that seed's noise (so the per-seed change after RL is paired). Returns
-    ({method: per seed stats}, [the reference's stats per seed]): "total_mean", "total_std", "frac_positive" over
-    samples of the uniform scaling Σ_k dR/dα_k."""
+def adjoint_stats(cfg, model, M):
+    """dR/dα_k for v_k -> (1 + α_k)·v_k (ng.velocity_scale_sensitivity) of the M models of ensemble `model`, model
+    m on seed m % S's adjoint noise, one α per sample. Returns per model {"total_mean", "total_std",
+    "frac_positive"} over samples of the uniform scaling Σ_k dR/dα_k."""
     S, n, grid = cfg.seeds, cfg.adjoint_samples, ng.flow_timesteps(cfg.sample_steps)
     gens = [torch.Generator().manual_seed(1000 * (cfg.seed + s) + 2) for s in range(S)]
     noise = torch.stack([torch.randn(n, 2, generator=g) for g in gens])
+    v = lambda x, t: model(x.reshape(M, n, 2), t.reshape(M, n)).reshape(-1, 2)
+    x = noise.repeat(M // S, 1, 1).reshape(-1, 2)
+    total = ng.velocity_scale_sensitivity(v, lambda x0: toy.reward(cfg, x0), x, grid)[0].sum(-1).reshape(M, n)
+    out = dict(total_mean=total.mean(1), total_std=total.std(1, unbiased=False))
+    out["frac_positive"] = (total > 0).float().mean(1)
+    return [dict(zip(out, row)) for row in zip(*(value.tolist() for value in out.values()))]
 
-    def stats(model, M):  # model m runs on seed m % S's noise, flattened: one α per sample
-        v = lambda x, t: model(x.reshape(M, n, 2), t.reshape(M, n)).reshape(-1, 2)
-        x = noise.repeat(M // S, 1, 1).reshape(-1, 2)
-        total = ng.velocity_scale_sensitivity(v, lambda x0: toy.reward(cfg, x0), x, grid)[0].sum(-1).reshape(M, n)
-        out = dict(total_mean=total.mean(1), total_std=total.std(1, unbiased=False))
-        out["frac_positive"] = (total > 0).float().mean(1)
-        return [dict(zip(out, row)) for row in zip(*(value.tolist() for value in out.values()))]
 
+def adjoint_diagnostic(cfg, policy, arm_list):
+    """adjoint_stats of every un-guarded model: {method: per seed stats} ({} for a share of the arms with no
+    un-guarded arm). The reference's, on the same seeds' noise (so the change after RL is paired), is
+    adjoint_stats(cfg, ref.replicate(S), S), taken once by run()."""
+    S = cfg.seeds
     idx = [i for i in range(len(arm_list) * S) if arm_list[i // S].name == "none"]
-    rows = stats(policy.replicate(len(idx), idx), len(idx)) if idx else []  # a share of the arms may hold none
+    if not idx:
+        return {}
+    rows = adjoint_stats(cfg, policy.replicate(len(idx), idx), len(idx))
     methods = [arm.method for arm in arm_list if arm.name == "none"]
-    return {m: rows[k * S : (k + 1) * S] for k, m in enumerate(methods)}, stats(ref.replicate(S), S)
+    return {m: rows[k * S : (k + 1) * S] for k, m in enumerate(methods)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -260,7 +265,7 @@ def measure(cfg, ref, arm_list, fixed, frontier, progress):
     """Train every arm on cfg's seeds as one ensemble and measure each model: one worker's share of run().
 
     Returns {"curves", "evals", "samples" (M, 600, 2), "models" (a VelocityMLP each)} in model order, and for the
-    headline "adjoint" (adjoint_diagnostic's pair)."""
+    headline "adjoint" (adjoint_diagnostic's {method: per seed stats})."""
     torch.set_num_threads(cfg.threads)
     # the headline judges the "null" arms by their final evaluation alone: no checkpoints for them
     tracked = [a for a, arm in enumerate(arm_list) if frontier or arm.name != "null"]
@@ -272,7 +277,7 @@ def measure(cfg, ref, arm_list, fixed, frontier, progress):
     models = [policy.model(i) for i in range(len(arm_list) * cfg.seeds)]
     out = dict(curves=curves, evals=evals, samples=samples, models=models)
     if not frontier:
-        out["adjoint"] = adjoint_diagnostic(cfg, policy, ref, arm_list)
+        out["adjoint"] = adjoint_diagnostic(cfg, policy, arm_list)
     return out
 
 
@@ -294,11 +299,8 @@ def measure_in_parallel(cfg, ref, arm_list, fixed, frontier, progress):
             parts = pool.starmap(measure, tasks)
     joined = {key: [x for part in parts for x in part[key]] for key in ("curves", "evals", "models")}
     joined["samples"] = torch.cat([part["samples"] for part in parts])
-    if not frontier:  # every part has the reference's adjoint statistics: the same seeds' noise
-        joined["adjoint"] = (
-            {m: rows for part in parts for m, rows in part["adjoint"][0].items()},
-            parts[0]["adjoint"][1],
-        )
+    if not frontier:
+        joined["adjoint"] = {m: rows for part in parts for m, rows in part["adjoint"].items()}
     return joined
 
 
@@ -310,6 +312,7 @@ def run(cfg, frontier=False, progress=True, out_dir=None):
     reads them), "reference": the reference as a VelocityMLP, "models": {method: {arm: [VelocityMLP per seed]}},
     "samples": {"models": (M, 600, 2) in model order, "reference", "ideal"}}."""
     t0 = time.time()
+    torch.set_num_threads(cfg.threads)  # here, not only in main(): the reference's evaluations run in this process
     ref, pretrain_loss = toy.make_reference(cfg)
     arm_list, fixed = arms(cfg, frontier), toy.evaluation_inputs(cfg)
     measured = measure_in_parallel(cfg, ref, arm_list, fixed, frontier, progress)
@@ -323,7 +326,8 @@ def run(cfg, frontier=False, progress=True, out_dir=None):
     if frontier:
         metrics.update(judge_frontier(cfg, by, histories, reference))
     else:
-        metrics.update(judge_headline(cfg, by, histories, reference, *measured["adjoint"]))
+        adjoint_ref = adjoint_stats(cfg, ref.replicate(cfg.seeds), cfg.seeds)
+        metrics.update(judge_headline(cfg, by, histories, reference, measured["adjoint"], adjoint_ref))
     metrics["wall_time_s"] = time.time() - t0
     samples = {"models": measured["samples"], "reference": reference_samples, "ideal": fixed["ideal"][:600]}
     models = by_arm(cfg, arm_list, measured["models"])
